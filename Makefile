@@ -1,0 +1,39 @@
+# `make test` works on a fresh machine with only Python: it creates .venv, installs the pinned CPU
+# torch wheel, then the project with its test extra, then runs the suite.
+#
+# GPU users who already have a CUDA torch: `make test TORCH_SPEC= VENV_FLAGS=--system-site-packages`
+# (no torch is installed; the environment's own is used), or `pip install -e '.[test]'` in your env.
+
+PYTHON ?= python3
+VENV ?= .venv
+VENV_FLAGS ?=
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-fast lint bench-dit clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	@# torch alone first: later installs see it satisfied and never pull a multi-GB CUDA build.
+	if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+bench-dit: $(STAMP)
+	$(PY) bench/dit.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,196 @@
+"""DiT folders: the official release layout and the diffusers layout, read and written.
+
+Official: config.json (`_class_name` "WanModel", our constructor names) beside
+diffusion_pytorch_model.safetensors, or numbered shards with diffusion_pytorch_model.safetensors.index.json.
+diffusers: the same file names with WanTransformer3DModel's config and parameter names, either as the
+folder itself or as `transformer/` of a pipeline folder.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from wan.modules.safetensors_io import load_into_module, resolve_weight_files, save_sharded
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+CONFIG_NAME = "config.json"
+
+OFFICIAL_CONFIG_KEYS = (
+    "model_type", "patch_size", "text_len", "in_dim", "dim", "ffn_dim", "freq_dim", "text_dim", "out_dim",
+    "num_heads", "num_layers", "eps",
+)  # fmt: skip
+# Options of the reference constructor that every release leaves at the default; other values
+# describe a model we do not implement.
+OFFICIAL_FIXED = {"window_size": [-1, -1], "qk_norm": True, "cross_attn_norm": True}
+
+# diffusers name -> official name, for everything outside `blocks.N.`.
+_DIFFUSERS_TOP = {
+    "condition_embedder.time_embedder.linear_1": "time_embedding.0",
+    "condition_embedder.time_embedder.linear_2": "time_embedding.2",
+    "condition_embedder.time_proj": "time_projection.1",
+    "condition_embedder.text_embedder.linear_1": "text_embedding.0",
+    "condition_embedder.text_embedder.linear_2": "text_embedding.2",
+    "condition_embedder.image_embedder.norm1": "img_emb.proj.0",
+    "condition_embedder.image_embedder.ff.net.0.proj": "img_emb.proj.1",
+    "condition_embedder.image_embedder.ff.net.2": "img_emb.proj.3",
+    "condition_embedder.image_embedder.norm2": "img_emb.proj.4",
+    "scale_shift_table": "head.modulation",
+    "proj_out": "head.head",
+    "patch_embedding": "patch_embedding",
+}
+# ... and inside `blocks.N.`.
+_DIFFUSERS_BLOCK = {
+    "scale_shift_table": "modulation",
+    "norm2": "norm3",  # diffusers' norm2 is the affine norm before cross-attention
+    "ffn.net.0.proj": "ffn.0",
+    "ffn.net.2": "ffn.2",
+    "attn1.to_q": "self_attn.q",
+    "attn1.to_k": "self_attn.k",
+    "attn1.to_v": "self_attn.v",
+    "attn1.to_out.0": "self_attn.o",
+    "attn1.norm_q": "self_attn.norm_q",
+    "attn1.norm_k": "self_attn.norm_k",
+    "attn2.to_q": "cross_attn.q",
+    "attn2.to_k": "cross_attn.k",
+    "attn2.to_v": "cross_attn.v",
+    "attn2.to_out.0": "cross_attn.o",
+    "attn2.norm_q": "cross_attn.norm_q",
+    "attn2.norm_k": "cross_attn.norm_k",
+    "attn2.add_k_proj": "cross_attn.k_img",
+    "attn2.add_v_proj": "cross_attn.v_img",
+    "attn2.norm_added_k": "cross_attn.norm_k_img",
+}
+
+
+def _map_prefix(name: str, table: dict[str, str]) -> str | None:
+    for src, dst in table.items():
+        if name == src or name.startswith(src + "."):
+            return dst + name[len(src) :]
+    return None
+
+
+def diffusers_to_official_key(key: str) -> str | None:
+    """A WanTransformer3DModel key -> the official key; None for keys diffusers itself ignores.
+    Unknown keys come back unchanged (the loader then reports them as unexpected)."""
+    if ".norm_added_q." in key:  # listed in diffusers' _keys_to_ignore_on_load_unexpected
+        return None
+    match = re.fullmatch(r"blocks\.(\d+)\.(.+)", key)
+    if match:
+        mapped = _map_prefix(match.group(2), _DIFFUSERS_BLOCK)
+        return key if mapped is None else f"blocks.{match.group(1)}.{mapped}"
+    mapped = _map_prefix(key, _DIFFUSERS_TOP)
+    return key if mapped is None else mapped
+
+
+def _diffusers_config_to_official(cfg: dict, path: Path) -> dict:
+    problems = []
+    if cfg.get("pos_embed_seq_len") is not None:
+        problems.append("pos_embed_seq_len is set (a first-last-frame model), not a Wan2.1 T2V/I2V model")
+    if cfg.get("rope_max_seq_len", 1024) != 1024:
+        problems.append(f"rope_max_seq_len {cfg['rope_max_seq_len']} (Wan2.1 uses 1024)")
+    if cfg.get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads":
+        problems.append(f"qk_norm {cfg['qk_norm']!r} (Wan2.1 uses 'rms_norm_across_heads')")
+    if not cfg.get("cross_attn_norm", True):
+        problems.append("cross_attn_norm false (Wan2.1 uses true)")
+    image_dim = cfg.get("image_dim")
+    if image_dim not in (None, 1280):
+        problems.append(f"image_dim {image_dim} (the Wan2.1 CLIP encoder gives 1280)")
+    known = {"patch_size", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim",
+             "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "qk_norm", "eps", "image_dim",
+             "added_kv_proj_dim", "rope_max_seq_len", "pos_embed_seq_len"}  # fmt: skip
+    problems += [f"unknown field {k!r}" for k in cfg if k not in known and not k.startswith("_")]
+    if problems:
+        raise ValueError(f"{path}: unsupported diffusers WanTransformer3DModel config: " + "; ".join(problems))
+    heads, head_dim = cfg.get("num_attention_heads", 40), cfg.get("attention_head_dim", 128)
+    return dict(
+        model_type="i2v" if image_dim else "t2v",
+        patch_size=list(cfg.get("patch_size", (1, 2, 2))),
+        text_len=512,
+        in_dim=cfg.get("in_channels", 16),
+        dim=heads * head_dim,
+        ffn_dim=cfg.get("ffn_dim", 13824),
+        freq_dim=cfg.get("freq_dim", 256),
+        text_dim=cfg.get("text_dim", 4096),
+        out_dim=cfg.get("out_channels") or cfg.get("in_channels", 16),
+        num_heads=heads,
+        num_layers=cfg.get("num_layers", 40),
+        eps=cfg.get("eps", 1e-6),
+    )
+
+
+def _official_config(cfg: dict, path: Path) -> dict:
+    problems = [
+        f"unknown field {k!r}"
+        for k in cfg
+        if k not in OFFICIAL_CONFIG_KEYS and k not in OFFICIAL_FIXED and not k.startswith("_")
+    ]
+    for key, value in OFFICIAL_FIXED.items():
+        if key in cfg and (list(cfg[key]) if isinstance(cfg[key], (list, tuple)) else cfg[key]) != value:
+            problems.append(f"{key} {cfg[key]!r} is not supported (every Wan2.1 release uses {value!r})")
+    if problems:
+        raise ValueError(f"{path}: " + "; ".join(problems))
+    return {k: cfg[k] for k in OFFICIAL_CONFIG_KEYS if k in cfg}
+
+
+def read_dit_folder(folder: str | Path) -> tuple[Path, dict, str]:
+    """-> (the folder holding the weights, WanModel keyword arguments, 'official' or 'diffusers')."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: not a folder (expected a Wan2.1 DiT folder with {CONFIG_NAME})")
+    if not (folder / CONFIG_NAME).is_file() and (folder / "transformer" / CONFIG_NAME).is_file():
+        folder = folder / "transformer"  # a diffusers pipeline folder
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise ValueError(f"{folder}: no {CONFIG_NAME}; expected a Wan2.1 DiT folder (config.json + {WEIGHTS_NAME})")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON: {err}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    class_name = cfg.get("_class_name")
+    if class_name == "WanTransformer3DModel" or (class_name is None and "num_attention_heads" in cfg):
+        return folder, _diffusers_config_to_official(cfg, path), "diffusers"
+    if class_name not in (None, "WanModel"):
+        raise ValueError(f"{path}: _class_name {class_name!r} is not a Wan2.1 DiT (WanModel or WanTransformer3DModel)")
+    return folder, _official_config(cfg, path), "official"
+
+
+def load_dit_weights(
+    model: nn.Module,
+    folder: str | Path,
+    dtype: torch.dtype | None = torch.float32,
+    device: torch.device | str = "cpu",
+) -> None:
+    """Load a DiT folder's weights into `model` (possibly on the meta device), strictly."""
+    weights_folder, cfg, layout = read_dit_folder(folder)
+    if "in_dim" in cfg and cfg["in_dim"] != model.in_dim:
+        kind = {16: "t2v", 36: "i2v"}
+        raise ValueError(
+            f"{weights_folder / CONFIG_NAME}: in_dim {cfg['in_dim']} ({kind.get(cfg['in_dim'], '?')} weights) does not "
+            f"match the model's in_dim {model.in_dim} ({kind.get(model.in_dim, '?')}); patch_embedding.weight is "
+            f"[{cfg.get('dim')}, {cfg['in_dim']}, 1, 2, 2] in the file, "
+            f"{list(model.patch_embedding.weight.shape)} in the model"
+        )
+    rename = diffusers_to_official_key if layout == "diffusers" else (lambda key: key)
+    load_into_module(model, resolve_weight_files(weights_folder, WEIGHTS_NAME), rename, dtype=dtype, device=device)
+
+
+def load_dit(cls: type, folder: str | Path, dtype: torch.dtype | None, device: torch.device | str):
+    _, cfg, _ = read_dit_folder(folder)
+    with torch.device("meta"):
+        model = cls(**cfg)
+    load_dit_weights(model, folder, dtype=dtype, device=device)
+    model.rope.reset_tables(device)
+    leftover = [name for name, t in model.state_dict(keep_vars=True).items() if t.is_meta]
+    assert not leftover, f"tensors left on the meta device: {leftover}"
+    return model
+
+
+def save_dit(model: nn.Module, folder: str | Path, max_shard_size: int | str, dtype: torch.dtype | None) -> None:
+    folder = Path(folder)
+    save_sharded(model.state_dict(), folder, WEIGHTS_NAME, max_shard_size, dtype=dtype)
+    (folder / CONFIG_NAME).write_text(json.dumps({"_class_name": "WanModel", **model.config}, indent=2) + "\n")

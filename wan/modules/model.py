@@ -1,0 +1,429 @@
+"""The Wan2.1 diffusion transformer (DiT).
+
+Parameter names are the official checkpoint keys, so a release folder loads with strict=True.
+Precision follows the reference: weights may be fp32 or bf16, matmuls run in the autocast dtype,
+and the time embedding, the modulation sums, every residual update (the residual stream stays
+float32), all norms and the head run in float32.
+
+Shapes: B batch, C channels, F/H/W latent frames/height/width, S = f*h*w tokens after patchify,
+L text tokens (text_len), D model width (dim).
+"""
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from wan.modules.attention import attention
+
+ROPE_MAX_POSITIONS = 1024  # positions per axis in the reference RoPE tables
+CLIP_TOKENS = 257  # CLS + 16x16 patches of the I2V image encoder
+CLIP_DIM = 1280
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Timesteps [B] -> [B, dim] as [cos, sin], computed in float64 as the reference does."""
+    half = dim // 2
+    t = t.to(torch.float64)
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = torch.outer(t, freqs)
+    return torch.cat([angles.cos(), angles.sin()], dim=1).float()
+
+
+def rope_axis_pairs(head_dim: int) -> tuple[int, int, int]:
+    """How many of the head_dim/2 rotation pairs go to the frame, height and width axes."""
+    pairs = head_dim // 2
+    return pairs - 2 * (pairs // 3), pairs // 3, pairs // 3
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved feature pairs (2i, 2i+1) of x [B, S, H, D] by the angles behind cos/sin
+    [S, 1, D/2]. Returns float32."""
+    real, imag = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1).flatten(-2)
+
+
+class RotaryEmbedding(nn.Module):
+    """3D RoPE tables: cos and sin [1024, head_dim/2], float32 computed from float64 angles.
+
+    Real tables, not complex ones: a complex buffer loses its imaginary part when a module is cast.
+    They are also rebuilt after every `.to()` / `to_empty()` (see `_apply`), so a cast to bf16, a
+    meta-device construction or DeepSpeed's construction-time casting never leaves them rounded.
+    """
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.head_dim = head_dim
+        self.axis_pairs = rope_axis_pairs(head_dim)
+        self.register_buffer("cos", torch.empty(ROPE_MAX_POSITIONS, head_dim // 2), persistent=False)
+        self.register_buffer("sin", torch.empty(ROPE_MAX_POSITIONS, head_dim // 2), persistent=False)
+        self.reset_tables()
+
+    @torch.no_grad()
+    def reset_tables(self, device: torch.device | str | None = None) -> None:
+        device = self.cos.device if device is None else torch.device(device)
+        pos = torch.arange(ROPE_MAX_POSITIONS, dtype=torch.float64, device=device)
+        angles = []
+        for pairs in self.axis_pairs:
+            width = 2 * pairs
+            inv_freq = 10000.0 ** (-torch.arange(0, width, 2, dtype=torch.float64, device=device) / width)
+            angles.append(torch.outer(pos, inv_freq))
+        angle = torch.cat(angles, dim=1)
+        self.cos = angle.cos().float()
+        self.sin = angle.sin().float()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.reset_tables()
+        return self
+
+    def forward(self, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables for a (f, h, w) token grid in (f, h, w) order: cos, sin [S, 1, head_dim/2]."""
+        f, h, w = grid
+        if max(grid) > ROPE_MAX_POSITIONS:
+            raise ValueError(f"token grid {grid} exceeds the {ROPE_MAX_POSITIONS} RoPE positions per axis")
+        out = []
+        for table in (self.cos, self.sin):
+            t_part, h_part, w_part = table.split(self.axis_pairs, dim=1)
+            full = torch.cat(
+                [
+                    t_part[:f].view(f, 1, 1, -1).expand(f, h, w, -1),
+                    h_part[:h].view(1, h, 1, -1).expand(f, h, w, -1),
+                    w_part[:w].view(1, 1, w, -1).expand(f, h, w, -1),
+                ],
+                dim=-1,
+            )
+            out.append(full.reshape(f * h * w, 1, -1))
+        return out[0], out[1]
+
+
+class WanRMSNorm(nn.Module):
+    """RMSNorm over the last dim, in float32 whatever the input and weight dtypes."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
+
+
+class WanLayerNorm(nn.LayerNorm):
+    """LayerNorm in float32 (autocast off), whatever the input and weight dtypes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+
+
+def fp32_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A Linear in float32 even with bf16 weights or autocast on."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.float(), layer.weight.float(), layer.bias.float())
+
+
+def fp32_mlp(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """A Linear/activation stack in float32 even with bf16 weights or autocast on."""
+    for layer in layers:
+        x = fp32_linear(layer, x) if isinstance(layer, nn.Linear) else layer(x.float())
+    return x
+
+
+class WanSelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        # q/k RMSNorm spans all heads at once (weight [dim]), as in the release.
+        self.norm_q = WanRMSNorm(dim, eps)
+        self.norm_k = WanRMSNorm(dim, eps)
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, -1))  # [B, S, D] -> [B, S, H, D/H]
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        q = apply_rope(self.heads(self.norm_q(self.q(x))), *rope)
+        k = apply_rope(self.heads(self.norm_k(self.k(x))), *rope)
+        v = self.heads(self.v(x))
+        return self.o(attention(q, k, v))
+
+
+class WanCrossAttention(WanSelfAttention):
+    """Attention from video tokens to the text tokens (all text_len rows, padding included, no mask)
+    and, for i2v, separately to the CLIP image tokens; the two results are summed before `o`."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float, with_image: bool):
+        super().__init__(dim, num_heads, eps)
+        if with_image:
+            self.k_img = nn.Linear(dim, dim)
+            self.v_img = nn.Linear(dim, dim)
+            self.norm_k_img = WanRMSNorm(dim, eps)
+        self.with_image = with_image
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, image_context: torch.Tensor | None) -> torch.Tensor:
+        q = self.heads(self.norm_q(self.q(x)))
+        k = self.heads(self.norm_k(self.k(context)))
+        out = attention(q, k, self.heads(self.v(context)))
+        if self.with_image:
+            k_img = self.heads(self.norm_k_img(self.k_img(image_context)))
+            out = out + attention(q, k_img, self.heads(self.v_img(image_context)))
+        return self.o(out)
+
+
+class WanAttentionBlock(nn.Module):
+    def __init__(self, dim: int, ffn_dim: int, num_heads: int, eps: float, with_image: bool):
+        super().__init__()
+        self.norm1 = WanLayerNorm(dim, eps, elementwise_affine=False)
+        self.self_attn = WanSelfAttention(dim, num_heads, eps)
+        self.norm3 = WanLayerNorm(dim, eps, elementwise_affine=True)
+        self.cross_attn = WanCrossAttention(dim, num_heads, eps, with_image)
+        self.norm2 = WanLayerNorm(dim, eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.empty(1, 6, dim))
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, S, D] float32 residual stream
+        e0: torch.Tensor,  # [B, 6, D] float32 time projection
+        context: torch.Tensor,  # [B, L, D]
+        image_context: torch.Tensor | None,  # [B, 257, D] for i2v
+        rope: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e0).chunk(6, dim=1)
+        y = self.self_attn(self.norm1(x) * (1 + scale_sa) + shift_sa, rope)
+        x = x + y.float() * gate_sa
+        x = x + self.cross_attn(self.norm3(x), context, image_context).float()
+        y = self.ffn(self.norm2(x) * (1 + scale_ff) + shift_ff)
+        return x + y.float() * gate_ff
+
+
+class Head(nn.Module):
+    def __init__(self, dim: int, out_dim: int, patch_size: tuple[int, int, int], eps: float):
+        super().__init__()
+        self.norm = WanLayerNorm(dim, eps, elementwise_affine=False)
+        self.head = nn.Linear(dim, math.prod(patch_size) * out_dim)
+        self.modulation = nn.Parameter(torch.empty(1, 2, dim))
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        # The head modulates with e (the time embedding), not with e0.
+        shift, scale = (self.modulation.float() + e.unsqueeze(1)).chunk(2, dim=1)
+        return fp32_linear(self.head, self.norm(x) * (1 + scale) + shift)
+
+
+class MLPProj(nn.Module):
+    """CLIP image features [B, 257, 1280] -> image context tokens [B, 257, D] (i2v only)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.proj = nn.Sequential(
+            WanLayerNorm(in_dim, eps=1e-5),
+            nn.Linear(in_dim, in_dim),
+            nn.GELU(),
+            nn.Linear(in_dim, out_dim),
+            WanLayerNorm(out_dim, eps=1e-5),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class WanModel(nn.Module):
+    """The Wan2.1 DiT. Keyword names are the official config.json names."""
+
+    def __init__(
+        self,
+        *,
+        model_type: str = "t2v",
+        patch_size: tuple[int, int, int] = (1, 2, 2),
+        text_len: int = 512,
+        in_dim: int = 16,
+        dim: int = 2048,
+        ffn_dim: int = 8192,
+        freq_dim: int = 256,
+        text_dim: int = 4096,
+        out_dim: int = 16,
+        num_heads: int = 16,
+        num_layers: int = 32,
+        eps: float = 1e-6,
+    ):
+        super().__init__()
+        patch_size = tuple(int(p) for p in patch_size)
+        problems = []
+        if model_type not in ("t2v", "i2v"):
+            problems.append(f"model_type must be 't2v' or 'i2v', got {model_type!r}")
+        if len(patch_size) != 3:
+            problems.append(f"patch_size must have 3 entries (t, h, w), got {patch_size}")
+        if dim % num_heads:
+            problems.append(f"dim {dim} is not divisible by num_heads {num_heads}")
+        elif (dim // num_heads) % 2 or dim // num_heads < 6:
+            problems.append(f"head_dim {dim // num_heads} must be even and >= 6 for 3D RoPE")
+        if freq_dim % 2:
+            problems.append(f"freq_dim must be even, got {freq_dim}")
+        if problems:
+            raise ValueError("invalid WanModel config: " + "; ".join(problems))
+
+        self.config = dict(
+            model_type=model_type, patch_size=list(patch_size), text_len=text_len, in_dim=in_dim, dim=dim,
+            ffn_dim=ffn_dim, freq_dim=freq_dim, text_dim=text_dim, out_dim=out_dim, num_heads=num_heads,
+            num_layers=num_layers, eps=eps,
+        )  # fmt: skip
+        self.model_type = model_type
+        self.patch_size = patch_size
+        self.text_len = text_len
+        self.in_dim = in_dim
+        self.dim = dim
+        self.freq_dim = freq_dim
+        self.out_dim = out_dim
+
+        self.patch_embedding = nn.Conv3d(in_dim, dim, kernel_size=patch_size, stride=patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
+        with_image = model_type == "i2v"
+        self.blocks = nn.ModuleList(
+            WanAttentionBlock(dim, ffn_dim, num_heads, eps, with_image) for _ in range(num_layers)
+        )
+        self.head = Head(dim, out_dim, patch_size, eps)
+        if with_image:
+            self.img_emb = MLPProj(CLIP_DIM, dim)
+        self.rope = RotaryEmbedding(dim // num_heads)
+
+        self.checkpointed_blocks: set[int] = set()
+        self.init_weights()
+
+    # ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter as the reference does; also what follows a meta-device
+        construction and `to_empty()`."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.LayerNorm, WanRMSNorm)) and m.weight is not None:
+                nn.init.ones_(m.weight)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        nn.init.zeros_(self.patch_embedding.bias)
+        for layers in (self.text_embedding, self.time_embedding):
+            for m in layers:
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=0.02)
+        # Zero head: a model trained from scratch starts by predicting zero velocity.
+        nn.init.zeros_(self.head.head.weight)
+        for block in self.blocks:
+            block.modulation.copy_(torch.randn_like(block.modulation) / self.dim**0.5)
+        self.head.modulation.copy_(torch.randn_like(self.head.modulation) / self.dim**0.5)
+        self.rope.reset_tables()
+
+    def set_gradient_checkpointing(self, enabled: bool = True, every: int = 1) -> None:
+        """Recompute block activations in backward. With every=k only blocks 0, k, 2k, ... are
+        checkpointed: a trade between memory and the ~1/3 extra compute of full checkpointing."""
+        if every < 1:
+            raise ValueError(f"gradient checkpointing 'every' must be >= 1, got {every}")
+        self.checkpointed_blocks = set(range(0, len(self.blocks), every)) if enabled else set()
+
+    # ----------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        clip_fea: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x [B, in_dim - C_y, F, H, W] latents, t [B] timesteps in [0, 1000), context
+        [B, L <= text_len, text_dim], clip_fea [B, 257, 1280] and y [B, C_y, F, H, W] for i2v.
+        Returns the velocity prediction [B, out_dim, F, H, W] in float32."""
+        device_type = x.device.type
+        param_dtype = self.patch_embedding.weight.dtype
+        if param_dtype != torch.float32 and not torch.is_autocast_enabled(device_type):
+            # bf16 weights (FSDP2 / DeepSpeed mixed precision): the reference policy is autocast.
+            with torch.autocast(device_type, dtype=param_dtype):
+                return self._forward(x, t, context, clip_fea, y)
+        return self._forward(x, t, context, clip_fea, y)
+
+    def _forward(self, x, t, context, clip_fea, y):
+        if self.model_type == "i2v" and (clip_fea is None or y is None):
+            raise ValueError("an i2v WanModel needs clip_fea [B, 257, 1280] and y (mask + first-frame latents)")
+        if self.model_type == "t2v" and clip_fea is not None:
+            raise ValueError("clip_fea was given to a t2v WanModel, which has no image embedding (img_emb)")
+        if y is not None:
+            x = torch.cat([x, y], dim=1)
+        b, c, f, h, w = x.shape
+        if c != self.in_dim:
+            raise ValueError(f"WanModel expects {self.in_dim} input channels (x and y together), got {c}")
+        pt, ph, pw = self.patch_size
+        if f % pt or h % ph or w % pw:
+            raise ValueError(f"latent size (F={f}, H={h}, W={w}) is not divisible by patch_size {self.patch_size}")
+        if context.shape[1] > self.text_len:
+            raise ValueError(f"context has {context.shape[1]} tokens, more than text_len={self.text_len}")
+        grid = (f // pt, h // ph, w // pw)
+
+        # The residual stream is float32 from here to the head.
+        x = self.patch_embedding(x).flatten(2).transpose(1, 2).float().contiguous()  # [B, S, D]
+
+        t = t.reshape(-1).expand(b)
+        e = fp32_mlp(self.time_embedding, sinusoidal_embedding(t, self.freq_dim))  # [B, D]
+        e0 = fp32_mlp(self.time_projection, e).unflatten(1, (6, self.dim))  # [B, 6, D]
+
+        # Zero rows to text_len: cross-attention sees all rows without a mask, as in the release.
+        if context.shape[1] < self.text_len:  # F.pad copies even when there is nothing to pad
+            context = F.pad(context, (0, 0, 0, self.text_len - context.shape[1]))
+        context = self.text_embedding(context)  # [B, L, D]
+        image_context = self.img_emb(clip_fea) if self.model_type == "i2v" else None  # [B, 257, D]
+
+        rope = self.rope(grid)
+        grad_on = torch.is_grad_enabled()
+        for i, block in enumerate(self.blocks):
+            if grad_on and i in self.checkpointed_blocks:
+                x = checkpoint(block, x, e0, context, image_context, rope, use_reentrant=False)
+            else:
+                x = block(x, e0, context, image_context, rope)
+
+        x = self.head(x, e)  # [B, S, pt*ph*pw*out_dim], float32
+        return self.unpatchify(x, grid)
+
+    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """[B, S, pt*ph*pw*C] with C fastest -> [B, C, F, H, W]."""
+        f, h, w = grid
+        pt, ph, pw = self.patch_size
+        x = x.view(x.shape[0], f, h, w, pt, ph, pw, self.out_dim)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.reshape(x.shape[0], self.out_dim, f * pt, h * ph, w * pw)
+
+    # ----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | Path,
+        dtype: torch.dtype | None = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> "WanModel":
+        """Load an official release folder (config.json + diffusion_pytorch_model*.safetensors) or a
+        diffusers folder (WanTransformer3DModel, or a pipeline folder with transformer/).
+
+        Builds on the meta device and loads tensor by tensor, so host memory holds one copy of the
+        model. dtype=None keeps the dtype stored in the files."""
+        from wan.modules import dit_weights
+
+        return dit_weights.load_dit(cls, folder, dtype=dtype, device=device)
+
+    def save_pretrained(
+        self, folder: str | Path, max_shard_size: int | str = "10GB", dtype: torch.dtype | None = None
+    ) -> None:
+        """Write the official layout: config.json and safetensors, sharded with an index when larger
+        than max_shard_size."""
+        from wan.modules import dit_weights
+
+        dit_weights.save_dit(self, folder, max_shard_size=max_shard_size, dtype=dtype)

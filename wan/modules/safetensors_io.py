@@ -1,0 +1,181 @@
+"""Sharded safetensors folders, as Hugging Face and the Wan releases lay them out.
+
+Reading checks every file, key and shape before any tensor data is read, and lists every problem
+at once; then tensors are loaded one at a time and assigned into a module built on the meta device,
+so host memory never holds two copies of a model. Writing shards by size and writes a matching
+`<weights_name>.index.json`.
+"""
+
+import json
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+
+
+def parse_size(size: int | str) -> int:
+    """'10GB' -> 10**9 * 10 bytes (GB = 1e9, GiB = 2**30, as Hugging Face counts); ints pass through."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(size))
+    if not match or match.group(2).upper() not in _SIZE_UNITS:
+        raise ValueError(f"cannot read a size from {size!r}; use bytes or e.g. '10GB', '500MiB'")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+
+
+def index_name(weights_name: str) -> str:
+    return weights_name + ".index.json"
+
+
+def resolve_weight_files(folder: Path, weights_name: str) -> list[Path]:
+    """The shard files of `folder`: from the index if there is one, else the single file."""
+    index_path = folder / index_name(weights_name)
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{index_path}: not a safetensors index (needs a 'weight_map'): {err}") from None
+        files = sorted(set(weight_map.values()))
+        missing = [name for name in files if not (folder / name).is_file()]
+        if missing:
+            raise ValueError(f"{index_path} names shard files that are not in {folder}: {', '.join(missing)}")
+        return [folder / name for name in files]
+    single = folder / weights_name
+    if single.is_file():
+        return [single]
+    found = sorted(p.name for p in folder.glob("*.safetensors"))
+    raise ValueError(
+        f"{folder}: neither {weights_name} nor {index_path.name} is there"
+        + (f" (safetensors files present: {', '.join(found)})" if found else "")
+    )
+
+
+def load_into_module(
+    module: nn.Module,
+    files: list[Path],
+    rename: Callable[[str], str | None] = lambda key: key,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+) -> None:
+    """Load the tensors of `files` into `module` (strict: every key once, every shape equal).
+
+    rename maps a file key to the module's name, or None to skip the key. Floating tensors are
+    cast to dtype unless it is None. Parameters are replaced, not copied into, so `module` may live
+    on the meta device; requires_grad is kept.
+    """
+    expected = module.state_dict(keep_vars=True)
+    seen: dict[str, Path] = {}
+    problems: list[str] = []
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                name = rename(key)
+                if name is None:
+                    continue
+                shape = list(f.get_slice(key).get_shape())
+                if name in seen:
+                    problems.append(f"{path.name}: key {key!r} ({name}) also appears in {seen[name].name}")
+                elif name not in expected:
+                    problems.append(
+                        f"{path.name}: unexpected key {key!r}" + (f" (read as {name!r})" if name != key else "")
+                    )
+                elif list(expected[name].shape) != shape:
+                    problems.append(
+                        f"{path.name}: key {key!r} has shape {shape} in the file, the model expects "
+                        f"{list(expected[name].shape)}"
+                    )
+                seen[name] = path
+    missing = [name for name in expected if name not in seen]
+    if missing:
+        shown = ", ".join(missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
+        problems.append(f"missing from {', '.join(p.name for p in files)}: {shown}")
+    if problems:
+        raise ValueError(f"cannot load {files[0].parent}:\n  " + "\n  ".join(problems))
+
+    for path in files:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                name = rename(key)
+                if name is None:
+                    continue
+                tensor = f.get_tensor(key)
+                if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                    tensor = tensor.to(dtype)
+                elif tensor.data_ptr() % 64:
+                    # safetensors hands out tensors at the file's 16-byte alignment; CPU kernels
+                    # pick other code paths (other roundings, slower loads) for those.
+                    tensor = tensor.clone()
+                _assign(module, name, tensor)
+
+
+def _assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name)
+    if leaf in owner._parameters:
+        old = owner._parameters[leaf]
+        owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+    else:
+        owner._buffers[leaf] = tensor
+
+
+def save_sharded(
+    state_dict: dict[str, torch.Tensor],
+    folder: Path,
+    weights_name: str,
+    max_shard_size: int | str,
+    dtype: torch.dtype | None = None,
+) -> list[Path]:
+    """Write state_dict as `weights_name`, or as numbered shards plus an index when it is larger than
+    max_shard_size. Floating tensors are cast to dtype (unless None) one shard at a time. Files are
+    written under temporary names and renamed, and weight files of an earlier save in `folder` are
+    removed, so a folder never mixes two saves."""
+    limit = parse_size(max_shard_size)
+
+    def out_dtype(tensor: torch.Tensor) -> torch.dtype:
+        return dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+
+    def nbytes(tensor: torch.Tensor) -> int:
+        return tensor.numel() * out_dtype(tensor).itemsize
+
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, tensor in state_dict.items():
+        if shards[-1] and size + nbytes(tensor) > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes(tensor)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    stem, ext = weights_name.rsplit(".", 1)
+    if len(shards) == 1:
+        names = [weights_name]
+    else:
+        names = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.{ext}" for i in range(len(shards))]
+    for old in folder.glob(f"{stem}*.{ext}*"):
+        old.unlink()
+    paths = []
+    for name, keys in zip(names, shards, strict=True):
+        path = folder / name
+        shard = {k: state_dict[k].detach().to(out_dtype(state_dict[k])).contiguous() for k in keys}
+        save_file(shard, str(path) + ".tmp", metadata={"format": "pt"})
+        del shard
+        os.replace(str(path) + ".tmp", path)
+        paths.append(path)
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(nbytes(t) for t in state_dict.values())},
+            "weight_map": {key: name for name, keys in zip(names, shards, strict=True) for key in keys},
+        }
+        index_path = folder / index_name(weights_name)
+        index_path.with_suffix(".tmp").write_text(json.dumps(index, indent=2))
+        os.replace(index_path.with_suffix(".tmp"), index_path)
+    return paths
