@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from wan.modules import dit_weights
 from wan.modules.attention import attention
 
 ROPE_MAX_POSITIONS = 1024  # positions per axis in the reference RoPE tables
@@ -65,6 +66,10 @@ class RotaryEmbedding(nn.Module):
     @torch.no_grad()
     def reset_tables(self, device: torch.device | str | None = None) -> None:
         device = self.cos.device if device is None else torch.device(device)
+        if device.type == "meta":  # nothing to compute; tables are rebuilt when materialised
+            self.cos = torch.empty(ROPE_MAX_POSITIONS, self.head_dim // 2, device=device)
+            self.sin = torch.empty(ROPE_MAX_POSITIONS, self.head_dim // 2, device=device)
+            return
         pos = torch.arange(ROPE_MAX_POSITIONS, dtype=torch.float64, device=device)
         angles = []
         for pairs in self.axis_pairs:
@@ -298,7 +303,10 @@ class WanModel(nn.Module):
         self.rope = RotaryEmbedding(dim // num_heads)
 
         self.checkpointed_blocks: set[int] = set()
-        self.init_weights()
+        # On the meta device there is nothing to initialise (and init ops there cost a one-time
+        # ~75 MB import of torch's decompositions): call init_weights() after to_empty().
+        if not self.patch_embedding.weight.is_meta:
+            self.init_weights()
 
     # ----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -415,8 +423,6 @@ class WanModel(nn.Module):
 
         Builds on the meta device and loads tensor by tensor, so host memory holds one copy of the
         model. dtype=None keeps the dtype stored in the files."""
-        from wan.modules import dit_weights
-
         return dit_weights.load_dit(cls, folder, dtype=dtype, device=device)
 
     def save_pretrained(
@@ -424,6 +430,4 @@ class WanModel(nn.Module):
     ) -> None:
         """Write the official layout: config.json and safetensors, sharded with an index when larger
         than max_shard_size."""
-        from wan.modules import dit_weights
-
         dit_weights.save_dit(self, folder, max_shard_size=max_shard_size, dtype=dtype)

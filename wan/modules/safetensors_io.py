@@ -1,12 +1,13 @@
 """Sharded safetensors folders, as Hugging Face and the Wan releases lay them out.
 
 Reading checks every file, key and shape before any tensor data is read, and lists every problem
-at once; then tensors are loaded one at a time and assigned into a module built on the meta device,
-so host memory never holds two copies of a model. Writing shards by size and writes a matching
+at once; then tensors are read one at a time with plain file reads (no mmap) into fresh memory and
+assigned into a module built on the meta device, so host memory never holds two copies of a model. Writing shards by size and writes a matching
 `<weights_name>.index.json`.
 """
 
 import json
+import math
 import os
 import re
 from collections.abc import Callable
@@ -14,7 +15,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -58,6 +58,45 @@ def resolve_weight_files(folder: Path, weights_name: str) -> list[Path]:
     )
 
 
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+
+
+def read_header(path: Path) -> tuple[dict[str, dict], int]:
+    """-> ({key: {dtype, shape, data_offsets}}, byte offset where tensor data starts)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n <= 0 or 8 + n > size:
+            raise ValueError(f"{path}: not a safetensors file (header length {n}, file size {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path}: unreadable safetensors header: {err}") from None
+    header.pop("__metadata__", None)
+    for key, info in header.items():
+        begin, end = info["data_offsets"]
+        if info["dtype"] not in _DTYPES:
+            raise ValueError(f"{path}: key {key!r} has dtype {info['dtype']}, which this loader does not read")
+        expected = math.prod(info["shape"]) * _DTYPES[info["dtype"]].itemsize
+        if end - begin != expected or 8 + n + end > size:
+            raise ValueError(f"{path}: key {key!r} is truncated or corrupt (bytes {begin}..{end}, file size {size})")
+    return header, 8 + n
+
+
+def _read_tensor(f, info: dict, data_start: int) -> torch.Tensor:
+    # Read straight into fresh (64-byte aligned) memory: no mmap keeps the file's pages resident
+    # beside the copy, so a load peaks at one copy of the model.
+    tensor = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
+    if tensor.numel():
+        f.seek(data_start + info["data_offsets"][0])
+        f.readinto(tensor.reshape(-1).view(torch.uint8).numpy())
+    return tensor
+
+
 def load_into_module(
     module: nn.Module,
     files: list[Path],
@@ -72,27 +111,27 @@ def load_into_module(
     on the meta device; requires_grad is kept.
     """
     expected = module.state_dict(keep_vars=True)
+    headers = {path: read_header(path) for path in files}
     seen: dict[str, Path] = {}
     problems: list[str] = []
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                name = rename(key)
-                if name is None:
-                    continue
-                shape = list(f.get_slice(key).get_shape())
-                if name in seen:
-                    problems.append(f"{path.name}: key {key!r} ({name}) also appears in {seen[name].name}")
-                elif name not in expected:
-                    problems.append(
-                        f"{path.name}: unexpected key {key!r}" + (f" (read as {name!r})" if name != key else "")
-                    )
-                elif list(expected[name].shape) != shape:
-                    problems.append(
-                        f"{path.name}: key {key!r} has shape {shape} in the file, the model expects "
-                        f"{list(expected[name].shape)}"
-                    )
-                seen[name] = path
+    for path, (header, _) in headers.items():
+        for key, info in header.items():
+            name = rename(key)
+            if name is None:
+                continue
+            shape = list(info["shape"])
+            if name in seen:
+                problems.append(f"{path.name}: key {key!r} ({name}) also appears in {seen[name].name}")
+            elif name not in expected:
+                problems.append(
+                    f"{path.name}: unexpected key {key!r}" + (f" (read as {name!r})" if name != key else "")
+                )
+            elif list(expected[name].shape) != shape:
+                problems.append(
+                    f"{path.name}: key {key!r} has shape {shape} in the file, the model expects "
+                    f"{list(expected[name].shape)}"
+                )
+            seen[name] = path
     missing = [name for name in expected if name not in seen]
     if missing:
         shown = ", ".join(missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
@@ -100,20 +139,16 @@ def load_into_module(
     if problems:
         raise ValueError(f"cannot load {files[0].parent}:\n  " + "\n  ".join(problems))
 
-    for path in files:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            for key in f.keys():
+    for path, (header, data_start) in headers.items():
+        with open(path, "rb") as f:
+            for key, info in header.items():
                 name = rename(key)
                 if name is None:
                     continue
-                tensor = f.get_tensor(key)
-                if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                tensor = _read_tensor(f, info, data_start)
+                if dtype is not None and tensor.is_floating_point():
                     tensor = tensor.to(dtype)
-                elif tensor.data_ptr() % 64:
-                    # safetensors hands out tensors at the file's 16-byte alignment; CPU kernels
-                    # pick other code paths (other roundings, slower loads) for those.
-                    tensor = tensor.clone()
-                _assign(module, name, tensor)
+                _assign(module, name, tensor.to(device))
 
 
 def _assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
