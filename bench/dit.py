@@ -139,6 +139,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=32, help="latent width (pixels / 8)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="timing processes per implementation, alternating")
     parser.add_argument("--impl", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--measure", choices=["time", "memory"], help=argparse.SUPPRESS)
@@ -153,24 +154,30 @@ def main() -> None:
     print(
         f"DiT dim={args.dim} heads={args.heads} ffn={args.ffn} layers={args.layers}, batch {args.batch}, "
         f"latent {args.frames}x{args.height}x{args.width} ({tokens} tokens), text 512x4096, {args.dtype} on "
-        f"{args.device} ({torch.get_num_threads()} threads), median of {args.repeats} after {args.warmup} warm-up"
+        f"{args.device} ({torch.get_num_threads()} threads), median of {args.rounds}x{args.repeats} steps "
+        f"after {args.warmup} warm-up"
     )
     # For memory, freed blocks go straight back to the OS so the resident set tracks live tensors;
     # timing runs in a separate process without that setting, which slows allocation.
     memory_env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+
+    def run_worker(impl: str, checkpointing: bool, measure: str) -> dict:
+        cmd = [sys.executable, __file__, "--impl", impl, "--measure", measure] + sys.argv[1:]
+        if checkpointing:
+            cmd.append("--checkpointing")
+        out = subprocess.run(cmd, env=memory_env if measure == "memory" else os.environ, capture_output=True, text=True)
+        if out.returncode:
+            sys.exit(f"{impl} worker failed:\n{out.stderr}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
     results = {}
     for checkpointing in (False, True):
         for impl in ("diffusers", "ours"):
-            result = {}
-            for measure, env in (("time", os.environ), ("memory", memory_env)):
-                cmd = [sys.executable, __file__, "--impl", impl, "--measure", measure] + sys.argv[1:]
-                if checkpointing:
-                    cmd.append("--checkpointing")
-                out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-                if out.returncode:
-                    sys.exit(f"{impl} worker failed:\n{out.stderr}")
-                result.update(json.loads(out.stdout.strip().splitlines()[-1]))
-            results[impl, checkpointing] = result
+            results[impl, checkpointing] = dict(run_worker(impl, checkpointing, "memory"), times=[])
+        # Alternate which goes first, so drift of a shared machine hits both alike.
+        for round_ in range(args.rounds):
+            for impl in ("diffusers", "ours") if round_ % 2 == 0 else ("ours", "diffusers"):
+                results[impl, checkpointing]["times"] += run_worker(impl, checkpointing, "time")["times"]
 
     print(f"\nmodel FLOPs per step (forward + backward, no recompute): {flops / 1e9:.1f} GFLOP")
     print(f"| {'impl':<9} | ckpt | median s | min s  | peak MiB | model TFLOP/s |")

@@ -137,5 +137,8 @@ def test_bad_inputs_are_refused_with_a_message():
         model(**dict(good, context=torch.randn(1, 513, 64)))
     with pytest.raises(ValueError, match="clip_fea"):
         WanModel(**dit_preset("debug-i2v"))(**good)
+    i2v_inputs = make_inputs(WanModel(**dit_preset("debug-i2v")), (1, 4, 4), [1.0], 5)
+    with pytest.raises(ValueError, match=r"clip_fea must be \[B, 257, 1280\]"):
+        WanModel(**dit_preset("debug-i2v"))(**dict(i2v_inputs, clip_fea=torch.randn(1, 256, 1280)))
     with pytest.raises(ValueError, match="num_heads"):
         WanModel(**dict(dit_preset("debug"), num_heads=5))

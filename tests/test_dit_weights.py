@@ -181,3 +181,14 @@ def test_parse_size():
     assert parse_size(123) == 123
     with pytest.raises(ValueError, match="size"):
         parse_size("ten gigs")
+
+
+def test_missing_or_invalid_config_values_name_the_file(tmp_path):
+    random_model("debug").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "dim"}))
+    with pytest.raises(ValueError, match=r"config\.json: missing field 'dim'"):
+        WanModel.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, model_type="flf2v")))
+    with pytest.raises(ValueError, match=r"config\.json: invalid WanModel config: model_type must be"):
+        WanModel.from_pretrained(tmp_path)

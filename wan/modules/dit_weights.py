@@ -127,6 +127,10 @@ def _official_config(cfg: dict, path: Path) -> dict:
         for k in cfg
         if k not in OFFICIAL_CONFIG_KEYS and k not in OFFICIAL_FIXED and not k.startswith("_")
     ]
+    # Every release config.json has these; text_dim and patch_size are left at 4096 and (1, 2, 2).
+    problems += [
+        f"missing field {k!r}" for k in OFFICIAL_CONFIG_KEYS if k not in cfg and k not in ("text_dim", "patch_size")
+    ]
     for key, value in OFFICIAL_FIXED.items():
         if key in cfg and (list(cfg[key]) if isinstance(cfg[key], (list, tuple)) else cfg[key]) != value:
             problems.append(f"{key} {cfg[key]!r} is not supported (every Wan2.1 release uses {value!r})")
@@ -180,9 +184,12 @@ def load_dit_weights(
 
 
 def load_dit(cls: type, folder: str | Path, dtype: torch.dtype | None, device: torch.device | str):
-    _, cfg, _ = read_dit_folder(folder)
-    with torch.device("meta"):
-        model = cls(**cfg)
+    weights_folder, cfg, _ = read_dit_folder(folder)
+    try:
+        with torch.device("meta"):
+            model = cls(**cfg)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{weights_folder / CONFIG_NAME}: {err}") from None
     load_dit_weights(model, folder, dtype=dtype, device=device)
     model.rope.reset_tables(device)
     leftover = [name for name, t in model.state_dict(keep_vars=True).items() if t.is_meta]

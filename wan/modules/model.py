@@ -51,8 +51,8 @@ class RotaryEmbedding(nn.Module):
     """3D RoPE tables: cos and sin [1024, head_dim/2], float32 computed from float64 angles.
 
     Real tables, not complex ones: a complex buffer loses its imaginary part when a module is cast.
-    They are also rebuilt after every `.to()` / `to_empty()` (see `_apply`), so a cast to bf16, a
-    meta-device construction or DeepSpeed's construction-time casting never leaves them rounded.
+    They are also rebuilt after every `.to()` / `to_empty()` (see `_apply`), so neither a cast to
+    bf16 nor a meta-device construction leaves them rounded or empty.
     """
 
     def __init__(self, head_dim: int):
@@ -366,6 +366,8 @@ class WanModel(nn.Module):
             raise ValueError("an i2v WanModel needs clip_fea [B, 257, 1280] and y (mask + first-frame latents)")
         if self.model_type == "t2v" and clip_fea is not None:
             raise ValueError("clip_fea was given to a t2v WanModel, which has no image embedding (img_emb)")
+        if clip_fea is not None and tuple(clip_fea.shape[1:]) != (CLIP_TOKENS, CLIP_DIM):
+            raise ValueError(f"clip_fea must be [B, {CLIP_TOKENS}, {CLIP_DIM}], got {list(clip_fea.shape)}")
         if y is not None:
             x = torch.cat([x, y], dim=1)
         b, c, f, h, w = x.shape

@@ -2,8 +2,8 @@
 
 Reading checks every file, key and shape before any tensor data is read, and lists every problem
 at once; then tensors are read one at a time with plain file reads (no mmap) into fresh memory and
-assigned into a module built on the meta device, so host memory never holds two copies of a model. Writing shards by size and writes a matching
-`<weights_name>.index.json`.
+assigned into a module built on the meta device, so host memory never holds two copies of a model.
+Writing shards by size and writes a matching `<weights_name>.index.json`.
 """
 
 import json
