@@ -131,8 +131,8 @@ def test_i2v_weights_into_t2v_model_names_both_widths(tmp_path):
     with pytest.raises(ValueError) as err:
         load_dit_weights(t2v, tmp_path)
     msg = str(err.value)
-    assert "config.json" in msg and "in_dim 36" in msg and "in_dim 16" in msg
-    assert "[128, 36, 1, 2, 2]" in msg and "[128, 16, 1, 2, 2]" in msg
+    assert "diffusion_pytorch_model.safetensors: key 'patch_embedding.weight' has shape [128, 36, 1, 2, 2]" in msg
+    assert "expects [128, 16, 1, 2, 2]" in msg and "i2v weights" in msg and "in_dim 16, t2v" in msg
 
 
 def test_shape_and_key_problems_are_all_listed(tmp_path):

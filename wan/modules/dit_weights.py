@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from wan.modules.safetensors_io import load_into_module, resolve_weight_files, save_sharded
+from wan.modules.safetensors_io import load_into_module, read_header, resolve_weight_files, save_sharded
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CONFIG_NAME = "config.json"
@@ -171,16 +171,23 @@ def load_dit_weights(
 ) -> None:
     """Load a DiT folder's weights into `model` (possibly on the meta device), strictly."""
     weights_folder, cfg, layout = read_dit_folder(folder)
-    if "in_dim" in cfg and cfg["in_dim"] != model.in_dim:
+    files = resolve_weight_files(weights_folder, WEIGHTS_NAME)
+    if cfg.get("in_dim", model.in_dim) != model.in_dim:
+        # The usual cause is I2V weights (36 input channels) for a T2V model (16), or the reverse.
         kind = {16: "t2v", 36: "i2v"}
+        found = [
+            (p.name, h["patch_embedding.weight"]["shape"])
+            for p in files
+            if "patch_embedding.weight" in (h := read_header(p)[0])
+        ]
+        where, shape = found[0] if found else (CONFIG_NAME, "?")
         raise ValueError(
-            f"{weights_folder / CONFIG_NAME}: in_dim {cfg['in_dim']} ({kind.get(cfg['in_dim'], '?')} weights) does not "
-            f"match the model's in_dim {model.in_dim} ({kind.get(model.in_dim, '?')}); patch_embedding.weight is "
-            f"[{cfg.get('dim')}, {cfg['in_dim']}, 1, 2, 2] in the file, "
-            f"{list(model.patch_embedding.weight.shape)} in the model"
+            f"{weights_folder / where}: key 'patch_embedding.weight' has shape {shape} "
+            f"(in_dim {cfg['in_dim']}, {kind.get(cfg['in_dim'], '?')} weights), the model expects "
+            f"{list(model.patch_embedding.weight.shape)} (in_dim {model.in_dim}, {kind.get(model.in_dim, '?')})"
         )
     rename = diffusers_to_official_key if layout == "diffusers" else (lambda key: key)
-    load_into_module(model, resolve_weight_files(weights_folder, WEIGHTS_NAME), rename, dtype=dtype, device=device)
+    load_into_module(model, files, rename, dtype=dtype, device=device)
 
 
 def load_dit(cls: type, folder: str | Path, dtype: torch.dtype | None, device: torch.device | str):
