@@ -10,12 +10,13 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
+
+from wan.modules.state_dict_io import Rename, assign_tensor, check_entries, identity, prepare_tensor
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
@@ -100,65 +101,24 @@ def _read_tensor(f, info: dict, data_start: int) -> torch.Tensor:
 def load_into_module(
     module: nn.Module,
     files: list[Path],
-    rename: Callable[[str], str | None] = lambda key: key,
+    rename: Rename = identity,
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
 ) -> None:
     """Load the tensors of `files` into `module` (strict: every key once, every shape equal).
 
     rename maps a file key to the module's name, or None to skip the key. Floating tensors are
-    cast to dtype unless it is None. Parameters are replaced, not copied into, so `module` may live
-    on the meta device; requires_grad is kept.
+    cast to dtype unless it is None. The module may live on the meta device; see state_dict_io.
     """
-    expected = module.state_dict(keep_vars=True)
     headers = {path: read_header(path) for path in files}
-    seen: dict[str, Path] = {}
-    problems: list[str] = []
-    for path, (header, _) in headers.items():
-        for key, info in header.items():
-            name = rename(key)
-            if name is None:
-                continue
-            shape = list(info["shape"])
-            if name in seen:
-                problems.append(f"{path.name}: key {key!r} ({name}) also appears in {seen[name].name}")
-            elif name not in expected:
-                problems.append(
-                    f"{path.name}: unexpected key {key!r}" + (f" (read as {name!r})" if name != key else "")
-                )
-            elif list(expected[name].shape) != shape:
-                problems.append(
-                    f"{path.name}: key {key!r} has shape {shape} in the file, the model expects "
-                    f"{list(expected[name].shape)}"
-                )
-            seen[name] = path
-    missing = [name for name in expected if name not in seen]
-    if missing:
-        shown = ", ".join(missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
-        problems.append(f"missing from {', '.join(p.name for p in files)}: {shown}")
-    if problems:
-        raise ValueError(f"cannot load {files[0].parent}:\n  " + "\n  ".join(problems))
-
+    entries = [(path.name, key, rename(key), info["shape"]) for path, (header, _) in headers.items() for key, info in header.items()]  # fmt: skip
+    check_entries(module, entries, str(files[0].parent))
     for path, (header, data_start) in headers.items():
         with open(path, "rb") as f:
             for key, info in header.items():
                 name = rename(key)
-                if name is None:
-                    continue
-                tensor = _read_tensor(f, info, data_start)
-                if dtype is not None and tensor.is_floating_point():
-                    tensor = tensor.to(dtype)
-                _assign(module, name, tensor.to(device))
-
-
-def _assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    owner_name, _, leaf = name.rpartition(".")
-    owner = module.get_submodule(owner_name)
-    if leaf in owner._parameters:
-        old = owner._parameters[leaf]
-        owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=old.requires_grad)
-    else:
-        owner._buffers[leaf] = tensor
+                if name is not None:
+                    assign_tensor(module, name, prepare_tensor(_read_tensor(f, info, data_start), dtype, device))
 
 
 def save_sharded(
