@@ -15,7 +15,7 @@ def diffusers_kwargs(cfg: dict) -> dict:
         patch_size=tuple(cfg["patch_size"]), num_attention_heads=cfg["num_heads"], attention_head_dim=head_dim,
         in_channels=cfg["in_dim"], out_channels=cfg["out_dim"], text_dim=cfg["text_dim"], freq_dim=cfg["freq_dim"],
         ffn_dim=cfg["ffn_dim"], num_layers=cfg["num_layers"], cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-        eps=cfg["eps"], image_dim=1280 if i2v else None, added_kv_proj_dim=cfg["dim"] if i2v else None,
+        eps=cfg["eps"], image_dim=cfg.get("image_dim", 1280) if i2v else None, added_kv_proj_dim=cfg["dim"] if i2v else None,
     )  # fmt: skip
 
 

@@ -37,7 +37,7 @@ def make_inputs(model: WanModel, fhw, timesteps, text_tokens, seed=0):
         x=torch.randn(b, 16, *fhw, generator=gen),
         t=torch.tensor(timesteps),
         context=torch.randn(b, text_tokens, model.config["text_dim"], generator=gen),
-        clip_fea=torch.randn(b, 257, 1280, generator=gen) if i2v else None,
+        clip_fea=torch.randn(b, 257, model.image_dim, generator=gen) if i2v else None,
         y=torch.randn(b, model.in_dim - 16, *fhw, generator=gen) if i2v else None,
     )
 
@@ -138,7 +138,7 @@ def test_bad_inputs_are_refused_with_a_message():
     with pytest.raises(ValueError, match="clip_fea"):
         WanModel(**dit_preset("debug-i2v"))(**good)
     i2v_inputs = make_inputs(WanModel(**dit_preset("debug-i2v")), (1, 4, 4), [1.0], 5)
-    with pytest.raises(ValueError, match=r"clip_fea must be \[B, 257, 1280\]"):
-        WanModel(**dit_preset("debug-i2v"))(**dict(i2v_inputs, clip_fea=torch.randn(1, 256, 1280)))
+    with pytest.raises(ValueError, match=r"clip_fea must be \[B, 257, 64\]"):
+        WanModel(**dit_preset("debug-i2v"))(**dict(i2v_inputs, clip_fea=torch.randn(1, 257, 1280)))
     with pytest.raises(ValueError, match="num_heads"):
         WanModel(**dict(dit_preset("debug"), num_heads=5))

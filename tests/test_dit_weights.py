@@ -39,7 +39,7 @@ def sample_inputs(model: WanModel):
         x=torch.randn(1, 16, 3, 4, 6, generator=gen),
         t=torch.tensor([321.0]),
         context=torch.randn(1, 9, model.config["text_dim"], generator=gen),
-        clip_fea=torch.randn(1, 257, 1280, generator=gen) if i2v else None,
+        clip_fea=torch.randn(1, 257, model.image_dim, generator=gen) if i2v else None,
         y=torch.randn(1, 20, 3, 4, 6, generator=gen) if i2v else None,
     )
 
@@ -61,6 +61,8 @@ def test_round_trip_single_file(tmp_path, preset):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["_class_name"] == "WanModel" and OFFICIAL_CONFIG_FIELDS <= config.keys()
+    # image_dim is ours (tiny test CLIPs); a release-width model's config.json stays official.
+    assert config.get("image_dim") == (64 if preset == "debug-i2v" else None)
     with safe_open(str(tmp_path / "diffusion_pytorch_model.safetensors"), "pt") as f:
         assert set(f.keys()) == set(model.state_dict())  # official key names, no RoPE tables
     assert_same_model(model, WanModel.from_pretrained(tmp_path))

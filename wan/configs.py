@@ -10,9 +10,18 @@ _RELEASE = dict(patch_size=[1, 2, 2], text_len=512, freq_dim=256, text_dim=4096,
 DIT_PRESETS: dict[str, dict] = {
     # Tiny: 2 blocks, width 128, head_dim 32. text_dim 64 is the debug text encoder's width.
     "debug": dict(_RELEASE, model_type="t2v", in_dim=16, dim=128, ffn_dim=256, num_heads=4, num_layers=2, text_dim=64),
+    # image_dim 64 is the debug CLIP's width (the release CLIP gives 1280).
     "debug-i2v": dict(
-        _RELEASE, model_type="i2v", in_dim=36, dim=128, ffn_dim=256, num_heads=4, num_layers=2, text_dim=64
-    ),
+        _RELEASE,
+        model_type="i2v",
+        in_dim=36,
+        dim=128,
+        ffn_dim=256,
+        num_heads=4,
+        num_layers=2,
+        text_dim=64,
+        image_dim=64,
+    ),  # fmt: skip
     "1.3B": dict(_RELEASE, model_type="t2v", in_dim=16, dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
     "14B": dict(_RELEASE, model_type="t2v", in_dim=16, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
     "i2v-14B": dict(_RELEASE, model_type="i2v", in_dim=36, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),

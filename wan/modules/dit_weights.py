@@ -20,7 +20,7 @@ CONFIG_NAME = "config.json"
 
 OFFICIAL_CONFIG_KEYS = (
     "model_type", "patch_size", "text_len", "in_dim", "dim", "ffn_dim", "freq_dim", "text_dim", "out_dim",
-    "num_heads", "num_layers", "eps",
+    "num_heads", "num_layers", "eps", "image_dim",
 )  # fmt: skip
 # Options of the reference constructor that every release leaves at the default; other values
 # describe a model we do not implement.
@@ -96,8 +96,6 @@ def _diffusers_config_to_official(cfg: dict, path: Path) -> dict:
     if not cfg.get("cross_attn_norm", True):
         problems.append("cross_attn_norm false (Wan2.1 uses true)")
     image_dim = cfg.get("image_dim")
-    if image_dim not in (None, 1280):
-        problems.append(f"image_dim {image_dim} (the Wan2.1 CLIP encoder gives 1280)")
     known = {"patch_size", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim",
              "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "qk_norm", "eps", "image_dim",
              "added_kv_proj_dim", "rope_max_seq_len", "pos_embed_seq_len"}  # fmt: skip
@@ -118,6 +116,7 @@ def _diffusers_config_to_official(cfg: dict, path: Path) -> dict:
         num_heads=heads,
         num_layers=cfg.get("num_layers", 40),
         eps=cfg.get("eps", 1e-6),
+        **({"image_dim": image_dim} if image_dim else {}),
     )
 
 
@@ -127,9 +126,12 @@ def _official_config(cfg: dict, path: Path) -> dict:
         for k in cfg
         if k not in OFFICIAL_CONFIG_KEYS and k not in OFFICIAL_FIXED and not k.startswith("_")
     ]
-    # Every release config.json has these; text_dim and patch_size are left at 4096 and (1, 2, 2).
+    # Every release config.json has these; text_dim and patch_size are left at 4096 and (1, 2, 2),
+    # and image_dim (ours, for tiny test models) at 1280.
     problems += [
-        f"missing field {k!r}" for k in OFFICIAL_CONFIG_KEYS if k not in cfg and k not in ("text_dim", "patch_size")
+        f"missing field {k!r}"
+        for k in OFFICIAL_CONFIG_KEYS
+        if k not in cfg and k not in ("text_dim", "patch_size", "image_dim")
     ]
     for key, value in OFFICIAL_FIXED.items():
         if key in cfg and (list(cfg[key]) if isinstance(cfg[key], (list, tuple)) else cfg[key]) != value:

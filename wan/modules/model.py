@@ -21,8 +21,7 @@ from wan.modules import dit_weights
 from wan.modules.attention import attention
 
 ROPE_MAX_POSITIONS = 1024  # positions per axis in the reference RoPE tables
-CLIP_TOKENS = 257  # CLS + 16x16 patches of the I2V image encoder
-CLIP_DIM = 1280
+CLIP_DIM = 1280  # width of the I2V image features (open-clip ViT-H/14)
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -225,7 +224,7 @@ class Head(nn.Module):
 
 
 class MLPProj(nn.Module):
-    """CLIP image features [B, 257, 1280] -> image context tokens [B, 257, D] (i2v only)."""
+    """CLIP image features [B, 257, image_dim] -> image context tokens [B, 257, D] (i2v only)."""
 
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
@@ -259,6 +258,7 @@ class WanModel(nn.Module):
         num_heads: int = 16,
         num_layers: int = 32,
         eps: float = 1e-6,
+        image_dim: int = CLIP_DIM,
     ):
         super().__init__()
         patch_size = tuple(int(p) for p in patch_size)
@@ -281,6 +281,9 @@ class WanModel(nn.Module):
             ffn_dim=ffn_dim, freq_dim=freq_dim, text_dim=text_dim, out_dim=out_dim, num_heads=num_heads,
             num_layers=num_layers, eps=eps,
         )  # fmt: skip
+        if image_dim != CLIP_DIM:  # not an official field: written only when a tiny test model needs it
+            self.config["image_dim"] = image_dim
+        self.image_dim = image_dim
         self.model_type = model_type
         self.patch_size = patch_size
         self.text_len = text_len
@@ -299,7 +302,7 @@ class WanModel(nn.Module):
         )
         self.head = Head(dim, out_dim, patch_size, eps)
         if with_image:
-            self.img_emb = MLPProj(CLIP_DIM, dim)
+            self.img_emb = MLPProj(image_dim, dim)
         self.rope = RotaryEmbedding(dim // num_heads)
 
         self.checkpointed_blocks: set[int] = set()
@@ -351,7 +354,7 @@ class WanModel(nn.Module):
         y: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [B, in_dim - C_y, F, H, W] latents, t [B] timesteps in [0, 1000), context
-        [B, L <= text_len, text_dim], clip_fea [B, 257, 1280] and y [B, C_y, F, H, W] for i2v.
+        [B, L <= text_len, text_dim], clip_fea [B, 257, image_dim=1280] and y [B, C_y, F, H, W] for i2v.
         Returns the velocity prediction [B, out_dim, F, H, W] in float32."""
         device_type = x.device.type
         param_dtype = self.patch_embedding.weight.dtype
@@ -366,8 +369,8 @@ class WanModel(nn.Module):
             raise ValueError("an i2v WanModel needs clip_fea [B, 257, 1280] and y (mask + first-frame latents)")
         if self.model_type == "t2v" and clip_fea is not None:
             raise ValueError("clip_fea was given to a t2v WanModel, which has no image embedding (img_emb)")
-        if clip_fea is not None and tuple(clip_fea.shape[1:]) != (CLIP_TOKENS, CLIP_DIM):
-            raise ValueError(f"clip_fea must be [B, {CLIP_TOKENS}, {CLIP_DIM}], got {list(clip_fea.shape)}")
+        if clip_fea is not None and (clip_fea.ndim != 3 or clip_fea.shape[-1] != self.image_dim):
+            raise ValueError(f"clip_fea must be [B, 257, {self.image_dim}], got {list(clip_fea.shape)}")
         if y is not None:
             x = torch.cat([x, y], dim=1)
         b, c, f, h, w = x.shape

@@ -88,7 +88,8 @@ def read_header(path: Path) -> tuple[dict[str, dict], int]:
     return header, 8 + n
 
 
-def _read_tensor(f, info: dict, data_start: int) -> torch.Tensor:
+def read_tensor(f, info: dict, data_start: int) -> torch.Tensor:
+    """One tensor of an open safetensors file, given its header entry (see read_header)."""
     # Read straight into fresh (64-byte aligned) memory: no mmap keeps the file's pages resident
     # beside the copy, so a load peaks at one copy of the model.
     tensor = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
@@ -118,7 +119,7 @@ def load_into_module(
             for key, info in header.items():
                 name = rename(key)
                 if name is not None:
-                    assign_tensor(module, name, prepare_tensor(_read_tensor(f, info, data_start), dtype, device))
+                    assign_tensor(module, name, prepare_tensor(read_tensor(f, info, data_start), dtype, device))
 
 
 def save_sharded(
