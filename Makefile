@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint bench-dit clean
+.PHONY: install test test-fast lint bench-dit bench-t5 bench-vae clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -34,6 +34,12 @@ lint: $(STAMP)
 
 bench-dit: $(STAMP)
 	$(PY) bench/dit.py
+
+bench-t5: $(STAMP)
+	$(PY) bench/t5.py
+
+bench-vae: $(STAMP)
+	$(PY) bench/vae.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -3,5 +3,16 @@
 from wan.configs import DIT_PRESETS, dit_preset
 from wan.modules.clip import CLIP_PRESETS, CLIPVision
 from wan.modules.model import WanModel
+from wan.modules.t5 import T5_PRESETS, UMT5Encoder
+from wan.modules.tokenizer import WanTokenizer
 
-__all__ = ["CLIP_PRESETS", "CLIPVision", "DIT_PRESETS", "WanModel", "dit_preset"]
+__all__ = [
+    "CLIP_PRESETS",
+    "CLIPVision",
+    "DIT_PRESETS",
+    "T5_PRESETS",
+    "UMT5Encoder",
+    "WanModel",
+    "WanTokenizer",
+    "dit_preset",
+]
