@@ -9,9 +9,9 @@ sentencepiece model of the debug text encoder (tools/train_debug_tokenizer.py ma
 
 import html
 import re
-import unicodedata
 from pathlib import Path
 
+import ftfy
 import torch
 
 DEBUG_TOKENIZER = Path(__file__).resolve().parents[1] / "assets" / "debug_spm.model"
@@ -21,58 +21,11 @@ RELEASE_SUBFOLDER = Path("google") / "umt5-xxl"
 # it (a vocabulary silently ignored, the wrong model) is refused.
 _PROBE = "a cat walks on the beach"
 
-try:  # the reference's text fixer; optional (not a dependency), _fix_text below stands in for it
-    import ftfy
-except ImportError:  # pragma: no cover - depends on the environment
-    ftfy = None
-
-_TERMINAL_ESCAPES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-# Characters that UTF-8 text decoded as Windows-1252 starts its sequences with ("Ã©" for "é").
-_MOJIBAKE_HINT = re.compile(
-    "[ÂÃâ][\u0080-\u00bf\u0152\u0153\u0160\u0161\u0178\u017d\u017e\u0192\u02c6\u02dc\u2013-\u2122]"
-)
-_QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'",
-                         "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u201f": '"'})  # fmt: skip
-
-
-def _unmojibake(word: str) -> str:
-    """Undo UTF-8 bytes decoded as Windows-1252, where bytes it leaves undefined (0x81, 0x8d, 0x8f,
-    0x90, 0x9d) passed through as Latin-1 (as ftfy's 'sloppy' codec does); unchanged unless the
-    bytes then decode as UTF-8."""
-    raw = bytearray()
-    for ch in word:
-        try:
-            raw += ch.encode("cp1252")
-        except UnicodeEncodeError:
-            if ord(ch) > 0xFF:
-                return word
-            raw.append(ord(ch))
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return word
-
-
-def _fix_text(text: str) -> str:
-    """A stand-in for ftfy.fix_text covering its common cases: terminal escapes and control
-    characters removed, UTF-8 mis-decoded as Windows-1252 / Latin-1 repaired (only when the
-    repair decodes cleanly), curly quotes straightened, NFC normalisation. ftfy does more
-    (partial mojibake, ligatures, width); it is used instead when it is installed."""
-    if ftfy is not None:
-        return ftfy.fix_text(text)
-    text = _TERMINAL_ESCAPES.sub("", text)
-    if _MOJIBAKE_HINT.search(text):
-        # Word by word, so that one correct non-ASCII character elsewhere does not block a repair.
-        text = "".join(_unmojibake(part) if _MOJIBAKE_HINT.search(part) else part for part in re.split(r"(\s+)", text))
-    text = _CONTROL_CHARS.sub("", text).translate(_QUOTES)
-    return unicodedata.normalize("NFC", text)
-
 
 def clean_prompt(text: str) -> str:
     """The reference cleaning ('whitespace' mode): fix the text encoding, unescape HTML twice
     ('&amp;amp;' -> '&'), collapse every whitespace run to one space, strip."""
-    text = html.unescape(html.unescape(_fix_text(text))).strip()
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return re.sub(r"\s+", " ", text).strip()
 
 
