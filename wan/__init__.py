@@ -5,6 +5,7 @@ from wan.modules.clip import CLIP_PRESETS, CLIPVision
 from wan.modules.model import WanModel
 from wan.modules.t5 import T5_PRESETS, UMT5Encoder
 from wan.modules.tokenizer import WanTokenizer
+from wan.modules.vae import VAE_PRESETS, WanVAE, vae_preset
 
 __all__ = [
     "CLIP_PRESETS",
@@ -12,7 +13,10 @@ __all__ = [
     "DIT_PRESETS",
     "T5_PRESETS",
     "UMT5Encoder",
+    "VAE_PRESETS",
     "WanModel",
     "WanTokenizer",
+    "WanVAE",
     "dit_preset",
+    "vae_preset",
 ]
