@@ -8,16 +8,12 @@ step and the achieved FLOP/s.
     python bench/dit.py --device cuda --dtype bf16 --dim 1536 --heads 12 --layers 30 --ffn 8960 \
         --frames 21 --height 60 --width 104    # 1.3B at 81 frames 480x832 on a GPU
 
-Peak memory: on CUDA, max_memory_allocated above the level before the step; on CPU, the peak
-resident set above the level before the step (glibc is told to return freed blocks at once, so
-the resident set follows live tensors).
+Peak memory: above the level before the step; see bench/common.py.
 """
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import measure_peak, run_worker  # noqa: E402
 
 
 def build_config(args) -> dict:
@@ -50,13 +48,6 @@ def step_flops(cfg: dict, batch: int, frames: int, height: int, width: int) -> i
     time_emb = 2 * (256 * d + d * d + d * 6 * d)
     head = 2 * s * d * 4 * cfg["out_dim"]
     return batch * (layers * per_block + embed + time_emb + head)
-
-
-def rss_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
 
 
 def worker(args) -> None:
@@ -105,15 +96,7 @@ def worker(args) -> None:
     sync()
     if args.measure == "memory":
         model.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        else:
-            Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set
-            base = rss_bytes("VmRSS")
-        step()
-        sync()
-        peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else rss_bytes("VmHWM")) - base
+        peak, _ = measure_peak(step, device)
         print(json.dumps({"peak": peak}))
         return
     times = []
@@ -157,27 +140,19 @@ def main() -> None:
         f"{args.device} ({torch.get_num_threads()} threads), median of {args.rounds}x{args.repeats} steps "
         f"after {args.warmup} warm-up"
     )
-    # For memory, freed blocks go straight back to the OS so the resident set tracks live tensors;
-    # timing runs in a separate process without that setting, which slows allocation.
-    memory_env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
 
-    def run_worker(impl: str, checkpointing: bool, measure: str) -> dict:
-        cmd = [sys.executable, __file__, "--impl", impl, "--measure", measure] + sys.argv[1:]
-        if checkpointing:
-            cmd.append("--checkpointing")
-        out = subprocess.run(cmd, env=memory_env if measure == "memory" else os.environ, capture_output=True, text=True)
-        if out.returncode:
-            sys.exit(f"{impl} worker failed:\n{out.stderr}")
-        return json.loads(out.stdout.strip().splitlines()[-1])
+    def worker_result(impl: str, checkpointing: bool, measure: str) -> dict:
+        extra = ["--checkpointing"] if checkpointing else []
+        return run_worker(__file__, ["--impl", impl, "--measure", measure, *sys.argv[1:], *extra], measure == "memory")
 
     results = {}
     for checkpointing in (False, True):
         for impl in ("diffusers", "ours"):
-            results[impl, checkpointing] = dict(run_worker(impl, checkpointing, "memory"), times=[])
+            results[impl, checkpointing] = dict(worker_result(impl, checkpointing, "memory"), times=[])
         # Alternate which goes first, so drift of a shared machine hits both alike.
         for round_ in range(args.rounds):
             for impl in ("diffusers", "ours") if round_ % 2 == 0 else ("ours", "diffusers"):
-                results[impl, checkpointing]["times"] += run_worker(impl, checkpointing, "time")["times"]
+                results[impl, checkpointing]["times"] += worker_result(impl, checkpointing, "time")["times"]
 
     print(f"\nmodel FLOPs per step (forward + backward, no recompute): {flops / 1e9:.1f} GFLOP")
     print(f"| {'impl':<9} | ckpt | median s | min s  | peak MiB | model TFLOP/s |")

@@ -19,9 +19,7 @@ the resident set follows live tensors).
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +28,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import measure_peak, run_worker  # noqa: E402
 
 TEXT_LEN = 512
 CAPTION_LENGTHS = [120, 64, 230, 90, 150, 40, 300, 100]  # cycled over the batch
@@ -51,13 +51,6 @@ def make_input(args) -> tuple[torch.Tensor, torch.Tensor]:
         mask[row, :n] = 1
         ids[row, n:] = 0
     return ids, mask
-
-
-def rss_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
 
 
 def build_runner(impl: str, args, device: torch.device):
@@ -104,16 +97,7 @@ def worker(args) -> None:
         sync()
         if args.measure == "memory":
             run = runners[args.impl]
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-            else:
-                Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set
-                base = rss_bytes("VmRSS")
-            out = run(ids, mask)
-            sync()
-            peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else rss_bytes("VmHWM")) - base
-            del out
+            peak, _ = measure_peak(lambda: run(ids, mask), device)
             print(json.dumps({"peak": peak}))
             return
         times = {impl: [] for impl in impls}
@@ -156,30 +140,21 @@ def main() -> None:
         f"median of {args.rounds}x{args.repeats} forwards after {args.warmup} warm-up; 'captions' rows hold "
         f"{[CAPTION_LENGTHS[i % len(CAPTION_LENGTHS)] for i in range(args.batch)]} real tokens"
     )
-    # For memory, freed blocks go straight back to the OS so the resident set tracks live tensors;
-    # timing runs in a separate process without that setting, which slows allocation.
-    memory_env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "t5.pth"
         torch.manual_seed(0)
         torch.save(UMT5Encoder(**build_config(args)).state_dict(), weights)
 
-        def run_worker(impl: str | None, input_: str, measure: str) -> dict:
-            cmd = [sys.executable, __file__, "--input", input_, "--measure", measure]
-            cmd += ["--impl", impl] if impl else []
-            cmd += ["--weights", str(weights)] + sys.argv[1:]
-            env = memory_env if measure == "memory" else os.environ
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if out.returncode:
-                sys.exit(f"{impl} worker failed:\n{out.stderr}")
-            return json.loads(out.stdout.strip().splitlines()[-1])
+        def worker_result(impl: str | None, input_: str, measure: str) -> dict:
+            args_ = ["--input", input_, "--measure", measure, *(["--impl", impl] if impl else [])]
+            return run_worker(__file__, [*args_, "--weights", str(weights), *sys.argv[1:]], measure == "memory")
 
         results = {}
         for input_ in ("captions", "full"):
             for impl in ("hf", "ours"):
-                results[impl, input_] = dict(run_worker(impl, input_, "memory"), times=[])
+                results[impl, input_] = dict(worker_result(impl, input_, "memory"), times=[])
             for _ in range(args.rounds):
-                for impl, times in run_worker(None, input_, "time")["times"].items():
+                for impl, times in worker_result(None, input_, "time")["times"].items():
                     results[impl, input_]["times"] += times
 
     print("\n| impl | input    | median s | min s  | peak MiB |")

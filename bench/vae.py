@@ -18,9 +18,7 @@ are included: the input sits in the base level, the output in the peak.
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,12 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def rss_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
+from bench.common import measure_peak, run_worker  # noqa: E402
 
 
 def build(args):
@@ -76,15 +69,7 @@ def worker(args) -> None:
             fn(make_input(args, 5))  # warm-up on a short clip: first and later chunks, same frame size
             sync()
             x = make_input(args, args.frames)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-            else:
-                Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set
-                base = rss_bytes("VmRSS")
-            out = fn(x)
-            sync()
-            peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else rss_bytes("VmHWM")) - base
+            peak, out = measure_peak(lambda: fn(x), device)
             print(json.dumps({"peak": peak, "out_bytes": out.numel() * out.element_size()}))
             return
         x = make_input(args, args.frames)
@@ -132,23 +117,19 @@ def main() -> None:
         f"({args.threads or torch.get_num_threads()} threads), median of {args.rounds}x{args.repeats} calls after "
         f"{args.warmup} warm-up"
     )
-    memory_env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
 
-    def run_worker(impl: str, op: str, measure: str, frames: int) -> dict:
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--impl", impl, "--op", op, "--measure", measure]
-        cmd += ["--frames", str(frames)]  # the last --frames wins
-        out = subprocess.run(cmd, env=memory_env if measure == "memory" else os.environ, capture_output=True, text=True)
-        if out.returncode:
-            sys.exit(f"{impl} {op} worker failed:\n{out.stderr}")
-        return json.loads(out.stdout.strip().splitlines()[-1])
+    def worker_result(impl: str, op: str, measure: str, frames: int) -> dict:
+        # The last --frames wins.
+        args_ = [*sys.argv[1:], "--impl", impl, "--op", op, "--measure", measure, "--frames", str(frames)]
+        return run_worker(__file__, args_, measure == "memory")
 
     results = {}
     for op in ("encode", "decode"):
         for impl in ("diffusers", "ours"):
-            results[op, impl] = dict(run_worker(impl, op, "memory", args.frames), times=[], cpu_times=[])
+            results[op, impl] = dict(worker_result(impl, op, "memory", args.frames), times=[], cpu_times=[])
         for round_ in range(args.rounds):  # alternate who goes first: drift hits both alike
             for impl in ("diffusers", "ours") if round_ % 2 == 0 else ("ours", "diffusers"):
-                timed = run_worker(impl, op, "time", args.frames)
+                timed = worker_result(impl, op, "time", args.frames)
                 results[op, impl]["times"] += timed["times"]
                 results[op, impl]["cpu_times"] += timed["cpu_times"]
 
@@ -176,7 +157,7 @@ def main() -> None:
         print(f"|--------|-----------|{'|'.join('-' * 8 for _ in memory_frames)}|")
         for op in ("encode", "decode"):
             for impl in scaling_impls:
-                peaks = [run_worker(impl, op, "memory", f)["peak"] / 2**20 for f in memory_frames]
+                peaks = [worker_result(impl, op, "memory", f)["peak"] / 2**20 for f in memory_frames]
                 print(f"| {op:<6} | {impl:<9} | " + " | ".join(f"{p:6.1f}" for p in peaks) + " |")
 
 

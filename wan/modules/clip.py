@@ -18,7 +18,6 @@ reference runs the whole tower in fp16 on GPU, with its LayerNorms in float32.
 Shapes: B batch, S = 1 + (image_size / patch_size)^2 tokens (257 for ViT-H/14 at 224 px), D width.
 """
 
-import json
 import re
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from wan.modules.attention import attention
 from wan.modules.model import WanLayerNorm
 from wan.modules.safetensors_io import read_header, read_tensor, resolve_weight_files
-from wan.modules.state_dict_io import assign_tensor, check_entries, load_pth, prepare_tensor
+from wan.modules.state_dict_io import assign_tensor, check_entries, load_pth, prepare_tensor, read_json_object
 
 # Normalisation of the open-clip (and OpenAI CLIP) image transforms.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -288,12 +287,7 @@ def read_hf_config(folder: Path) -> dict:
     path = folder / HF_CONFIG_NAME
     if not path.is_file():
         raise ValueError(f"{folder}: no {HF_CONFIG_NAME}; expected a Hugging Face CLIPVisionModel folder")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON: {err}") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+    cfg = read_json_object(path)
     if cfg.get("model_type") == "clip" or isinstance(cfg.get("vision_config"), dict):
         cfg = cfg.get("vision_config") or {}
     if cfg.get("model_type", "clip_vision_model") != "clip_vision_model":

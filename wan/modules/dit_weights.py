@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from wan.modules.safetensors_io import load_into_module, read_header, resolve_weight_files, save_sharded
+from wan.modules.state_dict_io import read_json_object
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CONFIG_NAME = "config.json"
@@ -151,12 +152,7 @@ def read_dit_folder(folder: str | Path) -> tuple[Path, dict, str]:
     path = folder / CONFIG_NAME
     if not path.is_file():
         raise ValueError(f"{folder}: no {CONFIG_NAME}; expected a Wan2.1 DiT folder (config.json + {WEIGHTS_NAME})")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON: {err}") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+    cfg = read_json_object(path)
     class_name = cfg.get("_class_name")
     if class_name == "WanTransformer3DModel" or (class_name is None and "num_attention_heads" in cfg):
         return folder, _diffusers_config_to_official(cfg, path), "diffusers"

@@ -4,6 +4,7 @@ A module may live on the meta device: tensors are assigned (parameters replaced)
 so a model built on meta is materialised by its own weights with one copy in memory.
 """
 
+import json
 import pickle
 import zipfile
 from collections.abc import Callable, Mapping
@@ -70,6 +71,17 @@ def prepare_tensor(tensor: torch.Tensor, dtype: torch.dtype | None, device: torc
     elif tensor.device.type == "cpu" and tensor.data_ptr() % 64:
         tensor = tensor.clone()
     return tensor.to(device)
+
+
+def read_json_object(path: Path) -> dict:
+    """A config.json as a dict; ValueError naming the file when it is not valid JSON or not an object."""
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON: {err}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return cfg
 
 
 def load_pth(path: str | Path) -> dict[str, torch.Tensor]:

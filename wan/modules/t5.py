@@ -16,7 +16,6 @@ bf16 rounding level only and needs no fp16 overflow clamp.
 Shapes: B batch, L tokens, D model width (dim), H heads, E head width (dim_attn / H).
 """
 
-import json
 import math
 import re
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from wan.modules.safetensors_io import load_into_module, read_header, resolve_weight_files
-from wan.modules.state_dict_io import load_pth, load_state_dict_into
+from wan.modules.state_dict_io import load_pth, load_state_dict_into, read_json_object
 
 OFFICIAL_WEIGHTS_NAME = "models_t5_umt5-xxl-enc-bf16.pth"
 HF_WEIGHTS_NAME = "model.safetensors"
@@ -385,10 +384,5 @@ def read_hf_folder(folder: Path) -> tuple[Path, dict]:
     path = folder / HF_CONFIG_NAME
     if not path.is_file():
         raise ValueError(f"{folder}: neither {OFFICIAL_WEIGHTS_NAME} nor an HF UMT5 folder ({HF_CONFIG_NAME})")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON: {err}") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+    cfg = read_json_object(path)
     return folder, hf_config_to_kwargs(cfg, path)

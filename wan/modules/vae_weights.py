@@ -8,14 +8,13 @@ diffusers: config.json (`_class_name` "AutoencoderKLWan") beside diffusion_pytor
 are mapped to the official ones by `diffusers_to_official_key`.
 """
 
-import json
 import re
 from pathlib import Path
 
 import torch
 
 from wan.modules.safetensors_io import load_into_module, resolve_weight_files
-from wan.modules.state_dict_io import load_pth, load_state_dict_into
+from wan.modules.state_dict_io import load_pth, load_state_dict_into, read_json_object
 
 OFFICIAL_NAME = "Wan2.1_VAE.pth"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -115,12 +114,7 @@ def read_vae_source(path: str | Path) -> tuple[str, Path, dict]:
             f"{path}: neither {OFFICIAL_NAME} nor a diffusers VAE folder ({CONFIG_NAME} + {WEIGHTS_NAME})"
             + (f"; .pth files present: {', '.join(found)} (pass the file itself)" if found else "")
         )
-    try:
-        cfg = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path}: not valid JSON: {err}") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{config_path}: expected a JSON object")
+    cfg = read_json_object(config_path)
     if cfg.get("_class_name", "AutoencoderKLWan") != "AutoencoderKLWan":
         raise ValueError(f"{config_path}: _class_name {cfg['_class_name']!r} is not AutoencoderKLWan")
     return "diffusers", path, _diffusers_config(cfg, config_path)
