@@ -1,0 +1,1 @@
+"""Training data: metadata files, video and image decoding, aspect-ratio buckets, samplers."""
