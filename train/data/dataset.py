@@ -1,0 +1,224 @@
+"""Samples as the sampler asks for them: one clip or image, decoded, resized to the step's bucket
+size and frame count, with its (possibly dropped) caption.
+
+Every random choice of a sample (start frame, caption dropout, the replacement of a bad file) comes
+from a generator seeded by (seed, epoch, step, sample index), so a resumed run draws exactly what an
+uninterrupted one would, whatever the number of DataLoader workers.
+
+Bad files never stop a batch: a sample that cannot give its frames (missing, corrupt, too short,
+too slow to decode) is replaced by another sample of the same bucket, up to `max_retries` times, and
+reported in the batch's `skipped` list so the training process can log each path once, count them
+and stop above a set fraction (`BadSampleTracker`). Workers are separate processes, so the report
+travels with the data.
+"""
+
+import contextlib
+import logging
+import random
+import signal
+import threading
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset
+
+from train.data.buckets import (
+    bucket_table,
+    frames_for_token_budget,
+    hw_adapt_range,
+    nearest_ratio,
+    random_frame_crop,
+    sample_hw_size,
+)
+from train.data.metadata import Sample
+from train.data.sampler import derive_seed
+from train.data.video import MediaError, decode_frames, load_image, resize_cover_crop, to_frame_tensor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SizeOptions:
+    """How each step's size and frame count are drawn (VideoX-Fun's names)."""
+
+    video_sample_size: int = 512
+    image_sample_size: int = 512
+    video_sample_n_frames: int = 49
+    random_hw_adapt: bool = False
+    training_with_video_token_length: bool = False
+    token_sample_size: int = 512
+    random_frame_crop: bool = False
+
+
+def bucket_keys(samples: list[Sample]) -> list[tuple[str, float]]:
+    """(kind, aspect ratio of the 512 table) per sample, from the metadata sizes alone: images and
+    videos keep separate buckets. Samples without width/height are refused, all listed."""
+    missing = [str(s.path) for s in samples if not s.width or not s.height]
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise ValueError(
+            f"{len(missing)} samples have no width/height in the metadata ({shown}); run "
+            "tools/prepare_metadata.py to add them, so that training never opens a file to bucket it"
+        )
+    return [(s.kind, nearest_ratio(s.height, s.width)) for s in samples]
+
+
+def make_choose(options: SizeOptions) -> Callable[[random.Random, Hashable], dict]:
+    """The sampler's per-step choice: {"size": S, "num_frames": F} for a bucket (kind, ratio)."""
+
+    def choose(rng: random.Random, key: Hashable) -> dict:
+        kind = key[0]
+        n_frames = options.video_sample_n_frames
+        if options.training_with_video_token_length:
+            size = sample_hw_size(rng, options.video_sample_size, options.image_sample_size, step=128)
+            n_frames = frames_for_token_budget(size, options.token_sample_size, n_frames)
+        elif options.random_hw_adapt:
+            size = sample_hw_size(rng, *hw_adapt_range(options.video_sample_size, options.image_sample_size))
+        else:
+            size = options.video_sample_size if kind == "video" else options.image_sample_size
+        if kind == "image":
+            return {"size": size, "num_frames": 1}
+        if options.random_frame_crop:
+            n_frames = random_frame_crop(n_frames, rng)
+        return {"size": size, "num_frames": n_frames}
+
+    return choose
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float, path: str):
+    """Raise MediaError when the body runs longer than `seconds` (a decoder stuck on a broken file).
+    Uses SIGALRM, so it applies in a process's main thread (a DataLoader worker's, or the main
+    process with num_workers=0) and is skipped elsewhere."""
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise MediaError(path, f"decoding took longer than {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+class VideoDataset(Dataset):
+    """Map-style dataset over (sample index, step extras) items from DistributedBucketBatchSampler.
+
+    Returns {"pixels": [3, F, H, W] float in [-1, 1], "text": str, "index": int, "skipped":
+    [(path, reason), ...]}; every item of one step has the same shape."""
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        *,
+        video_sample_stride: int = 1,
+        caption_dropout: float = 0.1,
+        seed: int = 0,
+        max_retries: int = 3,
+        decode_timeout: float = 60.0,
+    ):
+        if not 0.0 <= caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
+        if video_sample_stride < 1 or max_retries < 0:
+            raise ValueError(
+                f"video_sample_stride must be >= 1 and max_retries >= 0, got {video_sample_stride}, {max_retries}"
+            )
+        self.samples = samples
+        self.keys = bucket_keys(samples)
+        self.stride = video_sample_stride
+        self.caption_dropout = caption_dropout
+        self.seed = seed
+        self.max_retries = max_retries
+        self.decode_timeout = decode_timeout
+        self.members: dict[Hashable, list[int]] = {}
+        for index, key in enumerate(self.keys):
+            self.members.setdefault(key, []).append(index)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, item: tuple[int, dict]) -> dict:
+        index, extras = item
+        rng = random.Random(derive_seed(self.seed, extras["epoch"], extras["step"], index))
+        skipped = []
+        candidate = index
+        for _ in range(self.max_retries + 1):
+            sample = self.samples[candidate]
+            try:
+                with _time_limit(self.decode_timeout, str(sample.path)):
+                    pixels = self._load(sample, self.keys[candidate], extras, rng)
+            except MediaError as err:
+                skipped.append((err.path, err.reason))
+                candidate = rng.choice(self.members[self.keys[index]])
+                continue
+            text = "" if rng.random() < self.caption_dropout else sample.text
+            return {"pixels": pixels, "text": text, "index": candidate, "skipped": skipped}
+        reasons = "; ".join(f"{path}: {reason}" for path, reason in skipped)
+        raise RuntimeError(f"{self.max_retries + 1} samples in a row failed in bucket {self.keys[index]}: {reasons}")
+
+    def _load(self, sample: Sample, key: tuple[str, float], extras: dict, rng: random.Random) -> torch.Tensor:
+        height, width = bucket_table(extras["size"])[key[1]]
+        if sample.kind == "image":
+            frames = to_frame_tensor(load_image(sample.path))
+        else:
+            frames = to_frame_tensor(decode_frames(sample.path, self._frame_indices(sample, extras["num_frames"], rng)))
+        return resize_cover_crop(frames, height, width)
+
+    def _frame_indices(self, sample: Sample, num_frames: int, rng: random.Random) -> list[int]:
+        """num_frames frames, video_sample_stride apart where the clip is long enough, else closer
+        together: every clip of a step must give the same count."""
+        total = sample.num_frames
+        if not total:
+            raise MediaError(sample.path, "no frame count in the metadata (run tools/prepare_metadata.py)")
+        if total < num_frames:
+            raise MediaError(sample.path, f"has {total} frames, fewer than the {num_frames} this step needs")
+        stride = max(1, min(self.stride, (total - 1) // max(num_frames - 1, 1)))
+        start = rng.randint(0, total - ((num_frames - 1) * stride + 1))
+        return [start + i * stride for i in range(num_frames)]
+
+
+def collate(batch: list[dict]) -> dict:
+    """Stack one step's items: pixels [B, 3, F, H, W], texts, indices, and every skipped file."""
+    return {
+        "pixels": torch.stack([b["pixels"] for b in batch]),
+        "text": [b["text"] for b in batch],
+        "index": torch.tensor([b["index"] for b in batch]),
+        "skipped": [s for b in batch for s in b["skipped"]],
+    }
+
+
+class BadSampleTracker:
+    """Logs each bad file once, counts skips against samples served, and stops the run with a clear
+    error when the bad fraction passes `max_bad_fraction` (after `min_samples` so one early failure
+    does not end a run)."""
+
+    def __init__(self, max_bad_fraction: float = 0.05, min_samples: int = 100):
+        self.max_bad_fraction = max_bad_fraction
+        self.min_samples = min_samples
+        self.served = 0
+        self.skips = 0
+        self.bad: dict[str, str] = {}
+
+    def update(self, batch: dict) -> None:
+        self.served += len(batch["index"])
+        for path, reason in batch["skipped"]:
+            self.skips += 1
+            if path not in self.bad:
+                self.bad[path] = reason
+                log.warning("skipping %s: %s", path, reason)
+        attempts = self.served + self.skips
+        if attempts >= self.min_samples and self.skips / attempts > self.max_bad_fraction:
+            raise RuntimeError(
+                f"{self.skips} of {attempts} sample loads failed ({len(self.bad)} distinct files), more than "
+                f"max_bad_fraction={self.max_bad_fraction}; first ones: "
+                + "; ".join(f"{p}: {r}" for p, r in list(self.bad.items())[:5])
+            )
+
+    def summary(self) -> str:
+        return f"{self.served} samples served, {self.skips} skips over {len(self.bad)} bad files"
