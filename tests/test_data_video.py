@@ -293,3 +293,12 @@ def test_audio_only_file_has_no_video_stream(tmp_path):
             container.mux(packet)
     with pytest.raises(MediaError, match="no video stream"):
         decode_frames(path, [0])
+
+
+def test_uint8_resize_matches_the_float_path_within_one_level():
+    gen = torch.Generator().manual_seed(0)
+    frames = torch.randint(0, 256, (5, 90, 160, 3), generator=gen, dtype=torch.uint8).permute(0, 3, 1, 2)
+    fast = resize_cover_crop(frames, 64, 80, dtype=torch.uint8)  # channels-last view, as decoded frames are
+    exact = resize_cover_crop(frames, 64, 80)  # float [-1, 1]
+    assert fast.dtype == torch.uint8 and fast.shape == exact.shape == (3, 5, 64, 80)
+    assert ((fast.float() / 127.5 - 1) - exact).abs().max() <= 1.01 / 127.5

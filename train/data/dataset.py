@@ -6,7 +6,7 @@ from a generator seeded by (seed, epoch, step, sample index), so a resumed run d
 uninterrupted one would, whatever the number of DataLoader workers.
 
 Bad files never stop a batch: a sample that cannot give its frames (missing, corrupt, too short,
-too slow to decode) is replaced by another sample of the same bucket, up to `max_retries` times, and
+too slow to decode) is replaced by another sample of the same bucket (up to `max_retries` distinct ones), and
 reported in the batch's `skipped` list so the training process can log each path once, count them
 and stop above a set fraction (`BadSampleTracker`). Workers are separate processes, so the report
 travels with the data.
@@ -110,13 +110,16 @@ def _time_limit(seconds: float, path: str):
 class VideoDataset(Dataset):
     """Map-style dataset over (sample index, step extras) items from DistributedBucketBatchSampler.
 
-    Returns {"pixels": [3, F, H, W] float in [-1, 1], "text": str, "index": int, "skipped":
-    [(path, reason), ...]}; every item of one step has the same shape."""
+    Returns {"pixels": [3, F, H, W] uint8 (pixels_to_model maps a batch to [-1, 1] on the training
+    device), "text": str, "index": int, "skipped":
+    [(path, reason), ...]}; every item of one step has the same shape. `keys` overrides the buckets
+    (kind, ratio) derived from the metadata, e.g. one square bucket per kind for a fixed-size run."""
 
     def __init__(
         self,
         samples: list[Sample],
         *,
+        keys: list[Hashable] | None = None,
         video_sample_stride: int = 1,
         caption_dropout: float = 0.1,
         seed: int = 0,
@@ -130,7 +133,7 @@ class VideoDataset(Dataset):
                 f"video_sample_stride must be >= 1 and max_retries >= 0, got {video_sample_stride}, {max_retries}"
             )
         self.samples = samples
-        self.keys = bucket_keys(samples)
+        self.keys = bucket_keys(samples) if keys is None else keys
         self.stride = video_sample_stride
         self.caption_dropout = caption_dropout
         self.seed = seed
@@ -147,20 +150,21 @@ class VideoDataset(Dataset):
         index, extras = item
         rng = random.Random(derive_seed(self.seed, extras["epoch"], extras["step"], index))
         skipped = []
-        candidate = index
-        for _ in range(self.max_retries + 1):
+        # Replacements: distinct other members of the same bucket (same shape), in an order drawn
+        # from this item's generator, so workers or not, a resumed run replaces alike.
+        others = [m for m in self.members[self.keys[index]] if m != index]
+        for candidate in [index, *rng.sample(others, min(len(others), self.max_retries))]:
             sample = self.samples[candidate]
             try:
                 with _time_limit(self.decode_timeout, str(sample.path)):
                     pixels = self._load(sample, self.keys[candidate], extras, rng)
             except MediaError as err:
                 skipped.append((err.path, err.reason))
-                candidate = rng.choice(self.members[self.keys[index]])
                 continue
             text = "" if rng.random() < self.caption_dropout else sample.text
             return {"pixels": pixels, "text": text, "index": candidate, "skipped": skipped}
         reasons = "; ".join(f"{path}: {reason}" for path, reason in skipped)
-        raise RuntimeError(f"{self.max_retries + 1} samples in a row failed in bucket {self.keys[index]}: {reasons}")
+        raise RuntimeError(f"{len(skipped)} samples in a row failed in bucket {self.keys[index]}: {reasons}")
 
     def _load(self, sample: Sample, key: tuple[str, float], extras: dict, rng: random.Random) -> torch.Tensor:
         height, width = bucket_table(extras["size"])[key[1]]
@@ -168,7 +172,7 @@ class VideoDataset(Dataset):
             frames = to_frame_tensor(load_image(sample.path))
         else:
             frames = to_frame_tensor(decode_frames(sample.path, self._frame_indices(sample, extras["num_frames"], rng)))
-        return resize_cover_crop(frames, height, width)
+        return resize_cover_crop(frames, height, width, dtype=torch.uint8)
 
     def _frame_indices(self, sample: Sample, num_frames: int, rng: random.Random) -> list[int]:
         """num_frames frames, video_sample_stride apart where the clip is long enough, else closer
@@ -181,6 +185,12 @@ class VideoDataset(Dataset):
         stride = max(1, min(self.stride, (total - 1) // max(num_frames - 1, 1)))
         start = rng.randint(0, total - ((num_frames - 1) * stride + 1))
         return [start + i * stride for i in range(num_frames)]
+
+
+def pixels_to_model(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels 0..255 -> float [-1, 1], the VAE's input. Done after the batch reaches the
+    training process (and its device): a uint8 sample is 4x less to pass between processes."""
+    return pixels.float().div_(127.5).sub_(1.0)
 
 
 def collate(batch: list[dict]) -> dict:
@@ -203,22 +213,36 @@ class BadSampleTracker:
         self.min_samples = min_samples
         self.served = 0
         self.skips = 0
+        self.refused = 0
         self.bad: dict[str, str] = {}
+
+    def _note(self, path: str, reason: str) -> None:
+        if path not in self.bad:
+            self.bad[path] = reason
+            log.warning("skipping %s: %s", path, reason)
+
+    def record_refused(self, skipped: list[tuple[str, str]]) -> None:
+        """Samples left out before training (metadata that cannot be right, unreadable captions)."""
+        for path, reason in skipped:
+            self.refused += 1
+            self._note(path, reason)
 
     def update(self, batch: dict) -> None:
         self.served += len(batch["index"])
         for path, reason in batch["skipped"]:
             self.skips += 1
-            if path not in self.bad:
-                self.bad[path] = reason
-                log.warning("skipping %s: %s", path, reason)
-        attempts = self.served + self.skips
-        if attempts >= self.min_samples and self.skips / attempts > self.max_bad_fraction:
+            self._note(path, reason)
+        attempts = self.served + self.skips + self.refused
+        failed = self.skips + self.refused
+        if attempts >= self.min_samples and failed / attempts > self.max_bad_fraction:
             raise RuntimeError(
-                f"{self.skips} of {attempts} sample loads failed ({len(self.bad)} distinct files), more than "
+                f"{failed} of {attempts} sample loads failed ({len(self.bad)} distinct files), more than "
                 f"max_bad_fraction={self.max_bad_fraction}; first ones: "
                 + "; ".join(f"{p}: {r}" for p, r in list(self.bad.items())[:5])
             )
 
     def summary(self) -> str:
-        return f"{self.served} samples served, {self.skips} skips over {len(self.bad)} bad files"
+        return (
+            f"{self.served} samples served; {self.skips} failed loads and {self.refused} samples refused up front, "
+            f"{len(self.bad)} bad files in all"
+        )

@@ -191,25 +191,36 @@ def _read_csv(meta: Path, base: Path, problems: list[str]) -> list[Sample]:
     return [s for s in samples if s is not None]
 
 
-def _read_folder(root: Path) -> list[Sample]:
-    """Every media file under root (hidden files and folders skipped) with its same-name .txt caption."""
+def _read_folder(root: Path, skipped: list[tuple[str, str]] | None) -> list[Sample]:
+    """Every media file under root (hidden files and folders skipped) with its same-name .txt caption.
+    A caption that is not UTF-8 skips its sample (reported in `skipped`), not the whole folder."""
     samples = []
     for path in sorted(root.rglob("*")):
         relative = path.relative_to(root)
         if any(part.startswith(".") for part in relative.parts) or not is_media_file(path) or not path.is_file():
             continue
         caption = path.with_suffix(".txt")
-        text = caption.read_text(encoding="utf-8-sig").strip() if caption.is_file() else ""
+        try:
+            text = caption.read_text(encoding="utf-8-sig").strip() if caption.is_file() else ""
+        except UnicodeDecodeError as err:
+            if skipped is None:
+                raise ValueError(f"{caption}: caption is not UTF-8 ({err})") from None
+            skipped.append((str(path), f"caption {caption.name} is not UTF-8 ({err.reason} at byte {err.start})"))
+            continue
         samples.append(Sample(path.resolve(), text, kind_from_extension(path)))
     return samples
 
 
-def load_metadata(meta: str | Path | None, data_dir: str | Path | None = None) -> list[Sample]:
+def load_metadata(
+    meta: str | Path | None, data_dir: str | Path | None = None, skipped: list[tuple[str, str]] | None = None
+) -> list[Sample]:
     """The samples listed by `meta` (a .json, .jsonl or .csv file, or a folder of media + .txt captions;
     None reads data_dir as such a folder), in file order, duplicates kept.
 
     Relative file paths resolve against data_dir, or the metadata file's folder when data_dir is None.
-    Raises ValueError listing every malformed entry, and when nothing is listed.
+    Raises ValueError listing every malformed entry, and when nothing is listed. Per-sample problems
+    that do not make the file unreadable (a folder caption that is not UTF-8) append (path, reason)
+    to `skipped` when it is given, and raise when it is not.
     """
     if meta is None or str(meta) == "":
         if data_dir is None or str(data_dir) == "":
@@ -217,7 +228,7 @@ def load_metadata(meta: str | Path | None, data_dir: str | Path | None = None) -
         meta = data_dir
     meta = Path(os.path.expanduser(meta))
     if meta.is_dir():
-        samples = _read_folder(meta)
+        samples = _read_folder(meta, skipped)
         if not samples:
             raise ValueError(f"{meta}: no media files ({', '.join(VIDEO_EXTENSIONS + IMAGE_EXTENSIONS)}) found")
         return samples

@@ -1,0 +1,146 @@
+"""The data section of a run and the DataLoader it builds: metadata -> samples -> buckets ->
+DistributedBucketBatchSampler -> VideoDataset -> DataLoader (workers, pinned memory, prefetch).
+
+Field names are VideoX-Fun's, so a user's old flags carry over.
+"""
+
+import logging
+from dataclasses import dataclass, field
+
+from torch.utils.data import DataLoader
+
+from train.data.dataset import BadSampleTracker, SizeOptions, VideoDataset, bucket_keys, collate, make_choose
+from train.data.metadata import Sample, load_metadata
+from train.data.sampler import DistributedBucketBatchSampler
+
+log = logging.getLogger(__name__)
+
+# Sizes outside these bounds are metadata errors (or files no GPU can train on), not samples.
+MIN_SIDE, MAX_SIDE = 16, 16384
+MAX_FRAMES = 100_000
+
+
+@dataclass
+class DataConfig:
+    train_data_dir: str = ""
+    """Folder prefixed to every relative file_path; with no train_data_meta, a folder of media + .txt captions."""
+    train_data_meta: str = ""
+    """Metadata: .json (VideoX-Fun list), .jsonl or .csv with file_path, text, type, width, height (+ num_frames, fps)."""
+    video_sample_n_frames: int = 49
+    """Frames per video sample (4k+1; fewer when the token-length rule or random_frame_crop asks)."""
+    video_sample_stride: int = 1
+    """Source frames between sampled frames (closer together when a clip is too short for the stride)."""
+    video_sample_size: int = 512
+    """Training size of videos: the bucket table is scaled by size/512."""
+    image_sample_size: int = 512
+    """Training size of images; with random_hw_adapt or the token-length rule, the largest size drawn."""
+    token_sample_size: int = 512
+    """training_with_video_token_length: the budget is token_sample_size^2 x video_sample_n_frames."""
+    enable_bucket: bool = True
+    """Group samples by aspect ratio; off: every sample is centre-cropped to a square."""
+    random_hw_adapt: bool = False
+    """Draw each step's size from min(video_sample_size, 512) to image_sample_size (steps of 16)."""
+    training_with_video_token_length: bool = False
+    """Draw each step's size from video_sample_size to image_sample_size (steps of 128), frames from the budget."""
+    random_frame_crop: bool = False
+    """Sometimes train on a shorter 4k+1 frame count (the full count most often)."""
+    video_repeat: int = 1
+    """Times each video is listed per epoch (images once)."""
+    caption_dropout: float = 0.1
+    """Probability that a caption is replaced by "" (for classifier-free guidance)."""
+    dataloader_num_workers: int = 2
+    """DataLoader worker processes per rank (0: load in the training process)."""
+    prefetch_factor: int = 2
+    """Batches each worker prepares ahead."""
+    max_bad_fraction: float = 0.05
+    """Stop the run when more than this fraction of sample loads fail (after 100 loads)."""
+    max_retries: int = 3
+    """Replacement samples tried when a file fails, before the step fails."""
+    decode_timeout: float = 60.0
+    """Seconds one sample may take to decode before it counts as bad (0: no limit)."""
+    skipped: list = field(default_factory=list, repr=False)
+    """Filled by build_dataloader: (path, reason) of samples refused before training."""
+
+    def problems(self) -> list[str]:
+        """Every invalid value, for a config check before any work starts."""
+        out = []
+        for name in ("video_sample_n_frames", "video_sample_stride", "video_sample_size", "image_sample_size",
+                     "token_sample_size", "video_repeat", "prefetch_factor"):  # fmt: skip
+            if getattr(self, name) < 1:
+                out.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if (self.video_sample_n_frames - 1) % 4:
+            out.append(f"video_sample_n_frames must be 4k+1 (the VAE's frame count), got {self.video_sample_n_frames}")
+        for name in ("video_sample_size", "image_sample_size", "token_sample_size"):
+            if getattr(self, name) % 16:
+                out.append(f"{name} must be a multiple of 16, got {getattr(self, name)}")
+        if not 0 <= self.caption_dropout <= 1:
+            out.append(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        if not 0 <= self.max_bad_fraction <= 1:
+            out.append(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if self.dataloader_num_workers < 0 or self.max_retries < 0 or self.decode_timeout < 0:
+            out.append("dataloader_num_workers, max_retries and decode_timeout must be >= 0")
+        if self.random_hw_adapt and self.training_with_video_token_length:
+            out.append("random_hw_adapt and training_with_video_token_length both choose the size: pick one")
+        if not self.train_data_meta and not self.train_data_dir:
+            out.append("give train_data_meta or train_data_dir")
+        return out
+
+
+def plausible(sample: Sample) -> str | None:
+    """Why a sample's metadata cannot be right (a reason), or None."""
+    for name in ("width", "height"):
+        value = getattr(sample, name)
+        if value is not None and not MIN_SIDE <= value <= MAX_SIDE:
+            return f"{name} {value} is outside {MIN_SIDE}..{MAX_SIDE}"
+    if sample.num_frames is not None and sample.num_frames > MAX_FRAMES:
+        return f"num_frames {sample.num_frames} is more than {MAX_FRAMES}"
+    return None
+
+
+def build_dataloader(
+    config: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0, pin_memory: bool = False
+) -> tuple[DataLoader, DistributedBucketBatchSampler, BadSampleTracker]:
+    """The run's DataLoader, its sampler (set_epoch / state_dict for resume) and the tracker that
+    counts bad samples; samples refused up front (absurd sizes, unreadable captions) are already
+    counted in the tracker and listed in config.skipped."""
+    problems = config.problems()
+    if problems:
+        raise ValueError("invalid data config:\n  " + "\n  ".join(problems))
+    skipped: list[tuple[str, str]] = []
+    samples = load_metadata(config.train_data_meta or None, config.train_data_dir or None, skipped)
+    kept = []
+    for sample in samples:
+        reason = plausible(sample)
+        if reason:
+            skipped.append((str(sample.path), reason))
+        else:
+            kept.append(sample)
+    if not kept:
+        raise ValueError(f"no usable samples in {config.train_data_meta or config.train_data_dir}")
+    config.skipped = skipped
+
+    keys = bucket_keys(kept)
+    if not config.enable_bucket:
+        keys = [(kind, 1.0) for kind, _ in keys]  # one square bucket per kind: a centre crop
+    options = SizeOptions(
+        video_sample_size=config.video_sample_size, image_sample_size=config.image_sample_size,
+        video_sample_n_frames=config.video_sample_n_frames, random_hw_adapt=config.random_hw_adapt,
+        training_with_video_token_length=config.training_with_video_token_length,
+        token_sample_size=config.token_sample_size, random_frame_crop=config.random_frame_crop,
+    )  # fmt: skip
+    sampler = DistributedBucketBatchSampler(
+        keys, batch_size, rank=rank, world_size=world_size, seed=seed,
+        repeats=[config.video_repeat if s.kind == "video" else 1 for s in kept], choose=make_choose(options),
+    )  # fmt: skip
+    dataset = VideoDataset(
+        kept, keys=keys, video_sample_stride=config.video_sample_stride, caption_dropout=config.caption_dropout,
+        seed=seed, max_retries=config.max_retries, decode_timeout=config.decode_timeout,
+    )  # fmt: skip
+    workers = config.dataloader_num_workers
+    loader = DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers, pin_memory=pin_memory,
+        prefetch_factor=config.prefetch_factor if workers else None, persistent_workers=workers > 0,
+    )  # fmt: skip
+    tracker = BadSampleTracker(max_bad_fraction=config.max_bad_fraction)
+    tracker.record_refused(skipped)
+    return loader, sampler, tracker
