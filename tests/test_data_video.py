@@ -302,3 +302,16 @@ def test_uint8_resize_matches_the_float_path_within_one_level():
     exact = resize_cover_crop(frames, 64, 80)  # float [-1, 1]
     assert fast.dtype == torch.uint8 and fast.shape == exact.shape == (3, 5, 64, 80)
     assert ((fast.float() / 127.5 - 1) - exact).abs().max() <= 1.01 / 127.5
+
+
+def test_decode_with_cover_scales_and_crops_while_decoding(tmp_path, clip):
+    from train.data.synthetic import read_index, write_index_video
+
+    path = write_index_video(tmp_path / "codes.mp4", 24, 192, 108)  # 16:9
+    covered = decode_frames(path, [3, 10, 17], cover=(48, 80))  # shrink, crop a little of the height
+    assert covered.shape == (3, 48, 80, 3) and covered.dtype == np.uint8
+    assert [read_index(f) for f in covered] == [3, 10, 17]
+    # A flat clip: the same levels as decoding full size, then resize_cover_crop.
+    full = resize_cover_crop(to_frame_tensor(decode_frames(clip, [5, 6])), 32, 40, dtype=torch.uint8)
+    fast = torch.from_numpy(decode_frames(clip, [5, 6], cover=(32, 40))).permute(3, 0, 1, 2)
+    assert fast.shape == full.shape and (fast.float() - full.float()).abs().mean() < 2

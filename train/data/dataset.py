@@ -21,7 +21,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from train.data.buckets import (
     bucket_table,
@@ -110,8 +110,8 @@ def _time_limit(seconds: float, path: str):
 class VideoDataset(Dataset):
     """Map-style dataset over (sample index, step extras) items from DistributedBucketBatchSampler.
 
-    Returns {"pixels": [3, F, H, W] uint8 (pixels_to_model maps a batch to [-1, 1] on the training
-    device), "text": str, "index": int, "skipped":
+    Returns {"pixels": [F, H, W, 3] uint8 as decoded (pixels_to_model turns a batch into the VAE's
+    [B, 3, F, H, W] in [-1, 1] on the training device), "text": str, "index": int, "skipped":
     [(path, reason), ...]}; every item of one step has the same shape. `keys` overrides the buckets
     (kind, ratio) derived from the metadata, e.g. one square bucket per kind for a fixed-size run."""
 
@@ -169,10 +169,10 @@ class VideoDataset(Dataset):
     def _load(self, sample: Sample, key: tuple[str, float], extras: dict, rng: random.Random) -> torch.Tensor:
         height, width = bucket_table(extras["size"])[key[1]]
         if sample.kind == "image":
-            frames = to_frame_tensor(load_image(sample.path))
-        else:
-            frames = to_frame_tensor(decode_frames(sample.path, self._frame_indices(sample, extras["num_frames"], rng)))
-        return resize_cover_crop(frames, height, width, dtype=torch.uint8)
+            image = resize_cover_crop(to_frame_tensor(load_image(sample.path)), height, width, dtype=torch.uint8)
+            return image.permute(1, 2, 3, 0).contiguous()  # [1, H, W, 3]
+        indices = self._frame_indices(sample, extras["num_frames"], rng)
+        return torch.from_numpy(decode_frames(sample.path, indices, cover=(height, width)))  # scaled while decoding
 
     def _frame_indices(self, sample: Sample, num_frames: int, rng: random.Random) -> list[int]:
         """num_frames frames, video_sample_stride apart where the clip is long enough, else closer
@@ -188,15 +188,17 @@ class VideoDataset(Dataset):
 
 
 def pixels_to_model(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels 0..255 -> float [-1, 1], the VAE's input. Done after the batch reaches the
-    training process (and its device): a uint8 sample is 4x less to pass between processes."""
-    return pixels.float().div_(127.5).sub_(1.0)
+    """A batch of uint8 frames [B, F, H, W, 3] -> the VAE's input [B, 3, F, H, W] float in [-1, 1].
+    Done once the batch is on the training device: uint8 frames in decode layout are 4x less to pass
+    between processes than floats, and need no reordering copy in the worker."""
+    return pixels.permute(0, 4, 1, 2, 3).float().div_(127.5).sub_(1.0)
 
 
 def collate(batch: list[dict]) -> dict:
-    """Stack one step's items: pixels [B, 3, F, H, W], texts, indices, and every skipped file."""
+    """Stack one step's items: pixels [B, F, H, W, 3] uint8, texts, indices, and every skipped file."""
     return {
-        "pixels": torch.stack([b["pixels"] for b in batch]),
+        # default_collate stacks straight into shared memory inside a worker: no extra copy to send.
+        "pixels": default_collate([b["pixels"] for b in batch]),
         "text": [b["text"] for b in batch],
         "index": torch.tensor([b["index"] for b in batch]),
         "skipped": [s for b in batch for s in b["skipped"]],

@@ -51,8 +51,19 @@ def _video_stream(container: av.container.InputContainer, path: str | Path) -> a
     return container.streams.video[0]
 
 
-def _rgb(frame: av.VideoFrame) -> np.ndarray:
-    return frame.to_ndarray(format="rgb24")
+def _rgb(frame: av.VideoFrame, cover: tuple[int, int] | None = None) -> np.ndarray:
+    """The frame as [H, W, 3] uint8 RGB; with cover=(h, w), scaled by FFmpeg's swscale to cover h x w
+    (keeping its aspect; area averaging when shrinking, so antialiased) and centre-cropped to it.
+    Scaling inside the YUV -> RGB conversion that decoding pays for anyway costs next to nothing,
+    where resizing full-size RGB frames afterwards costs more than decoding them."""
+    if cover is None:
+        return frame.to_ndarray(format="rgb24")
+    h, w = cover
+    scale = max(h / frame.height, w / frame.width)
+    sh, sw = max(h, round(frame.height * scale)), max(w, round(frame.width * scale))
+    rgb = frame.to_ndarray(width=sw, height=sh, format="rgb24", interpolation="AREA" if scale < 1 else "BICUBIC")
+    top, left = (sh - h) // 2, (sw - w) // 2
+    return rgb[top : top + h, left : left + w]
 
 
 def _decode_span(
@@ -61,6 +72,7 @@ def _decode_span(
     wanted: list[int],
     path: str | Path,
     seek_pts: int | None,
+    cover: tuple[int, int] | None = None,
 ) -> dict[int, np.ndarray] | None:
     """Frames for the sorted, distinct indices `wanted`, decoding from seek_pts (None: from the start).
 
@@ -99,7 +111,7 @@ def _decode_span(
             if held is not None:
                 held_rgb = None  # every wanted index before this frame's shows the held frame
                 while pending < len(wanted) and wanted[pending] < index:
-                    held_rgb = _rgb(held) if held_rgb is None else held_rgb
+                    held_rgb = _rgb(held, cover) if held_rgb is None else held_rgb
                     out[wanted[pending]] = held_rgb
                     pending += 1
                 if pending == len(wanted):
@@ -126,7 +138,7 @@ def _decode_span(
         last += 1
     held_rgb = None
     while pending < len(wanted) and wanted[pending] <= last:
-        held_rgb = _rgb(held) if held_rgb is None else held_rgb
+        held_rgb = _rgb(held, cover) if held_rgb is None else held_rgb
         out[wanted[pending]] = held_rgb
         pending += 1
     if pending < len(wanted):
@@ -138,7 +150,7 @@ def _decode_span(
     return out
 
 
-def decode_frames(path: str | Path, indices: list[int]) -> np.ndarray:
+def decode_frames(path: str | Path, indices: list[int], cover: tuple[int, int] | None = None) -> np.ndarray:
     """Frames `indices` of the first video stream of `path`, as [T, H, W, 3] uint8 RGB, in the order asked.
 
     Indices may repeat and come in any order. Seeks to the key frame at or before the first wanted
@@ -149,6 +161,9 @@ def decode_frames(path: str | Path, indices: list[int]) -> np.ndarray:
 
     Index i is the frame shown at time i / average_rate: the i-th frame at constant frame rate; at
     variable frame rate, frames spaced evenly in time (see _decode_span), so strides keep their speed.
+
+    cover=(h, w): each frame comes back already scaled to cover h x w and centre-cropped to it
+    ([T, h, w, 3]), scaled by FFmpeg during the RGB conversion (see _rgb).
     """
     indices = [int(i) for i in indices]
     if not indices:
@@ -166,17 +181,17 @@ def decode_frames(path: str | Path, indices: list[int]) -> np.ndarray:
             seek_pts = (stream.start_time or 0) + int((wanted[0] - 0.5) / rate / stream.time_base)
         frames = None
         if seek_pts is None:
-            frames = _decode_span(container, stream, wanted, path, None)
+            frames = _decode_span(container, stream, wanted, path, None, cover)
         else:
             try:
-                frames = _decode_span(container, stream, wanted, path, seek_pts)
+                frames = _decode_span(container, stream, wanted, path, seek_pts, cover)
             except av.FFmpegError:
                 frames = None  # a failed seek: decoding from the start may still work
         if frames is None:
             container.close()
             container = _open(path)
             stream = _video_stream(container, path)
-            frames = _decode_span(container, stream, wanted, path, None)
+            frames = _decode_span(container, stream, wanted, path, None, cover)
     finally:
         container.close()
     return np.stack([frames[i] for i in indices])
