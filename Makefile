@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint bench-dit bench-t5 bench-vae clean
+.PHONY: install test test-fast lint bench-dit bench-t5 bench-vae bench-data clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -40,6 +40,9 @@ bench-t5: $(STAMP)
 
 bench-vae: $(STAMP)
 	$(PY) bench/vae.py
+
+bench-data: $(STAMP)
+	$(PY) bench/data.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
