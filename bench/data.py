@@ -65,6 +65,19 @@ def floor_seconds(samples: list[Sample], num_frames: int, count: int) -> float:
     return statistics.median(times)
 
 
+def dataset_seconds(samples: list[Sample], size: int, num_frames: int, count: int) -> float:
+    """Seconds per sample of the dataset itself (decode, scale, crop) in this process: the pipeline
+    without the DataLoader's process boundary."""
+    dataset = VideoDataset(samples, caption_dropout=0.0)
+    times = []
+    for step in range(count):
+        extras = {"epoch": 0, "step": step, "size": size, "num_frames": num_frames}
+        t0 = time.perf_counter()
+        dataset[(step % len(samples), extras)]
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def loader(samples: list[Sample], size: int, num_frames: int, workers: int, epoch: int = 0) -> DataLoader:
     options = SizeOptions(video_sample_size=size, image_sample_size=size, video_sample_n_frames=num_frames)
     sampler = DistributedBucketBatchSampler(bucket_keys(samples), batch_size=1, seed=0, choose=make_choose(options))
@@ -108,6 +121,9 @@ def main() -> None:
         )
         floor = floor_seconds(samples, args.frames, args.samples)
         rows = [("PyAV decode floor (1 process)", 1, floor, None)]
+        rows.append(
+            ("dataset item, same process", 1, dataset_seconds(samples, args.size, args.frames, args.samples), None)
+        )
         for workers in (1, 2):
             per_sample, shape = pipeline_seconds(samples, args.size, args.frames, workers, args.samples)
             rows.append((f"DataLoader, {workers} worker(s)", workers, per_sample, shape))

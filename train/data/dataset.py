@@ -14,6 +14,7 @@ travels with the data.
 
 import contextlib
 import logging
+import math
 import random
 import signal
 import threading
@@ -21,7 +22,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from train.data.buckets import (
     bucket_table,
@@ -172,7 +173,9 @@ class VideoDataset(Dataset):
             image = resize_cover_crop(to_frame_tensor(load_image(sample.path)), height, width, dtype=torch.uint8)
             return image.permute(1, 2, 3, 0).contiguous()  # [1, H, W, 3]
         indices = self._frame_indices(sample, extras["num_frames"], rng)
-        return torch.from_numpy(decode_frames(sample.path, indices, cover=(height, width)))  # scaled while decoding
+        pixels = _empty_for_transfer((len(indices), height, width, 3))
+        decode_frames(sample.path, indices, cover=(height, width), out=pixels.numpy())  # scaled while decoding
+        return pixels
 
     def _frame_indices(self, sample: Sample, num_frames: int, rng: random.Random) -> list[int]:
         """num_frames frames, video_sample_stride apart where the clip is long enough, else closer
@@ -187,6 +190,15 @@ class VideoDataset(Dataset):
         return [start + i * stride for i in range(num_frames)]
 
 
+def _empty_for_transfer(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised uint8 tensor; inside a DataLoader worker, in shared memory, so a sample
+    decoded into it reaches the training process without a copy."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape))  # as default_collate allocates
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+
+
 def pixels_to_model(pixels: torch.Tensor) -> torch.Tensor:
     """A batch of uint8 frames [B, F, H, W, 3] -> the VAE's input [B, 3, F, H, W] float in [-1, 1].
     Done once the batch is on the training device: uint8 frames in decode layout are 4x less to pass
@@ -196,9 +208,11 @@ def pixels_to_model(pixels: torch.Tensor) -> torch.Tensor:
 
 def collate(batch: list[dict]) -> dict:
     """Stack one step's items: pixels [B, F, H, W, 3] uint8, texts, indices, and every skipped file."""
+    # One sample: already in shared memory, sent as it is. Several: default_collate stacks them
+    # straight into shared memory inside a worker.
+    pixels = batch[0]["pixels"].unsqueeze(0) if len(batch) == 1 else default_collate([b["pixels"] for b in batch])
     return {
-        # default_collate stacks straight into shared memory inside a worker: no extra copy to send.
-        "pixels": default_collate([b["pixels"] for b in batch]),
+        "pixels": pixels,
         "text": [b["text"] for b in batch],
         "index": torch.tensor([b["index"] for b in batch]),
         "skipped": [s for b in batch for s in b["skipped"]],

@@ -150,7 +150,9 @@ def _decode_span(
     return out
 
 
-def decode_frames(path: str | Path, indices: list[int], cover: tuple[int, int] | None = None) -> np.ndarray:
+def decode_frames(
+    path: str | Path, indices: list[int], cover: tuple[int, int] | None = None, out: np.ndarray | None = None
+) -> np.ndarray:
     """Frames `indices` of the first video stream of `path`, as [T, H, W, 3] uint8 RGB, in the order asked.
 
     Indices may repeat and come in any order. Seeks to the key frame at or before the first wanted
@@ -163,7 +165,8 @@ def decode_frames(path: str | Path, indices: list[int], cover: tuple[int, int] |
     variable frame rate, frames spaced evenly in time (see _decode_span), so strides keep their speed.
 
     cover=(h, w): each frame comes back already scaled to cover h x w and centre-cropped to it
-    ([T, h, w, 3]), scaled by FFmpeg during the RGB conversion (see _rgb).
+    ([T, h, w, 3]), scaled by FFmpeg during the RGB conversion (see _rgb). out: an array of that
+    shape to fill (e.g. shared memory a DataLoader worker sends without copying), returned.
     """
     indices = [int(i) for i in indices]
     if not indices:
@@ -194,7 +197,13 @@ def decode_frames(path: str | Path, indices: list[int], cover: tuple[int, int] |
             frames = _decode_span(container, stream, wanted, path, None, cover)
     finally:
         container.close()
-    return np.stack([frames[i] for i in indices])
+    if out is None:
+        return np.stack([frames[i] for i in indices])
+    if out.shape[0] != len(indices):
+        raise ValueError(f"out holds {out.shape[0]} frames, {len(indices)} were asked for")
+    for k, i in enumerate(indices):
+        out[k] = frames[i]
+    return out
 
 
 def load_image(path: str | Path) -> np.ndarray:
