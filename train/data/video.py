@@ -54,14 +54,18 @@ def _video_stream(container: av.container.InputContainer, path: str | Path) -> a
 def _rgb(frame: av.VideoFrame, cover: tuple[int, int] | None = None) -> np.ndarray:
     """The frame as [H, W, 3] uint8 RGB; with cover=(h, w), scaled by FFmpeg's swscale to cover h x w
     (keeping its aspect; area averaging when shrinking, so antialiased) and centre-cropped to it.
-    Scaling inside the YUV -> RGB conversion that decoding pays for anyway costs next to nothing,
-    where resizing full-size RGB frames afterwards costs more than decoding them."""
+
+    The scaling runs on the decoded YUV planes (half the bytes of RGB), then the small frame takes
+    swscale's unscaled YUV -> RGB path: measured on 720p -> 480p, 3x cheaper than scaling inside the
+    RGB conversion and far cheaper than resizing full-size RGB frames in torch afterwards."""
     if cover is None:
         return frame.to_ndarray(format="rgb24")
     h, w = cover
     scale = max(h / frame.height, w / frame.width)
     sh, sw = max(h, round(frame.height * scale)), max(w, round(frame.width * scale))
-    rgb = frame.to_ndarray(width=sw, height=sh, format="rgb24", interpolation="AREA" if scale < 1 else "BICUBIC")
+    sh, sw = sh + sh % 2, sw + sw % 2  # even sizes for 4:2:0 chroma
+    small = frame.reformat(width=sw, height=sh, interpolation="AREA" if scale < 1 else "BICUBIC")
+    rgb = small.to_ndarray(format="rgb24")
     top, left = (sh - h) // 2, (sw - w) // 2
     return rgb[top : top + h, left : left + w]
 
