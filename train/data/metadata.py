@@ -68,21 +68,25 @@ def _empty(value: object) -> bool:
     return value is None or (isinstance(value, str) and value.strip() == "")
 
 
+def _number(value: object) -> float | None:
+    """A JSON number or a CSV string ("512", "512.0") as a finite float; None when it is not one."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = (
+            float(value.strip()) if isinstance(value, str) else float(value) if isinstance(value, int | float) else None
+        )
+    except ValueError:
+        return None
+    return number if number is not None and math.isfinite(number) else None
+
+
 def _positive_int(value: object, problems: list[str], where: str, name: str) -> int | None:
     """An integer >= 1 from a JSON number or a CSV string ("512", "512.0"); None when not given."""
     if _empty(value):
         return None
-    number: float | None = None
-    if isinstance(value, bool):
-        number = None
-    elif isinstance(value, int | float):
-        number = float(value)
-    elif isinstance(value, str):
-        try:
-            number = float(value.strip())
-        except ValueError:
-            number = None
-    if number is None or not math.isfinite(number) or number != int(number) or number < 1:
+    number = _number(value)
+    if number is None or number != int(number) or number < 1:
         problems.append(f"{where}: field {name!r} must be a positive whole number, got {value!r}")
         return None
     return int(number)
@@ -91,15 +95,8 @@ def _positive_int(value: object, problems: list[str], where: str, name: str) -> 
 def _positive_float(value: object, problems: list[str], where: str, name: str) -> float | None:
     if _empty(value):
         return None
-    number: float | None = None
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        number = float(value)
-    elif isinstance(value, str):
-        try:
-            number = float(value.strip())
-        except ValueError:
-            number = None
-    if number is None or not math.isfinite(number) or number <= 0:
+    number = _number(value)
+    if number is None or number <= 0:
         problems.append(f"{where}: field {name!r} must be a positive number, got {value!r}")
         return None
     return number
