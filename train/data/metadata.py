@@ -70,15 +70,16 @@ def _empty(value: object) -> bool:
 
 def _number(value: object) -> float | None:
     """A JSON number or a CSV string ("512", "512.0") as a finite float; None when it is not one."""
-    if isinstance(value, bool):
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            return None
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+    else:
         return None
-    try:
-        number = (
-            float(value.strip()) if isinstance(value, str) else float(value) if isinstance(value, int | float) else None
-        )
-    except ValueError:
-        return None
-    return number if number is not None and math.isfinite(number) else None
+    return number if math.isfinite(number) else None
 
 
 def _positive_int(value: object, problems: list[str], where: str, name: str) -> int | None:
