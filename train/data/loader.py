@@ -5,7 +5,7 @@ Field names are VideoX-Fun's, so a user's old flags carry over.
 """
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch.utils.data import DataLoader
 
@@ -58,8 +58,6 @@ class DataConfig:
     """Replacement samples tried when a file fails, before the step fails."""
     decode_timeout: float = 60.0
     """Seconds one sample may take to decode before it counts as bad (0: no limit)."""
-    skipped: list = field(default_factory=list, repr=False)
-    """Filled by build_dataloader: (path, reason) of samples refused before training."""
 
     def problems(self) -> list[str]:
         """Every invalid value, for a config check before any work starts."""
@@ -102,7 +100,7 @@ def build_dataloader(
 ) -> tuple[DataLoader, DistributedBucketBatchSampler, BadSampleTracker]:
     """The run's DataLoader, its sampler (set_epoch / state_dict for resume) and the tracker that
     counts bad samples; samples refused up front (absurd sizes, unreadable captions) are already
-    counted in the tracker and listed in config.skipped."""
+    counted and listed in the tracker (`refused`, `bad`)."""
     problems = config.problems()
     if problems:
         raise ValueError("invalid data config:\n  " + "\n  ".join(problems))
@@ -117,7 +115,6 @@ def build_dataloader(
             kept.append(sample)
     if not kept:
         raise ValueError(f"no usable samples in {config.train_data_meta or config.train_data_dir}")
-    config.skipped = skipped
 
     keys = bucket_keys(kept)
     if not config.enable_bucket:
