@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from wan.modules.attention import attention
 from wan.modules.model import WanLayerNorm
+from wan.modules.precision import autocast_for_weights
 from wan.modules.safetensors_io import read_header, read_tensor, resolve_weight_files
 from wan.modules.state_dict_io import assign_tensor, check_entries, load_pth, prepare_tensor, read_json_object
 
@@ -170,12 +171,8 @@ class CLIPVision(nn.Module):
                 f"CLIPVision expects preprocessed images [B, 3, {self.image_size}, {self.image_size}], "
                 f"got {list(images.shape)} (use encode_image for [-1, 1] images of any size)"
             )
-        device_type = images.device.type
-        param_dtype = self.patch_embedding.weight.dtype
-        if param_dtype != torch.float32 and not torch.is_autocast_enabled(device_type):
-            with torch.autocast(device_type, dtype=param_dtype):
-                return self._forward(images)
-        return self._forward(images)
+        with autocast_for_weights(images.device.type, self.patch_embedding.weight.dtype):
+            return self._forward(images)
 
     def _forward(self, images: torch.Tensor) -> torch.Tensor:
         b = images.shape[0]

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from wan.modules import dit_weights
 from wan.modules.attention import attention
+from wan.modules.precision import autocast_for_weights
 
 ROPE_MAX_POSITIONS = 1024  # positions per axis in the reference RoPE tables
 CLIP_DIM = 1280  # width of the I2V image features (open-clip ViT-H/14)
@@ -356,13 +357,8 @@ class WanModel(nn.Module):
         """x [B, in_dim - C_y, F, H, W] latents, t [B] timesteps in [0, 1000), context
         [B, L <= text_len, text_dim], clip_fea [B, 257, image_dim=1280] and y [B, C_y, F, H, W] for i2v.
         Returns the velocity prediction [B, out_dim, F, H, W] in float32."""
-        device_type = x.device.type
-        param_dtype = self.patch_embedding.weight.dtype
-        if param_dtype != torch.float32 and not torch.is_autocast_enabled(device_type):
-            # bf16 weights (FSDP2 / DeepSpeed mixed precision): the reference policy is autocast.
-            with torch.autocast(device_type, dtype=param_dtype):
-                return self._forward(x, t, context, clip_fea, y)
-        return self._forward(x, t, context, clip_fea, y)
+        with autocast_for_weights(x.device.type, self.patch_embedding.weight.dtype):
+            return self._forward(x, t, context, clip_fea, y)
 
     def _forward(self, x, t, context, clip_fea, y):
         if self.model_type == "i2v" and (clip_fea is None or y is None):

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from wan.modules.precision import autocast_for_weights
 from wan.modules.safetensors_io import load_into_module, read_header, resolve_weight_files
 from wan.modules.state_dict_io import load_pth, load_state_dict_into, read_json_object
 
@@ -213,13 +214,9 @@ class UMT5Encoder(nn.Module):
         vocab = self.token_embedding.num_embeddings
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
             raise ValueError(f"token ids must lie in [0, {vocab}), got [{int(ids.min())}, {int(ids.max())}]")
-        device_type = ids.device.type
-        param_dtype = self.token_embedding.weight.dtype
-        if param_dtype != torch.float32 and not torch.is_autocast_enabled(device_type):
-            # bf16 weights: matmuls in bf16 as the reference runs them (it casts the whole encoder).
-            with torch.autocast(device_type, dtype=param_dtype):
-                return self._forward(ids, mask)
-        return self._forward(ids, mask)
+        # bf16 weights: matmuls in bf16 as the reference runs them (it casts the whole encoder).
+        with autocast_for_weights(ids.device.type, self.token_embedding.weight.dtype):
+            return self._forward(ids, mask)
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         b, length = ids.shape
