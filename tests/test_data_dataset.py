@@ -2,6 +2,8 @@
 rules put them (read back from clips whose frames encode their own index), bad files skipped,
 reported and counted, the same batches with or without workers."""
 
+import gc
+import os
 import random
 import time
 from pathlib import Path
@@ -24,6 +26,7 @@ from train.data.dataset import (
 from train.data.metadata import Sample
 from train.data.sampler import DistributedBucketBatchSampler
 from train.data.synthetic import read_index, write_image, write_index_video
+from train.data.transfer import TransferPool
 from train.data.video import MediaError
 
 
@@ -115,3 +118,50 @@ def test_decode_time_limit():
     with pytest.raises(MediaError, match="longer than 0.2 s"), _time_limit(0.2, "slow.mp4"):
         time.sleep(5)
     assert time.monotonic() - start < 2
+
+
+def pooled_loader(samples, slots, epoch=2):
+    keys = bucket_keys(samples)
+    options = SizeOptions(video_sample_size=64, image_sample_size=64, video_sample_n_frames=9)
+    sampler = DistributedBucketBatchSampler(
+        keys * 4, batch_size=2, seed=3, remainder="drop", choose=make_choose(options)
+    )  # every sample 4 times: enough batches to cycle the slots
+    sampler.set_epoch(epoch)
+    pool = TransferPool(num_workers=1, slots_per_worker=slots)
+    dataset = VideoDataset(samples * 4, video_sample_stride=2, caption_dropout=0.0, seed=3, transfer=pool)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=1, collate_fn=collate), pool
+
+
+def shm_inode(pixels: torch.Tensor) -> int:
+    """Which shared-memory file a received batch lives in."""
+    fd, _ = pixels.untyped_storage()._share_fd_cpu_()
+    return os.fstat(fd).st_ino
+
+
+def test_pooled_buffers_are_reused_once_the_loop_drops_them(samples):
+    squares = [s for s in samples if s.kind == "video" and s.width == s.height]  # one batch size throughout
+    expected = list(loader(squares * 4, num_workers=0, epoch=2))  # the same sampler order, plain memory
+    dl, pool = pooled_loader(squares, slots=3)
+    inodes = set()
+    for step, batch in enumerate(dl):
+        assert torch.equal(batch["pixels"], expected[step]["pixels"]), step
+        assert batch["index"].tolist() == expected[step]["index"].tolist()
+        inodes.add(shm_inode(batch["pixels"]))
+        del batch  # the last view: the slot goes back to the worker
+    assert step + 1 == len(expected) >= 8
+    assert len(inodes) <= 3  # reused, not one fresh buffer per batch
+    gc.collect()
+    assert pool.busy.sum() == 0
+
+
+def test_pooled_buffers_held_by_the_loop_are_never_overwritten(samples):
+    expected = list(loader(samples * 4, num_workers=0, epoch=2))
+    dl, pool = pooled_loader(samples, slots=2)
+    held = list(dl)  # every batch kept: the worker must fall back to fresh memory, not reuse
+    assert len(held) == len(expected)
+    for got, want in zip(held, expected, strict=True):
+        assert torch.equal(got["pixels"], want["pixels"])
+    assert len({shm_inode(b["pixels"]) for b in held}) == len(held)
+    del held, got
+    gc.collect()
+    assert pool.busy.sum() == 0

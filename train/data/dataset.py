@@ -22,7 +22,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import Dataset, default_collate, get_worker_info
+from torch.utils.data import Dataset, get_worker_info
 
 from train.data.buckets import (
     bucket_table,
@@ -34,6 +34,7 @@ from train.data.buckets import (
 )
 from train.data.metadata import Sample
 from train.data.sampler import derive_seed
+from train.data.transfer import TransferPool
 from train.data.video import MediaError, decode_frames, load_image, resize_cover_crop, to_frame_tensor
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,8 @@ class VideoDataset(Dataset):
     Returns {"pixels": [F, H, W, 3] uint8 as decoded (pixels_to_model turns a batch into the VAE's
     [B, 3, F, H, W] in [-1, 1] on the training device), "text": str, "index": int, "skipped":
     [(path, reason), ...]}; every item of one step has the same shape. `keys` overrides the buckets
-    (kind, ratio) derived from the metadata, e.g. one square bucket per kind for a fixed-size run."""
+    (kind, ratio) derived from the metadata, e.g. one square bucket per kind for a fixed-size run;
+    `transfer` gives DataLoader workers reusable shared buffers for their batches."""
 
     def __init__(
         self,
@@ -126,6 +128,7 @@ class VideoDataset(Dataset):
         seed: int = 0,
         max_retries: int = 3,
         decode_timeout: float = 60.0,
+        transfer: TransferPool | None = None,
     ):
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
@@ -140,6 +143,7 @@ class VideoDataset(Dataset):
         self.seed = seed
         self.max_retries = max_retries
         self.decode_timeout = decode_timeout
+        self.transfer = transfer
         self.members: dict[Hashable, list[int]] = {}
         for index, key in enumerate(self.keys):
             self.members.setdefault(key, []).append(index)
@@ -147,7 +151,38 @@ class VideoDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _shape(self, index: int, extras: dict) -> tuple[int, int, int, int]:
+        """[F, H, W, 3] of the step's items in this sample's bucket (replacements share the bucket)."""
+        kind, ratio = self.keys[index]
+        height, width = bucket_table(extras["size"])[ratio]
+        return (1 if kind == "image" else extras["num_frames"], height, width, 3)
+
     def __getitem__(self, item: tuple[int, dict]) -> dict:
+        """One sample: {"pixels": [F, H, W, 3] uint8, "text", "index", "skipped"}."""
+        pixels = torch.empty(self._shape(*item), dtype=torch.uint8)
+        return {"pixels": pixels, **self._fill(item, pixels)}
+
+    def __getitems__(self, items: list[tuple[int, dict]]) -> dict:
+        """One step's batch, as the DataLoader asks for it with the sampler's list: every sample decoded
+        straight into one [B, F, H, W, 3] buffer (inside a worker, shared memory reused through
+        `transfer`), so nothing is stacked or copied on the way to the training process."""
+        shape = (len(items), *self._shape(*items[0]))
+        pixels, handle = self.transfer.empty(shape) if self.transfer else (_empty_for_transfer(shape), None)
+        try:
+            filled = [self._fill(item, pixels[i]) for i, item in enumerate(items)]
+        except BaseException:
+            if handle is not None:
+                handle.release()
+            raise
+        return {
+            "pixels": pixels if handle is None else handle,
+            "text": [f["text"] for f in filled],
+            "index": torch.tensor([f["index"] for f in filled]),
+            "skipped": [s for f in filled for s in f["skipped"]],
+        }
+
+    def _fill(self, item: tuple[int, dict], out: torch.Tensor) -> dict:
+        """Decode the item (or a replacement) into `out`; its text, index and the files skipped."""
         index, extras = item
         rng = random.Random(derive_seed(self.seed, extras["epoch"], extras["step"], index))
         skipped = []
@@ -158,24 +193,23 @@ class VideoDataset(Dataset):
             sample = self.samples[candidate]
             try:
                 with _time_limit(self.decode_timeout, str(sample.path)):
-                    pixels = self._load(sample, self.keys[candidate], extras, rng)
+                    self._load(sample, extras, rng, out)
             except MediaError as err:
                 skipped.append((err.path, err.reason))
                 continue
             text = "" if rng.random() < self.caption_dropout else sample.text
-            return {"pixels": pixels, "text": text, "index": candidate, "skipped": skipped}
+            return {"text": text, "index": candidate, "skipped": skipped}
         reasons = "; ".join(f"{path}: {reason}" for path, reason in skipped)
         raise RuntimeError(f"{len(skipped)} samples in a row failed in bucket {self.keys[index]}: {reasons}")
 
-    def _load(self, sample: Sample, key: tuple[str, float], extras: dict, rng: random.Random) -> torch.Tensor:
-        height, width = bucket_table(extras["size"])[key[1]]
+    def _load(self, sample: Sample, extras: dict, rng: random.Random, out: torch.Tensor) -> None:
+        num_frames, height, width, _ = out.shape
         if sample.kind == "image":
             image = resize_cover_crop(to_frame_tensor(load_image(sample.path)), height, width, dtype=torch.uint8)
-            return image.permute(1, 2, 3, 0).contiguous()  # [1, H, W, 3]
-        indices = self._frame_indices(sample, extras["num_frames"], rng)
-        pixels = _empty_for_transfer((len(indices), height, width, 3))
-        decode_frames(sample.path, indices, cover=(height, width), out=pixels.numpy())  # scaled while decoding
-        return pixels
+            out.copy_(image.permute(1, 2, 3, 0))  # [3, 1, H, W] -> [1, H, W, 3]
+            return
+        indices = self._frame_indices(sample, num_frames, rng)
+        decode_frames(sample.path, indices, cover=(height, width), out=out.numpy())  # scaled while decoding
 
     def _frame_indices(self, sample: Sample, num_frames: int, rng: random.Random) -> list[int]:
         """num_frames frames, video_sample_stride apart where the clip is long enough, else closer
@@ -206,13 +240,13 @@ def pixels_to_model(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.permute(0, 4, 1, 2, 3).float().div_(127.5).sub_(1.0)
 
 
-def collate(batch: list[dict]) -> dict:
-    """Stack one step's items: pixels [B, F, H, W, 3] uint8, texts, indices, and every skipped file."""
-    # One sample: already in shared memory, sent as it is. Several: default_collate stacks them
-    # straight into shared memory inside a worker.
-    pixels = batch[0]["pixels"].unsqueeze(0) if len(batch) == 1 else default_collate([b["pixels"] for b in batch])
+def collate(batch: dict | list[dict]) -> dict:
+    """The DataLoader's collate_fn: a batch from VideoDataset.__getitems__ passes as it is; a list of
+    items (from __getitem__) is stacked: pixels [B, F, H, W, 3] uint8, texts, indices, skipped files."""
+    if isinstance(batch, dict):
+        return batch
     return {
-        "pixels": pixels,
+        "pixels": torch.stack([b["pixels"] for b in batch]),
         "text": [b["text"] for b in batch],
         "index": torch.tensor([b["index"] for b in batch]),
         "skipped": [s for b in batch for s in b["skipped"]],

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from train.data.dataset import BadSampleTracker, SizeOptions, VideoDataset, bucket_keys, collate, make_choose
 from train.data.metadata import Sample, load_metadata
 from train.data.sampler import DistributedBucketBatchSampler
+from train.data.transfer import TransferPool
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +130,13 @@ def build_dataloader(
         keys, batch_size, rank=rank, world_size=world_size, seed=seed,
         repeats=[config.video_repeat if s.kind == "video" else 1 for s in kept], choose=make_choose(options),
     )  # fmt: skip
+    workers = config.dataloader_num_workers
+    # Slots per worker: its prefetched batches, one being pinned, one in the training step.
+    transfer = TransferPool(workers, config.prefetch_factor + 2) if workers else None
     dataset = VideoDataset(
         kept, keys=keys, video_sample_stride=config.video_sample_stride, caption_dropout=config.caption_dropout,
-        seed=seed, max_retries=config.max_retries, decode_timeout=config.decode_timeout,
+        seed=seed, max_retries=config.max_retries, decode_timeout=config.decode_timeout, transfer=transfer,
     )  # fmt: skip
-    workers = config.dataloader_num_workers
     loader = DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers, pin_memory=pin_memory,
         prefetch_factor=config.prefetch_factor if workers else None, persistent_workers=workers > 0,
