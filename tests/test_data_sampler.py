@@ -311,3 +311,43 @@ def test_dataloader_with_workers_matches_sampler():
     assert [tuple(x.shape[2:]) for _, x, _ in got] == [
         (b[0][1]["bucket"][1] // 64, b[0][1]["bucket"][2] // 64) for b in expected
     ]
+
+
+def test_accumulation_matches_a_larger_batch_and_more_ranks():
+    """Per optimizer step, the samples (and extras) are the same whether a global batch of 4 is
+    1 rank x batch 4, 2 ranks x batch 2, or 1 rank x batch 1 x 4 micro-batches, or 2 x 1 x 2."""
+    keys = make_keys()
+    layouts = {(1, 4, 1), (2, 2, 1), (1, 1, 4), (2, 1, 2)}  # (world_size, batch_size, accumulation_steps)
+    seen = {}
+    for world_size, batch_size, accumulation in layouts:
+        ranks = samplers(keys, world_size, batch_size, seed=5, choose=choose, accumulation_steps=accumulation)
+        for s in ranks:
+            s.set_epoch(1)
+        per_rank = [list(s) for s in ranks]
+        assert len(ranks[0]) == ranks[0].batches_per_epoch() * accumulation == len(per_rank[0])
+        steps = []
+        for step in range(ranks[0].batches_per_epoch()):
+            micro = [per_rank[r][step * accumulation + m] for m in range(accumulation) for r in range(world_size)]
+            assert all(len(b) == batch_size for b in micro)
+            assert len({repr(extras) for b in micro for _, extras in b}) == 1  # one shape per step
+            steps.append(([i for b in micro for i, _ in b], micro[0][0][1]))
+        seen[(world_size, batch_size, accumulation)] = steps
+    first, *rest = seen.values()
+    assert all(steps == first for steps in rest)
+
+
+def test_resume_with_accumulation():
+    keys = make_keys()
+    full = DistributedBucketBatchSampler(keys, 1, 1, 2, seed=9, accumulation_steps=3)
+    full.set_epoch(2)
+    expected = list(full)
+    first = DistributedBucketBatchSampler(keys, 1, 1, 2, seed=9, accumulation_steps=3)
+    first.set_epoch(2)
+    assert first.batches_per_epoch() >= 4
+    state = json.loads(json.dumps(first.state_dict(consumed=2)))  # 2 optimizer steps done
+    resumed = DistributedBucketBatchSampler(keys, 1, 1, 2, seed=9, accumulation_steps=3)
+    resumed.load_state_dict(state)
+    assert list(resumed) == expected[2 * 3 :]
+    other = DistributedBucketBatchSampler(keys, 1, 1, 2, seed=9, accumulation_steps=1)
+    with pytest.raises(ValueError, match="accumulation_steps"):
+        other.load_state_dict(state)

@@ -97,11 +97,18 @@ def plausible(sample: Sample) -> str | None:
 
 
 def build_dataloader(
-    config: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0, pin_memory: bool = False
+    config: DataConfig,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    pin_memory: bool = False,
+    accumulation_steps: int = 1,
 ) -> tuple[DataLoader, DistributedBucketBatchSampler, BadSampleTracker]:
-    """The run's DataLoader, its sampler (set_epoch / state_dict for resume) and the tracker that
-    counts bad samples; samples refused up front (absurd sizes, unreadable captions) are already
-    counted and listed in the tracker (`refused`, `bad`)."""
+    """The run's DataLoader (accumulation_steps micro-batches of batch_size per optimizer step), its
+    sampler (set_epoch / state_dict for resume) and the tracker that counts bad samples; samples
+    refused up front (absurd sizes, unreadable captions) are already counted and listed in the
+    tracker (`refused`, `bad`)."""
     problems = config.problems()
     if problems:
         raise ValueError("invalid data config:\n  " + "\n  ".join(problems))
@@ -129,6 +136,7 @@ def build_dataloader(
     sampler = DistributedBucketBatchSampler(
         keys, batch_size, rank=rank, world_size=world_size, seed=seed,
         repeats=[config.video_repeat if s.kind == "video" else 1 for s in kept], choose=make_choose(options),
+        accumulation_steps=accumulation_steps,
     )  # fmt: skip
     workers = config.dataloader_num_workers
     # Slots per worker: its prefetched batches, one being pinned, one in the training step.

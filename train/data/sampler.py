@@ -29,6 +29,11 @@ looks inside a key. Design choices:
   caller decides which samples are videos, since keys are opaque here.
 - Ranks get disjoint slices of every global batch: rank r takes entries ``[r*B, (r+1)*B)``. As all
   ranks share one shape per step, tokens per rank are balanced by construction.
+- Gradient accumulation is part of the plan: with ``accumulation_steps`` A, a global batch (one
+  optimizer step) holds ``A * world_size * B`` entries of one bucket, and rank r's micro-batch m is
+  entries ``[(m*W + r)*B, (m*W + r + 1)*B)``. So 1 rank with batch 2, 2 ranks with batch 1, and 1 rank
+  with batch 1 accumulating 2 micro-batches train on the same samples at every optimizer step, and
+  every micro-batch of a step has the step's shape.
 - Each item's extras also carry "epoch" and "step" (the global batch index), so the dataset can seed
   its own per-sample draws (start frame, caption dropout) from (seed, epoch, step, sample index)
   instead of a worker's RNG stream, which would differ with the number of workers and on resume.
@@ -83,7 +88,9 @@ class DistributedBucketBatchSampler(Sampler[list[Item]]):
 
     Args:
         bucket_keys: one hashable bucket key per sample; samples with equal keys can share a batch.
-        batch_size: samples per rank per step.
+        batch_size: samples per rank per micro-batch.
+        accumulation_steps: micro-batches per optimizer step; each rank yields this many batches per
+            global step (``len(sampler)`` counts micro-batches, ``batches_per_epoch()`` steps).
         rank, world_size: this rank among the data-parallel ranks. All ranks must pass the same keys,
             batch_size, world_size, seed, repeats, remainder and choose.
         seed: base seed of the plan and of the ``choose`` RNGs.
@@ -110,9 +117,11 @@ class DistributedBucketBatchSampler(Sampler[list[Item]]):
         remainder: str = "carry",
         repeats: int | Sequence[int] = 1,
         choose: ChooseFn | None = None,
+        accumulation_steps: int = 1,
     ):
         super().__init__()
         self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.accumulation_steps = _check_int("accumulation_steps", accumulation_steps, 1)
         self.world_size = _check_int("world_size", world_size, 1)
         self.rank = _check_int("rank", rank, 0)
         if rank >= world_size:
@@ -163,7 +172,7 @@ class DistributedBucketBatchSampler(Sampler[list[Item]]):
 
     @property
     def global_batch_size(self) -> int:
-        return self.batch_size * self.world_size
+        return self.batch_size * self.world_size * self.accumulation_steps
 
     @property
     def epoch(self) -> int:
@@ -225,11 +234,12 @@ class DistributedBucketBatchSampler(Sampler[list[Item]]):
         return len(self._ensure_plan())
 
     def __len__(self) -> int:
-        """Batches the next iteration yields: the current epoch minus a resumed offset."""
-        return self.batches_per_epoch() - self._start
+        """Micro-batches the next iteration yields: the current epoch minus a resumed offset."""
+        return (self.batches_per_epoch() - self._start) * self.accumulation_steps
 
     def global_batches(self) -> list[tuple[Hashable, list[int]]]:
-        """The current epoch's plan: (bucket key, sample indices of all ranks in rank order) per step."""
+        """The current epoch's plan: (bucket key, sample indices of the global batch in (micro-batch, rank)
+        order) per step."""
         return [(self._buckets[bid], list(entries)) for bid, entries in self._ensure_plan()]
 
     def carry_out(self) -> list[int]:
@@ -261,12 +271,13 @@ class DistributedBucketBatchSampler(Sampler[list[Item]]):
 
     def _iterate(self, start: int) -> Iterator[list[Item]]:
         plan = self._ensure_plan()
-        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
         self._yielded = start
         for step in range(start, len(plan)):
             extras = self.extras(step)
             self._yielded = step + 1
-            yield [(i, dict(extras)) for i in plan[step][1][lo:hi]]
+            for micro in range(self.accumulation_steps):
+                lo = (micro * self.world_size + self.rank) * self.batch_size
+                yield [(i, dict(extras)) for i in plan[step][1][lo : lo + self.batch_size]]
 
     # --- resume -----------------------------------------------------------------------------------
 
@@ -274,8 +285,8 @@ class DistributedBucketBatchSampler(Sampler[list[Item]]):
         """The position as plain JSON types: epoch, batches of it consumed, carry into it, and checks.
 
         With DataLoader workers the sampler runs ahead of training by the prefetched batches, so pass
-        `consumed` = the batches of this epoch the training loop actually stepped on; by default it is
-        the number the sampler has handed out. The state holds no rank and is equal on every rank (the
+        `consumed` = the global (optimizer) steps of this epoch the training loop completed; by default
+        it is the number the sampler has handed out. The state holds no rank and is equal on every rank (the
         plan is global), so any rank's copy resumes every rank; DCP's deduplication of equal keys
         across ranks is harmless here.
         """
@@ -292,6 +303,7 @@ class DistributedBucketBatchSampler(Sampler[list[Item]]):
             "seed": self.seed,
             "batch_size": self.batch_size,
             "world_size": self.world_size,
+            "accumulation_steps": self.accumulation_steps,
             "remainder": self.remainder,
             "fingerprint": self._fingerprint,
         }
@@ -305,10 +317,10 @@ class DistributedBucketBatchSampler(Sampler[list[Item]]):
         """
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"unknown sampler state version {state.get('version')!r}, expected {STATE_VERSION}")
-        for name in ("seed", "batch_size", "world_size", "remainder", "fingerprint"):
+        for name in ("seed", "batch_size", "world_size", "accumulation_steps", "remainder", "fingerprint"):
             mine = getattr(self, "_" + name if name == "fingerprint" else name)
-            if state[name] != mine:
-                raise ValueError(f"sampler state has {name}={state[name]!r} but this sampler has {mine!r}")
+            if state.get(name, 1 if name == "accumulation_steps" else None) != mine:
+                raise ValueError(f"sampler state has {name}={state.get(name)!r} but this sampler has {mine!r}")
         carry = [_check_int("carry_in entry", i, 0) for i in state["carry_in"]]
         if any(i >= len(self.bucket_keys) for i in carry):
             raise ValueError(f"carry_in holds sample indices >= {len(self.bucket_keys)}")
