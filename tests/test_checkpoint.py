@@ -1,0 +1,469 @@
+"""Checkpoints: every part round-trips, exact optimizer resume, completeness, pruning, crashes mid-save."""
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from checkpoint_worker import parts
+from safetensors import safe_open
+
+from train import checkpoint as ckpt
+from train.checkpoint import (
+    capture_rng_state,
+    find_latest,
+    load_checkpoint,
+    load_named_optimizer_state,
+    optimizer_state_to_named,
+    resolve_resume,
+    restore_rng_state,
+    save_checkpoint,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("checkpoint_worker.py")
+
+
+def no_barrier() -> None:
+    pass
+
+
+def save(output_dir: Path, step: int, **kwargs) -> Path:
+    """A one-process save of the worker's parts for `step` (kwargs override them)."""
+    args = {**parts(step), "rng_state": capture_rng_state(), **kwargs}
+    return save_checkpoint(output_dir, step, rank=0, world_size=1, barrier=no_barrier, **args)
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    )
+
+
+def run_worker(*args, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, str(WORKER), *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Round trips
+
+
+def sample_tensors() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "blocks.0.self_attn.q.weight": torch.randn(16, 8, generator=gen),
+        "bf16": torch.randn(7, generator=gen).bfloat16(),
+        "i64": torch.arange(-3, 6),
+        "flag": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+        "strided": torch.randn(6, 4, generator=gen).t(),  # not contiguous
+    }
+
+
+def test_every_part_round_trips(tmp_path):
+    model = sample_tensors()
+    opt_tensors = {"w.exp_avg": torch.randn(3), "w.step": torch.tensor(4.0)}
+    opt_meta = {"format": "pt", "param_groups": json.dumps([{"lr": 0.1, "params": ["w"]}]), "state": "{}"}
+    scheduler = {"base_lrs": [1e-4], "last_epoch": 3, "lr_lambdas": [None], "_last_lr": [5e-5]}
+    sampler = {"epoch": 2, "consumed": 7, "carry_in": [1, 4]}
+    trainer = {"epoch": 2, "nested": {"a": [1, 2.5, None, True]}}
+    config = '[model]\nname = "wan-1.3b"\n'
+    rng = capture_rng_state()
+    path = save_checkpoint(
+        tmp_path,
+        12,
+        rank=0,
+        world_size=1,
+        barrier=no_barrier,
+        model_tensors=model,
+        optimizer_tensors=opt_tensors,
+        optimizer_meta=opt_meta,
+        scheduler_state=scheduler,
+        sampler_state=sampler,
+        trainer_state=trainer,
+        config_text=config,
+        rng_state=rng,
+    )
+    assert path == tmp_path / "checkpoint-12"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-12"]  # no tmp left behind
+    marker = json.loads((path / "COMPLETE").read_text())
+    assert marker["step"] == 12 and marker["world_size"] == 1
+    assert set(marker["files"]) == {
+        "model.safetensors",
+        "optimizer.safetensors",
+        "scheduler.json",
+        "sampler.json",
+        "trainer_state.json",
+        "config.toml",
+        "rng/rank_0.json",
+    }
+
+    loaded = load_checkpoint(path, rank=0)
+    assert loaded.step == 12 and loaded.world_size == 1
+    assert list(loaded.model_tensors) == list(model)
+    for name, tensor in model.items():
+        assert bitwise_equal(loaded.model_tensors[name], tensor.contiguous()), name
+    for name, tensor in opt_tensors.items():
+        assert bitwise_equal(loaded.optimizer_tensors[name], tensor), name
+    assert loaded.optimizer_meta == opt_meta
+    assert loaded.scheduler_state == scheduler
+    assert loaded.sampler_state == sampler
+    assert loaded.trainer_state == {"step": 12, **trainer}
+    assert loaded.config_text == config
+    assert loaded.rng_state == rng
+
+    # The streamed writer produces files the safetensors library reads as its own.
+    with safe_open(str(path / "optimizer.safetensors"), framework="pt") as f:
+        assert f.metadata() == opt_meta
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        for name, tensor in model.items():
+            assert bitwise_equal(f.get_tensor(name), tensor.contiguous()), name
+
+
+def test_optional_parts_may_be_left_out(tmp_path):
+    path = save_checkpoint(tmp_path, 0, rank=0, world_size=1, barrier=no_barrier, rng_state=capture_rng_state())
+    loaded = load_checkpoint(path, 0)
+    assert loaded.model_tensors is None and loaded.optimizer_tensors is None and loaded.optimizer_meta is None
+    assert loaded.scheduler_state is None and loaded.sampler_state is None and loaded.config_text is None
+    assert loaded.trainer_state == {"step": 0}
+
+
+def draws() -> tuple:
+    return (
+        [random.random() for _ in range(3)] + [random.gauss(0, 1)],
+        np.random.standard_normal(3).tolist() + np.random.randint(0, 1000, 3).tolist(),
+        torch.randn(5).tolist() + torch.randint(0, 1000, (3,)).tolist(),
+    )
+
+
+def test_rng_restore_replays_the_same_draws(tmp_path):
+    random.seed(5)
+    np.random.seed(5)
+    torch.manual_seed(5)
+    # Leave the Gaussian caches of python and numpy filled, which the state must carry too.
+    random.gauss(0, 1)
+    np.random.standard_normal(1)
+    state = capture_rng_state()
+    expected = draws()
+    restore_rng_state(state)
+    assert draws() == expected
+    # And through the per-rank JSON file.
+    save_checkpoint(tmp_path, 1, rank=0, world_size=1, barrier=no_barrier, rng_state=state)
+    draws()
+    restore_rng_state(load_checkpoint(tmp_path / "checkpoint-1", 0).rng_state)
+    assert draws() == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_rng_round_trips():
+    state = capture_rng_state()
+    assert len(state["cuda"]) == torch.cuda.device_count()
+    expected = torch.randn(5, device="cuda").tolist()
+    restore_rng_state(json.loads(json.dumps(state)))
+    assert torch.randn(5, device="cuda").tolist() == expected
+
+
+# ----------------------------------------------------------------------------------------------------
+# Optimizer state keyed by name: exact resume
+
+
+def make_training(seed: int = 0):
+    """A small model, AdamW with two param groups, a LambdaLR schedule, and a fixed stream of grads."""
+    torch.manual_seed(seed)
+    model = torch.nn.ModuleDict(
+        {"encoder": torch.nn.Linear(4, 6), "decoder": torch.nn.Linear(6, 3), "late": torch.nn.Linear(3, 2)}
+    )
+    decay = [model["encoder"].weight, model["decoder"].weight, model["late"].weight]
+    no_decay = [model["encoder"].bias, model["decoder"].bias, model["late"].bias]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0, "lr": 3e-3}], lr=1e-3
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 3))
+    names = {p: n for n, p in model.named_parameters()}
+    return model, optimizer, scheduler, names
+
+
+def train_step(model, optimizer, scheduler, step: int) -> None:
+    gen = torch.Generator().manual_seed(1000 + step)
+    optimizer.zero_grad(set_to_none=True)
+    x = torch.randn(8, 4, generator=gen)
+    h = model["decoder"](torch.tanh(model["encoder"](x)))
+    loss = h.square().mean()
+    if step >= 3:  # "late" gets no grad (so no optimizer state) until step 3
+        loss = loss + model["late"](h).square().mean()
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+
+
+def test_optimizer_round_trip_continues_bitwise(tmp_path):
+    model, optimizer, scheduler, names = make_training()
+    for step in range(2):
+        train_step(model, optimizer, scheduler, step)
+    tensors, meta = optimizer_state_to_named(optimizer, names)
+    assert "late.weight.exp_avg" not in tensors and json.loads(meta["state"]).keys() == {
+        "encoder.weight",
+        "encoder.bias",
+        "decoder.weight",
+        "decoder.bias",
+    }
+    assert tensors["encoder.weight.step"].dim() == 0  # step stays a tensor
+    path = save_checkpoint(
+        tmp_path,
+        2,
+        rank=0,
+        world_size=1,
+        barrier=no_barrier,
+        model_tensors=dict(model.state_dict()),
+        optimizer_tensors=tensors,
+        optimizer_meta=meta,
+        scheduler_state=scheduler.state_dict(),
+        rng_state=capture_rng_state(),
+    )
+
+    # A fresh process would build everything anew (other initial weights), then load.
+    model2, optimizer2, scheduler2, names2 = make_training(seed=1)
+    loaded = load_checkpoint(path, 0)
+    model2.load_state_dict(loaded.model_tensors)
+    load_named_optimizer_state(
+        optimizer2, names2, loaded.optimizer_tensors, loaded.optimizer_meta, loaded.optimizer_file
+    )
+    scheduler2.load_state_dict(loaded.scheduler_state)
+    assert optimizer2.param_groups[0]["betas"] == (0.9, 0.999)  # tuples stay tuples
+
+    before, after = optimizer.state_dict(), optimizer2.state_dict()
+    assert before["param_groups"] == after["param_groups"]
+    assert before["state"].keys() == after["state"].keys()
+    for index, state in before["state"].items():
+        for key, value in state.items():
+            assert bitwise_equal(after["state"][index][key], value), (index, key)
+
+    for step in range(2, 6):
+        train_step(model, optimizer, scheduler, step)
+        train_step(model2, optimizer2, scheduler2, step)
+    for (name, p), p2 in zip(model.named_parameters(), model2.parameters(), strict=True):
+        assert bitwise_equal(p.detach(), p2.detach()), name
+    assert scheduler.get_last_lr() == scheduler2.get_last_lr()
+
+
+def test_optimizer_load_refuses_other_parameters():
+    model, optimizer, scheduler, names = make_training()
+    train_step(model, optimizer, scheduler, 3)
+    tensors, meta = optimizer_state_to_named(optimizer, names)
+
+    # Another model: one parameter renamed, one with another shape.
+    other = torch.nn.ModuleDict(
+        {"encoder": torch.nn.Linear(4, 6), "decoder": torch.nn.Linear(6, 3), "last": torch.nn.Linear(3, 2)}
+    )
+    other["decoder"].weight = torch.nn.Parameter(torch.zeros(3, 7))
+    params = list(other.parameters())
+    opt = torch.optim.AdamW([{"params": params[0::2]}, {"params": params[1::2]}])
+    with pytest.raises(ValueError) as err:
+        load_named_optimizer_state(
+            opt, {p: n for n, p in other.named_parameters()}, tensors, meta, "ckpt/optimizer.safetensors"
+        )
+    message = str(err.value)
+    assert "ckpt/optimizer.safetensors" in message
+    assert "lacks last.weight" in message and "the optimizer does not: late.weight" in message
+    assert "decoder.weight.exp_avg has shape [3, 6], the parameter [3, 7]" in message
+
+    with pytest.raises(ValueError, match="it has 2 param groups, the optimizer has 1"):
+        load_named_optimizer_state(torch.optim.AdamW(model.parameters()), names, tensors, meta)
+    with pytest.raises(ValueError, match="does not name"):
+        optimizer_state_to_named(optimizer, {})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Completeness, resume, pruning
+
+
+def test_find_latest_takes_the_newest_complete_checkpoint(tmp_path):
+    assert find_latest(tmp_path / "nothing-here") is None
+    for step in (1, 2, 3, 4, 5):
+        save(tmp_path, step)
+    (tmp_path / "checkpoint-5" / "COMPLETE").unlink()  # an interrupted save or copy
+    (tmp_path / "checkpoint-4" / "sampler.json").unlink()  # the marker lists a missing file
+    model = tmp_path / "checkpoint-3" / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:-10])  # truncated
+    (tmp_path / "checkpoint-9.tmp").mkdir()  # a save in progress, even with a marker
+    (tmp_path / "checkpoint-9.tmp" / "COMPLETE").write_text(json.dumps({"step": 9, "files": {}}))
+    (tmp_path / "checkpoint-8").write_text("a file")
+    (tmp_path / "checkpoint-7-copy").mkdir()
+    assert find_latest(tmp_path) == tmp_path / "checkpoint-2"
+    assert load_checkpoint(find_latest(tmp_path), 0).trainer_state["tag"] == "step 2"
+
+
+def test_resolve_resume(tmp_path):
+    assert resolve_resume(tmp_path, "") is None
+    assert resolve_resume(tmp_path, "latest") is None  # a fresh start
+    save(tmp_path, 1)
+    save(tmp_path, 2)
+    assert resolve_resume(tmp_path, "latest") == tmp_path / "checkpoint-2"
+    assert resolve_resume(tmp_path, str(tmp_path / "checkpoint-1")) == tmp_path / "checkpoint-1"
+    assert resolve_resume(tmp_path, "checkpoint-1") == tmp_path / "checkpoint-1"  # relative to output_dir
+
+    with pytest.raises(ValueError, match="checkpoint-7 does not exist"):
+        resolve_resume(tmp_path, str(tmp_path / "checkpoint-7"))
+    (tmp_path / "checkpoint-2" / "COMPLETE").unlink()
+    with pytest.raises(ValueError, match="checkpoint-2 is not a complete checkpoint: it has no COMPLETE marker"):
+        resolve_resume(tmp_path, str(tmp_path / "checkpoint-2"))
+    (tmp_path / "checkpoint-1" / "optimizer.safetensors").write_text("stray")  # not listed: harmless
+    (tmp_path / "checkpoint-1" / "config.toml").write_text("edited")
+    with pytest.raises(ValueError, match=r"checkpoint-1 is not a complete checkpoint: config\.toml has 6 bytes"):
+        resolve_resume(tmp_path, str(tmp_path / "checkpoint-1"))
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        load_checkpoint(tmp_path / "checkpoint-1", 0)
+
+
+def test_load_refuses_a_rank_the_checkpoint_does_not_have(tmp_path):
+    path = save(tmp_path, 1)
+    with pytest.raises(ValueError, match=r"no rng/rank_1\.json: it was saved by 1 ranks.*world size changed"):
+        load_checkpoint(path, rank=1)
+
+
+def test_pruning_keeps_the_newest_complete_ones(tmp_path):
+    save(tmp_path, 0)
+    (tmp_path / "checkpoint-0" / "COMPLETE").unlink()  # incomplete: does not count, is not deleted
+    (tmp_path / "checkpoint-3.tmp").mkdir()  # leftovers of crashed saves
+    (tmp_path / "checkpoint-9.old").mkdir()
+    (tmp_path / "notes.txt").write_text("mine")
+    for step in (1, 2, 3, 4, 5):
+        save(tmp_path, step, total_limit=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-0", "checkpoint-4", "checkpoint-5", "notes.txt"]
+
+    # Resumed from an older step: the newest two stay, and so does the one just written.
+    save(tmp_path, 3, total_limit=2)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == [
+        "checkpoint-0",
+        "checkpoint-3",
+        "checkpoint-4",
+        "checkpoint-5",
+    ]
+    save(tmp_path, 6, total_limit=2)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-0", "checkpoint-5", "checkpoint-6"]
+
+
+def test_resaving_a_step_replaces_it(tmp_path):
+    save(tmp_path, 3, trainer_state={"tag": "first"})
+    save(tmp_path, 3, trainer_state={"tag": "second"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3"]
+    assert load_checkpoint(tmp_path / "checkpoint-3", 0).trainer_state["tag"] == "second"
+
+
+def test_refuses_values_json_would_change(tmp_path):
+    with pytest.raises(ValueError, match=r"scheduler\.json: scheduler_state\['lr_lambdas'\]\[0\] is a function"):
+        save(tmp_path, 1, scheduler_state={"lr_lambdas": [lambda s: s]})
+    with pytest.raises(ValueError, match=r"sampler\.json: sampler_state has the key 3"):
+        save(tmp_path, 1, sampler_state={3: "x"})
+    with pytest.raises(ValueError, match="trainer_state has step=5"):
+        save(tmp_path, 1, trainer_state={"step": 5})
+    assert find_latest(tmp_path) is None
+
+
+def test_ranks_in_threads_share_one_checkpoint_and_only_rank0_prunes(tmp_path, monkeypatch):
+    pruned_by = []
+    real_prune = ckpt._prune
+    monkeypatch.setattr(ckpt, "_prune", lambda *a: (pruned_by.append(threading.current_thread().name), real_prune(*a)))
+    barrier = threading.Barrier(2, timeout=30)
+    states = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        states.append(capture_rng_state())
+    errors = []
+
+    def rank(r: int, step: int) -> None:
+        try:
+            args = parts(step) if r == 0 else {}  # only rank 0's shared parts are written
+            save_checkpoint(
+                tmp_path, step, rank=r, world_size=2, barrier=barrier.wait, rng_state=states[r], total_limit=1, **args
+            )
+        except Exception as err:  # reported by the main thread
+            errors.append(err)
+            barrier.abort()
+
+    for step in (1, 2):
+        threads = [threading.Thread(target=rank, args=(r, step), name=f"rank{r}") for r in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+    assert pruned_by == ["rank0", "rank0"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
+    for r in (0, 1):
+        assert load_checkpoint(tmp_path / "checkpoint-2", r).rng_state == states[r]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Real processes
+
+
+def test_sigkill_mid_save_loses_nothing(tmp_path):
+    result = run_worker("save", tmp_path, 1, 2, env_extra={"WAN_TRAIN_KILL_DURING_SAVE": "2"})
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    # Killed with the first file of checkpoint 2 written, before its marker.
+    assert sorted(p.name for p in (tmp_path / "checkpoint-2.tmp").iterdir()) == ["model.safetensors", "rng"]
+    assert not (tmp_path / "checkpoint-2").exists()
+
+    latest = find_latest(tmp_path)
+    assert latest == tmp_path / "checkpoint-1"
+    loaded = load_checkpoint(latest, 0)
+    expected = parts(1)
+    for name, tensor in expected["model_tensors"].items():
+        assert bitwise_equal(loaded.model_tensors[name], tensor), name
+    assert loaded.trainer_state == {"step": 1, **expected["trainer_state"]}
+    assert loaded.sampler_state == expected["sampler_state"] and loaded.config_text == expected["config_text"]
+
+    # A fresh process saves step 2 over the stale tmp folder.
+    result = run_worker("save", tmp_path, 2)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-2"]
+    assert find_latest(tmp_path) == tmp_path / "checkpoint-2"
+    assert load_checkpoint(tmp_path / "checkpoint-2", 0).trainer_state["tag"] == "step 2"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_ranks_save_one_checkpoint(tmp_path):
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), "dist", str(tmp_path), str(r), "2", str(port)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    # Saved steps 1 and 2 with total_limit=1: one checkpoint, one marker, both ranks' RNG files.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
+    path = tmp_path / "checkpoint-2"
+    assert sorted(p.name for p in (path / "rng").iterdir()) == ["rank_0.json", "rank_1.json"]
+    assert len(list(path.rglob("COMPLETE"))) == 1
+    assert json.loads((path / "COMPLETE").read_text())["world_size"] == 2
+    states = [load_checkpoint(path, r).rng_state for r in (0, 1)]
+    assert states[0] != states[1]
+    assert load_checkpoint(path, 1).trainer_state["tag"] == "step 2"

@@ -1,0 +1,251 @@
+"""The run configuration: sections, TOML + CLI loading, every problem reported at once, help, round trip."""
+
+import dataclasses
+from dataclasses import dataclass, fields
+
+import pytest
+
+from train import config
+from train.config import (
+    CheckpointConfig,
+    ConfigError,
+    DataConfig,
+    LoggingConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    RunConfig,
+    TrainConfig,
+    config_to_toml,
+    help_text,
+    load_config,
+)
+
+DATA = "--train_data_dir=/data"  # DataConfig needs a data source; every valid load gives one
+
+
+def write(tmp_path, text: str, name: str = "run.toml") -> str:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def problems_of(argv: list[str]) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config(argv)
+    # The message lists every problem, one per line.
+    assert str(info.value).splitlines()[1:] == [f"  {p}" for p in info.value.problems]
+    return info.value.problems
+
+
+def has(problems: list[str], *parts: str) -> bool:
+    """Some problem mentions every part."""
+    return any(all(part in p for part in parts) for p in problems)
+
+
+def test_defaults_have_no_problems():
+    cfg = RunConfig()
+    assert cfg.problems() == ["[data] give train_data_meta or train_data_dir"]
+    cfg.data.train_data_dir = "/data"
+    assert cfg.problems() == []
+    assert load_config([DATA]) == cfg
+
+
+def test_every_field_is_documented_and_typed():
+    for name, cls in config.SECTIONS.items():
+        docs = config._docs(cls)
+        for f in fields(cls):
+            assert docs.get(f.name, "").strip(), f"[{name}] {f.name} has no docstring"
+            assert config._types(cls)[f.name] in config._TYPE_NAMES, f"[{name}] {f.name}: unsupported type"
+        assert hasattr(cls, "problems")
+
+
+def test_sections_are_the_public_ones():
+    assert config.SECTIONS == {
+        "model": ModelConfig, "data": DataConfig, "train": TrainConfig, "optim": OptimConfig,
+        "checkpoint": CheckpointConfig, "logging": LoggingConfig, "parallel": ParallelConfig,
+    }  # fmt: skip
+
+
+def test_toml_then_cli_precedence(tmp_path):
+    path = write(tmp_path, '[optim]\nlearning_rate = 1e-4\n[train]\nseed = 1\n[data]\ntrain_data_dir = "/toml"\n')
+    cfg = load_config(["--train.seed=7", "--cfg", path])  # the CLI wins wherever it stands
+    assert cfg.optim.learning_rate == 1e-4 and cfg.train.seed == 7 and cfg.data.train_data_dir == "/toml"
+    cfg = load_config([f"--cfg={path}", "--learning_rate", "3e-4"])
+    assert cfg.optim.learning_rate == 3e-4 and cfg.train.seed == 1
+
+
+def test_several_cfg_files_apply_in_order(tmp_path):
+    base = write(tmp_path, "[train]\nseed = 1\nshift = 3.0\n", "base.toml")
+    exp = write(tmp_path, "[train]\nseed = 2\n", "exp.toml")
+    cfg = load_config([DATA, "--cfg", base, "--cfg", exp])
+    assert cfg.train.seed == 2 and cfg.train.shift == 3.0
+
+
+def test_override_forms():
+    cfg = load_config(
+        [DATA, "--optim.learning_rate=2e-05", "--optim.lr_scheduler", "cosine", "--max_grad_norm=0",
+         "--output_dir", "/out", "--train.logit_mean", "-0.5", "--shift=3", "--train_batch_size", "2"]
+    )  # fmt: skip
+    assert cfg.optim.learning_rate == 2e-05 and cfg.optim.lr_scheduler == "cosine" and cfg.optim.max_grad_norm == 0.0
+    assert cfg.train.output_dir == "/out" and cfg.train.logit_mean == -0.5 and cfg.train.train_batch_size == 2
+    assert cfg.train.shift == 3.0 and isinstance(cfg.train.shift, float)
+
+
+def test_no_real_key_is_ambiguous():
+    # Flat keys are unique today; the ambiguity rule is tested with an extra section below.
+    keys = [f.name for cls in config.SECTIONS.values() for f in fields(cls)]
+    assert len(keys) == len(set(keys))
+
+
+def test_ambiguous_flat_key_is_refused(monkeypatch, tmp_path):
+    @dataclass
+    class Extra:
+        seed: int = 0
+        """Clashes with [train] seed."""
+
+    monkeypatch.setitem(config.SECTIONS, "extra", Extra)
+    found = problems_of([DATA, "--seed=3"])
+    assert has(found, "--seed is ambiguous", "[train]", "[extra]", "--train.seed")
+    found = problems_of([DATA, "--cfg", write(tmp_path, "seed = 3\n")])
+    assert has(found, "run.toml", "seed belongs in [train] or [extra]")
+    assert load_config([DATA, "--train.seed", "3"]).train.seed == 3
+
+
+def test_all_problems_reported_together(tmp_path):
+    bad = write(
+        tmp_path,
+        'learning_rate = 1e-4\n[train]\nseed = "abc"\ntrain_batch_size = true\nshift = -1.0\n'
+        '[optim]\nlearning_rat = 1e-4\nadam_beta1 = "0.9"\n[model]\ntrainable_modules = "blocks"\n'
+        "[optimizer]\nx = 1\n[data]\nvideo_sample_n_frames = 50\n",
+        "bad.toml",
+    )
+    broken = write(tmp_path, "[train\nseed = 1\n", "broken.toml")
+    missing = str(tmp_path / "missing.toml")
+    found = problems_of(["--cfg", bad, "--cfg", broken, "--cfg", missing, "--train.sed=1", "--max_train_steps", "x",
+                         "--modle.preset=debug", "--parallel.engine", "zero3", "stray"])  # fmt: skip
+    assert has(found, "bad.toml", "learning_rate belongs in [optim]")
+    assert has(found, "bad.toml", "[train] seed", "an integer", "'abc'")
+    assert has(found, "bad.toml", "[train] train_batch_size", "an integer", "True")  # a bool is not an int
+    assert has(found, "bad.toml", "[optim] adam_beta1", "a number", "'0.9'")
+    assert has(found, "bad.toml", "[model] trainable_modules", "a list of strings")
+    assert has(found, "bad.toml", "unknown key [optim] learning_rat", "did you mean learning_rate")
+    assert has(found, "bad.toml", "unknown section [optimizer]", "did you mean optim")
+    assert has(found, "broken.toml", "TOML syntax error")
+    assert has(found, "missing.toml", "No such file")
+    assert has(found, "--train.sed", "unknown key [train] sed", "did you mean seed")
+    assert has(found, "--max_train_steps", "an integer", "'x'")
+    assert has(found, "--modle.preset", "unknown section [modle]", "did you mean model")
+    assert has(found, "unexpected argument 'stray'")
+    # problems() entries of the values that did load, prefixed with their section:
+    assert "[train] shift must be > 0, got -1.0" in found
+    assert has(found, "[data] video_sample_n_frames must be 4k+1", "50")
+    assert has(found, "[parallel] engine 'zero3' is not implemented yet")
+    assert "[data] give train_data_meta or train_data_dir" in found
+
+
+@pytest.mark.parametrize(
+    "text, value", [("true", True), ("TRUE", True), ("1", True), ("yes", True), ("false", False), ("0", False),
+                    ("no", False)]
+)  # fmt: skip
+def test_bool_values(text, value):
+    assert load_config([DATA, f"--model.low_vram={text}"]).model.low_vram is value
+    assert load_config([DATA, "--enable_bucket", text]).data.enable_bucket is value
+
+
+def test_bare_bool_flags():
+    cfg = load_config(["--low_vram", DATA, "--model.gradient_checkpointing"])  # before an option, and last
+    assert cfg.model.low_vram and cfg.model.gradient_checkpointing
+    assert has(problems_of([DATA, "--low_vram=maybe"]), "--low_vram", "a boolean", "'maybe'")
+    assert has(problems_of([DATA, "--output_dir"]), "--output_dir needs a value")
+
+
+def test_list_values(tmp_path):
+    assert load_config([DATA, "--trainable_modules=blocks.0.,head"]).model.trainable_modules == ["blocks.0.", "head"]
+    cfg = load_config([DATA, "--model.trainable_modules", '["a", "b,c"]'])
+    assert cfg.model.trainable_modules == ["a", "b,c"]
+    path = write(tmp_path, '[model]\ntrainable_modules = ["blocks.", "head"]\n')
+    assert load_config([DATA, "--cfg", path]).model.trainable_modules == ["blocks.", "head"]
+    assert has(problems_of([DATA, "--trainable_modules="]), "[model] trainable_modules is empty")
+    assert has(problems_of([DATA, "--trainable_modules=[1, 2]"]), "--trainable_modules", "a list of strings")
+
+
+def test_numbers(tmp_path):
+    path = write(tmp_path, "[optim]\nlearning_rate = 1\n")
+    cfg = load_config([DATA, "--cfg", path])
+    assert cfg.optim.learning_rate == 1.0 and isinstance(cfg.optim.learning_rate, float)
+    assert has(problems_of([DATA, "--cfg", write(tmp_path, "[train]\nseed = 1.5\n")]), "[train] seed", "1.5")
+    assert has(problems_of([DATA, "--seed=1.5"]), "--seed", "an integer")
+    assert "[optim] learning_rate must be > 0, got -1.0" in problems_of([DATA, "--learning_rate=-1"])
+    assert has(problems_of([DATA, "--learning_rate=nan"]), "[optim] learning_rate must be > 0")
+
+
+def test_section_checks():
+    assert has(problems_of([DATA, "--engine=fsdp"]), "engine 'fsdp' is not implemented yet")
+    assert has(problems_of([DATA, "--engine=horovod"]), "[parallel] engine must be one of ddp")
+    assert has(problems_of([DATA, "--lr_scheduler=step"]), "[optim] lr_scheduler must be one of")
+    assert has(problems_of([DATA, "--adam_beta2=1"]), "[optim] adam_beta2 must be in [0, 1)")
+    assert has(problems_of([DATA, "--preset=7B"]), "[model] preset must be one of", "i2v-14B")
+    assert has(problems_of([DATA, "--train_mode=i2v"]), "[model] train_mode 'i2v'", "'debug'")
+    assert has(problems_of([DATA, "--preset=debug-i2v"]), "[model] train_mode 'normal'", "'debug-i2v'")
+    assert load_config([DATA, "--train_mode=i2v", "--preset=debug-i2v"]).model.train_mode == "i2v"
+    # With a release folder the preset is not used, so it cannot disagree with the mode.
+    assert load_config([DATA, "--train_mode=i2v", "--pretrained_model_name_or_path=/wan"]).model.preset == "debug"
+    assert has(problems_of([DATA, "--num_train_epochs=0"]), "[train] num_train_epochs must be >= 1")
+    assert load_config([DATA, "--num_train_epochs=0", "--max_train_steps=10"]).train.max_train_steps == 10
+    assert has(problems_of([DATA, "--mixed_precision=fp16"]), "[train] mixed_precision must be one of bf16, fp32")
+
+
+def test_help_lists_every_field(capsys):
+    with pytest.raises(SystemExit) as info:
+        load_config([DATA, "--seed=x", "-h"])  # help wins over problems
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.strip() == help_text().strip()
+    assert "torchrun --nproc_per_node N -m train.main --cfg FILE" in out
+    defaults = RunConfig()
+    for name, cls in config.SECTIONS.items():
+        assert f"[{name}]" in out
+        for f in fields(cls):
+            default = config._toml_value(getattr(getattr(defaults, name), f.name))
+            assert f"  {f.name}: {config._type_name(config._types(cls)[f.name])} = {default}\n" in out
+    assert "Clips the VAE encodes at once." in out and "Frames per video sample" in out
+
+
+NON_DEFAULT = {
+    "model": dict(pretrained_model_name_or_path='C:\\wan "2.1"\ttü/🎬\x7f\n', preset="debug-i2v", train_mode="i2v",
+                  trainable_modules=["blocks.0.", 'he"ad\\', "ü"], gradient_checkpointing=True,
+                  gradient_checkpointing_every=2, low_vram=True, vae_mini_batch=4),
+    "data": dict(train_data_dir="/data/ü", train_data_meta="meta.jsonl", video_sample_n_frames=81,
+                 video_sample_stride=3, video_sample_size=768, image_sample_size=1024, token_sample_size=256,
+                 enable_bucket=False, random_hw_adapt=True, random_frame_crop=True, video_repeat=2,
+                 caption_dropout=0.1 + 0.2, dataloader_num_workers=0, prefetch_factor=4, max_bad_fraction=0.5,
+                 max_retries=1, decode_timeout=1e16),
+    "train": dict(output_dir="out dir", max_train_steps=100, num_train_epochs=3, train_batch_size=2,
+                  gradient_accumulation_steps=4, seed=0, mixed_precision="fp32", uniform_sampling=True,
+                  weighting_scheme="uniform", logit_mean=-0.5, logit_std=1.5, shift=3.0, max_nonfinite_steps=1),
+    "optim": dict(learning_rate=3e-05, lr_scheduler="cosine", lr_warmup_steps=10, adam_beta1=0.8, adam_beta2=0.95,
+                  adam_weight_decay=0.0, adam_epsilon=1e-15, max_grad_norm=float("inf")),
+    "checkpoint": dict(checkpointing_steps=0, checkpoints_total_limit=3, resume_from_checkpoint="latest"),
+    "logging": dict(log_every=10, progress_bar=False, loss_smoothing=0.1, timestep_bins=20),
+    "parallel": dict(backend="gloo"),
+}  # fmt: skip
+# Fields left at their default: one of a pair that may not both be on, and engine (only ddp exists).
+LEFT_DEFAULT = {"training_with_video_token_length", "engine"}
+
+
+def test_round_trip(tmp_path):
+    cfg = RunConfig(**{name: dataclasses.replace(getattr(RunConfig(), name), **v) for name, v in NON_DEFAULT.items()})
+    defaults = RunConfig()
+    for name in config.SECTIONS:
+        for f in fields(getattr(cfg, name)):
+            if f.name not in LEFT_DEFAULT:
+                assert getattr(getattr(cfg, name), f.name) != getattr(getattr(defaults, name), f.name), f.name
+    assert cfg.problems() == []
+    text = config_to_toml(cfg)
+    assert "learning_rate = 3e-05\n" in text and "caption_dropout = 0.30000000000000004\n" in text
+    assert config.tomllib.loads(text)["model"]["trainable_modules"] == ["blocks.0.", 'he"ad\\', "ü"]
+    assert load_config(["--cfg", write(tmp_path, text)]) == cfg
+    assert config_to_toml(load_config(["--cfg", write(tmp_path, config_to_toml(RunConfig()), "d.toml"), DATA])) == (
+        config_to_toml(load_config([DATA]))
+    )

@@ -1,0 +1,443 @@
+"""The run configuration: one dataclass per TOML section, loaded from `--cfg FILE` then CLI overrides.
+
+Key names are VideoX-Fun's, so `--learning_rate=2e-05` style flags carry over (a flat key works when
+it lives in one section). Every problem (types, unknown keys, bad values) is collected and raised at
+once in a ConfigError, before any model or data is touched.
+"""
+
+import ast
+import difflib
+import functools
+import inspect
+import itertools
+import json
+import sys
+import textwrap
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from train.data.loader import DataConfig
+from wan.configs import DIT_PRESETS
+
+TRAIN_MODES = ("normal", "i2v")
+WEIGHTING_SCHEMES = ("logit_normal", "uniform")
+MIXED_PRECISIONS = ("bf16", "fp32")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+ENGINES = ("ddp",)
+PLANNED_ENGINES = ("zero2", "zero3", "fsdp")  # known names, refused until they are implemented
+BACKENDS = ("auto", "nccl", "gloo")
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> list[str]:
+    return [] if value in choices else [f"{name} must be one of {', '.join(choices)}, got {value!r}"]
+
+
+def _at_least(section: object, low: int, *names: str) -> list[str]:
+    return [f"{n} must be >= {low}, got {getattr(section, n)}" for n in names if getattr(section, n) < low]
+
+
+@dataclass
+class ModelConfig:
+    pretrained_model_name_or_path: str = ""
+    """Wan2.1 release folder: DiT config.json + safetensors, Wan2.1_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth,
+    the google/umt5-xxl tokenizer and, for i2v, the CLIP .pth. Empty: random weights sized by preset."""
+    preset: str = "debug"
+    """Sizes of the random-weight models when there is no pretrained path: debug, debug-i2v, 1.3B, 14B, i2v-14B."""
+    train_mode: str = "normal"
+    """"normal" (text-to-video) or "i2v" (first-frame conditioning)."""
+    trainable_modules: list[str] = field(default_factory=lambda: ["."])
+    """Parameter name substrings: a parameter trains if any matches; "." trains all."""
+    gradient_checkpointing: bool = False
+    """Recompute DiT block activations in the backward pass (less memory, ~30% more compute)."""
+    gradient_checkpointing_every: int = 1
+    """Checkpoint every k-th block only (1: all blocks)."""
+    low_vram: bool = False
+    """Keep the VAE, text and image encoders off the GPU except while they encode."""
+    vae_mini_batch: int = 1
+    """Clips the VAE encodes at once."""
+
+    def problems(self) -> list[str]:
+        out = _choice("train_mode", self.train_mode, TRAIN_MODES) + _choice("preset", self.preset, tuple(DIT_PRESETS))
+        if not self.trainable_modules:
+            out.append('trainable_modules is empty: nothing would train ("." trains all)')
+        out += _at_least(self, 1, "gradient_checkpointing_every", "vae_mini_batch")
+        # A random-weight DiT's input width (16 t2v, 36 i2v) must match the mode's latents.
+        if not self.pretrained_model_name_or_path and self.preset in DIT_PRESETS:
+            model_type = DIT_PRESETS[self.preset]["model_type"]
+            if (self.train_mode == "i2v") != (model_type == "i2v"):
+                out.append(f"train_mode {self.train_mode!r} does not fit the {model_type} preset {self.preset!r}")
+        return out
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "output"
+    """Folder for checkpoints, TensorBoard logs and the resolved config."""
+    max_train_steps: int = 0
+    """Optimizer steps to run; 0: run num_train_epochs."""
+    num_train_epochs: int = 1
+    """Passes over the data when max_train_steps is 0."""
+    train_batch_size: int = 1
+    """Samples per rank per micro-step."""
+    gradient_accumulation_steps: int = 1
+    """Micro-steps per optimizer step."""
+    seed: int = 42
+    """Seed of the data order, timesteps, noise and random init."""
+    mixed_precision: str = "bf16"
+    """"bf16" (bf16 autocast with fp32 master weights) or "fp32"."""
+    uniform_sampling: bool = False
+    """Stratify timesteps over the global batch so it covers [0, 1000)."""
+    weighting_scheme: str = "logit_normal"
+    """Density of training timesteps when uniform_sampling is off: "logit_normal" or "uniform"."""
+    logit_mean: float = 0.0
+    """Mean of the logit-normal timestep density."""
+    logit_std: float = 1.0
+    """Standard deviation of the logit-normal timestep density."""
+    shift: float = 5.0
+    """Training sigma shift: 5.0 for T2V, 3.0 for I2V 480p."""
+    max_nonfinite_steps: int = 5
+    """NaN/inf losses in a row before the run stops."""
+
+    def problems(self) -> list[str]:
+        out = _choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
+        out += _choice("weighting_scheme", self.weighting_scheme, WEIGHTING_SCHEMES)
+        out += _at_least(self, 1, "train_batch_size", "gradient_accumulation_steps", "max_nonfinite_steps")
+        out += _at_least(self, 0, "max_train_steps")
+        if self.max_train_steps <= 0:
+            out += _at_least(self, 1, "num_train_epochs")
+        if not 0 <= self.seed < 2**32:  # numpy's seed range
+            out.append(f"seed must be in [0, 2**32), got {self.seed}")
+        if not self.output_dir:
+            out.append("output_dir must not be empty")
+        # `not x > 0` also refuses NaN.
+        out += [f"{n} must be > 0, got {getattr(self, n)}" for n in ("shift", "logit_std") if not getattr(self, n) > 0]
+        return out
+
+
+@dataclass
+class OptimConfig:
+    learning_rate: float = 2e-5
+    """Peak AdamW learning rate."""
+    lr_scheduler: str = "constant"
+    """constant, constant_with_warmup, linear or cosine (the last two decay to 0 at the last step)."""
+    lr_warmup_steps: int = 0
+    """Optimizer steps of linear warmup from 0."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_weight_decay: float = 1e-2
+    """AdamW decoupled weight decay."""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this on every engine; 0 disables clipping."""
+
+    def problems(self) -> list[str]:
+        out = _choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS) + _at_least(self, 0, "lr_warmup_steps")
+        for name in ("learning_rate", "adam_epsilon"):
+            if not getattr(self, name) > 0:
+                out.append(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                out.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("adam_weight_decay", "max_grad_norm"):
+            if not getattr(self, name) >= 0:
+                out.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        return out
+
+
+@dataclass
+class CheckpointConfig:
+    checkpointing_steps: int = 500
+    """Save every N optimizer steps; 0: only at the end."""
+    checkpoints_total_limit: int = 0
+    """Keep the newest N complete checkpoints; 0 keeps all."""
+    resume_from_checkpoint: str = ""
+    """A checkpoint folder, or "latest": the newest complete checkpoint-N in output_dir; empty starts fresh."""
+
+    def problems(self) -> list[str]:
+        return _at_least(self, 0, "checkpointing_steps", "checkpoints_total_limit")
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 1
+    """Console line every N steps (rank 0 only)."""
+    progress_bar: bool = True
+    """Show a progress bar on rank 0."""
+    loss_smoothing: float = 0.9
+    """EMA factor of the smoothed loss shown and logged (0: no smoothing)."""
+    timestep_bins: int = 10
+    """Bins of the loss-by-timestep curves in TensorBoard."""
+
+    def problems(self) -> list[str]:
+        out = _at_least(self, 1, "log_every", "timestep_bins")
+        if not 0 <= self.loss_smoothing < 1:
+            out.append(f"loss_smoothing must be in [0, 1), got {self.loss_smoothing}")
+        return out
+
+
+@dataclass
+class ParallelConfig:
+    engine: str = "ddp"
+    """Distributed engine: "ddp" (zero2, zero3 and fsdp are planned)."""
+    backend: str = "auto"
+    """torch.distributed backend: "auto" (nccl with GPUs, gloo without), "nccl" or "gloo"."""
+
+    def problems(self) -> list[str]:
+        if self.engine in PLANNED_ENGINES:
+            out = [f"engine {self.engine!r} is not implemented yet (available: {', '.join(ENGINES)})"]
+        else:
+            out = _choice("engine", self.engine, ENGINES)
+        return out + _choice("backend", self.backend, BACKENDS)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def problems(self) -> list[str]:
+        out = [f"[{f.name}] {p}" for f in fields(self) for p in getattr(self, f.name).problems()]
+        # Cross-section checks go here (none yet: i2v needs nothing outside [model] so far).
+        return out
+
+
+# Section name -> class; the loader looks keys up here (tests add a section to make a key ambiguous).
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(RunConfig)}
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list[str]: "a list of strings"}
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+class ConfigError(ValueError):
+    """Every problem of a run configuration, one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__(f"invalid run configuration ({len(problems)} problems):\n  " + "\n  ".join(problems))
+
+
+@functools.cache
+def _types(cls: type) -> dict[str, Any]:
+    return {f.name: typing.get_type_hints(cls)[f.name] for f in fields(cls)}
+
+
+@functools.cache
+def _docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings: the string literal on the line after each field."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {
+        a.target.id: inspect.cleandoc(b.value.value)
+        for a, b in itertools.pairwise(body)
+        if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name)
+        and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)
+    }  # fmt: skip
+
+
+def _hint(name: str, known: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _owners(key: str) -> list[str]:
+    return [s for s, cls in SECTIONS.items() if key in _types(cls)]
+
+
+def _from_toml(value: Any, typ: Any) -> Any:
+    """A TOML value checked against a field type (no strings parsed: a string for an int is an error)."""
+    if typ is bool or typ is str:
+        ok = isinstance(value, typ)
+    elif typ is int or typ is float:
+        ok = isinstance(value, (int, typ)) and not isinstance(value, bool)  # bool is an int subclass
+    elif typ == list[str]:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    else:
+        raise TypeError(f"config fields of type {typ} are not supported")
+    if not ok:
+        raise ValueError
+    return float(value) if typ is float else list(value) if typ == list[str] else value
+
+
+def _from_cli(text: str, typ: Any) -> Any:
+    if typ is bool:
+        if text.lower() not in _BOOLS:
+            raise ValueError
+        return _BOOLS[text.lower()]
+    if typ is int or typ is float:
+        return typ(text)
+    if typ == list[str]:
+        if text.lstrip().startswith("["):  # a TOML array: ["a", "b"]
+            return _from_toml(tomllib.loads(f"v = {text}")["v"], typ)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return _from_toml(text, typ)
+
+
+def _locate(name: str, flag: str, problems: list[str]) -> tuple[str, str] | None:
+    """The (section, key) a CLI option names, or None after recording why not."""
+    if "." in name:
+        section, key = name.split(".", 1)
+        if section not in SECTIONS:
+            problems.append(f"{flag}: unknown section [{section}]{_hint(section, SECTIONS)}")
+        elif key not in _types(SECTIONS[section]):
+            problems.append(f"{flag}: unknown key [{section}] {key}{_hint(key, _types(SECTIONS[section]))}")
+        else:
+            return section, key
+        return None
+    owners = _owners(name)
+    if len(owners) == 1:
+        return owners[0], name
+    if owners:
+        choices = " or ".join(f"--{s}.{name}" for s in owners)
+        problems.append(f"{flag} is ambiguous: {name} is in {', '.join(f'[{s}]' for s in owners)}; write {choices}")
+    else:
+        problems.append(f"{flag}: unknown option{_hint(name, [k for c in SECTIONS.values() for k in _types(c)])}")
+    return None
+
+
+def _apply_toml(cfg: RunConfig, path: str, problems: list[str]) -> None:
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except OSError as e:  # missing file, a folder, no permission
+        problems.append(f"--cfg {path}: cannot read it ({e.strerror})")
+        return
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        problems.append(f"{path}: TOML syntax error: {e}")
+        return
+    for top, table in doc.items():
+        if top not in SECTIONS:
+            if isinstance(table, dict):
+                problems.append(f"{path}: unknown section [{top}]{_hint(top, SECTIONS)}")
+            elif _owners(top):
+                problems.append(f"{path}: top-level key {top} belongs in [{'] or ['.join(_owners(top))}]")
+            else:
+                problems.append(f"{path}: unknown top-level key {top} (keys go in [section] tables)")
+            continue
+        if not isinstance(table, dict):
+            problems.append(f"{path}: {top} must be a [{top}] table, got {table!r}")
+            continue
+        types = _types(SECTIONS[top])
+        for key, value in table.items():
+            if key not in types:
+                problems.append(f"{path}: unknown key [{top}] {key}{_hint(key, types)}")
+                continue
+            try:
+                setattr(getattr(cfg, top), key, _from_toml(value, types[key]))
+            except ValueError:
+                problems.append(f"{path}: [{top}] {key} must be {_TYPE_NAMES[types[key]]}, got {value!r}")
+
+
+def load_config(argv: list[str]) -> RunConfig:
+    """The run config from `--cfg FILE` (TOML) and `--section.key=value` / `--key value` overrides (CLI wins).
+
+    Raises ConfigError listing every problem; prints help_text() and exits 0 on -h/--help."""
+    if "-h" in argv or "--help" in argv:
+        print(help_text())
+        raise SystemExit(0)
+    paths: list[str] = []
+    overrides: list[tuple[str, str, str, str]] = []  # (flag, section, key, text)
+    cli_problems: list[str] = []
+    i = 0
+    while i < len(argv):
+        token, i = argv[i], i + 1
+        if not token.startswith("--") or token == "--":
+            cli_problems.append(f"unexpected argument {token!r} (options look like --section.key=value)")
+            continue
+        name, eq, text = token[2:].partition("=")
+        flag = f"--{name}"
+        loc = None if name == "cfg" else _locate(name, flag, cli_problems)
+        if not eq:
+            nxt = argv[i] if i < len(argv) else None
+            if loc and _types(SECTIONS[loc[0]])[loc[1]] is bool and (nxt is None or nxt.startswith("--")):
+                text = "true"  # a bare boolean flag
+            elif nxt is None or nxt.startswith("--"):
+                if loc or name == "cfg":
+                    cli_problems.append(f"{flag} needs a value")
+                continue
+            else:
+                text, i = nxt, i + 1  # consumed even for an unknown option, so it is not reported twice
+        if name == "cfg":
+            paths.append(text)
+        elif loc:
+            overrides.append((flag, *loc, text))
+
+    cfg = RunConfig()
+    problems: list[str] = []
+    for path in paths:  # several files apply in order: a base config, then an experiment's
+        _apply_toml(cfg, path, problems)
+    problems += cli_problems
+    for flag, section, key, text in overrides:
+        typ = _types(SECTIONS[section])[key]
+        try:
+            setattr(getattr(cfg, section), key, _from_cli(text, typ))
+        except ValueError:
+            problems.append(f"{flag}: expected {_TYPE_NAMES[typ]}, got {text!r}")
+    problems += cfg.problems()
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)  # repr round-trips floats; TOML reads inf, nan and 2e-05 as written
+    if isinstance(value, str):
+        # JSON escapes are valid TOML basic-string escapes; TOML also forbids a raw DEL.
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def config_to_toml(cfg: RunConfig) -> str:
+    """The resolved config as TOML text that load_config(["--cfg", file]) reads back unchanged."""
+    lines = ["# Resolved run configuration: train again with --cfg <this file>."]
+    for section in fields(cfg):
+        values = getattr(cfg, section.name)
+        lines += ["", f"[{section.name}]"] + [
+            f"{f.name} = {_toml_value(getattr(values, f.name))}" for f in fields(values)
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _type_name(typ: Any) -> str:
+    return "list[str]" if typ == list[str] else typ.__name__
+
+
+def help_text() -> str:
+    """Usage, then every key of every section with its type, default and meaning."""
+    lines = [
+        "usage: torchrun --nproc_per_node N -m train.main --cfg FILE [--section.key=value ...]",
+        "",
+        "Values come from the TOML file's [section] tables, then from the command line (which wins).",
+        'A key that lives in one section also works flat: --learning_rate=2e-05. Lists: a,b or ["a", "b"].',
+    ]
+    defaults = RunConfig()
+    for section in fields(RunConfig):
+        cls, values = SECTIONS[section.name], getattr(defaults, section.name)
+        lines += ["", f"[{section.name}]"]
+        for f in fields(cls):
+            lines.append(f"  {f.name}: {_type_name(_types(cls)[f.name])} = {_toml_value(getattr(values, f.name))}")
+            lines += [f"      {line}" for line in _docs(cls).get(f.name, "(undocumented)").splitlines()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m train.config --cfg FILE ...: check a config, print it resolved
+    try:
+        print(config_to_toml(load_config(sys.argv[1:])), end="")
+    except ConfigError as e:
+        sys.exit(str(e))
