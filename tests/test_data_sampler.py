@@ -351,3 +351,20 @@ def test_resume_with_accumulation():
     other = DistributedBucketBatchSampler(keys, 1, 1, 2, seed=9, accumulation_steps=1)
     with pytest.raises(ValueError, match="accumulation_steps"):
         other.load_state_dict(state)
+
+
+def test_resume_through_a_dataloader_with_persistent_workers():
+    """A DataLoader with workers calls iter() on the sampler twice before using it; the resume offset
+    must survive that."""
+    keys = make_keys()
+    full = DistributedBucketBatchSampler(keys, 2, 0, 2, seed=4, choose=choose)
+    full.set_epoch(1)
+    expected = [[i for i, _ in b] for b in full]
+    resumed = DistributedBucketBatchSampler(keys, 2, 0, 2, seed=4, choose=choose)
+    resumed.load_state_dict({**full.state_dict(consumed=0), "consumed": 3})
+    loader = DataLoader(
+        TinyDataset(), batch_sampler=resumed, num_workers=1, persistent_workers=True, collate_fn=collate
+    )
+    assert [ids for ids, _, _ in loader] == expected[3:]
+    resumed.set_epoch(1)  # the next pass over the same epoch is whole again
+    assert [ids for ids, _, _ in loader] == expected

@@ -13,6 +13,7 @@ What the loop needs from an engine, and nothing more:
 """
 
 import contextlib
+import inspect
 import math
 from collections.abc import Iterator
 
@@ -44,9 +45,13 @@ class DDPEngine:
         self.names_by_param = {p: n for n, p in self.named_trainable.items()}
         self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if self.distributed:
-            # Frozen parameters (requires_grad=False before wrapping) get no gradient buckets.
+            # Frozen parameters (requires_grad=False before wrapping) get no gradient buckets. Buffers
+            # (the RoPE tables) are computed alike on every rank: no broadcast before each forward.
+            # Gradients as views of the all-reduce buckets: one copy of the gradients, not two.
             ids = [device.index] if device.type == "cuda" else None
-            self.model = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+            new_torch = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            no_buffer_sync = {"forward_sync_buffers": False} if new_torch else {"broadcast_buffers": False}
+            self.model = DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True, **no_buffer_sync)
         else:
             self.model = model
         # Fused AdamW where the device has it; foreach on CPU. Same arithmetic as the reference AdamW.

@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -252,7 +253,9 @@ class Trainer:
                     break
                 with self.timer.section("optimizer"):
                     grad_norm, updated = self.engine.step(cfg.optim.max_grad_norm)
-                    self.scheduler.step()
+                    with warnings.catch_warnings():  # a skipped update still advances the schedule
+                        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`")
+                        self.scheduler.step()
                 self.step += 1
                 self.epoch_step += 1
                 self.after_step(step_start, loss_sum, samples, tokens, ts, losses, grad_norm, updated)
@@ -321,7 +324,13 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    trainer = Trainer(cfg)
+    try:
+        trainer = Trainer(cfg)
+    except ValueError as err:  # a user error found during setup (data, weights, checkpoint): no traceback
+        print(f"error: {err}", file=sys.stderr)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise SystemExit(2) from None
     try:
         trainer.train()
     finally:

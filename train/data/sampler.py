@@ -265,12 +265,11 @@ class DistributedBucketBatchSampler(Sampler[list[Item]]):
         return extras
 
     def __iter__(self) -> Iterator[list[Item]]:
-        # Not a generator itself: the offset is taken when iter() is called, not at the first next().
-        start, self._start = self._start, 0  # a resume offset applies to one iteration only
-        return self._iterate(start)
-
-    def _iterate(self, start: int) -> Iterator[list[Item]]:
+        # A resume offset applies to one iteration only: the first one that yields a batch. It is taken
+        # at the first next(), not at iter(): a DataLoader with workers makes a sampler iterator that it
+        # never advances, then the one it uses (taking the offset at iter() lost it on resume).
         plan = self._ensure_plan()
+        start, self._start = self._start, 0
         self._yielded = start
         for step in range(start, len(plan)):
             extras = self.extras(step)

@@ -1,0 +1,176 @@
+"""The training loop end to end on the debug models and the demo dataset, with real processes (gloo):
+2 ranks equal 1 rank at the same global batch, accumulation equals a larger batch, a SIGKILL in the
+middle of a checkpoint save loses nothing and the resumed run is bitwise the uninterrupted one,
+trainable_modules freezes the rest, i2v trains, bad configs are refused with every problem listed,
+and non-finite losses skip updates and stop the run."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tools.make_demo_data import make_demo_data
+from train.checkpoint import KILL_ENV, find_latest
+from train.config import load_config
+from train.main import Trainer
+from wan import WanModel, dit_preset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("demo")
+    make_demo_data(folder)
+    return folder
+
+
+def base_args(data: Path, out: Path) -> list[str]:
+    return [
+        "--cfg", str(REPO / "configs" / "debug.toml"), f"--train_data_dir={data}",
+        f"--train_data_meta={data / 'metadata.json'}", f"--output_dir={out}", "--mixed_precision=fp32",
+        "--progress_bar=false", "--dataloader_num_workers=0",
+    ]  # fmt: skip
+
+
+def torchrun(data: Path, out: Path, *overrides: str, nproc: int = 1, env: dict | None = None, check: bool = True):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd += ["-m", "train.main", *base_args(data, out), *overrides]
+    environ = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run(cmd, cwd=REPO, env=environ, capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[:6000]
+    return proc
+
+
+def losses(out: Path) -> dict[int, float]:
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars("train/loss")}
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(find_latest(out) / "model.safetensors")
+
+
+def assert_close_runs(a: Path, b: Path, steps: int) -> None:
+    la, lb = losses(a), losses(b)
+    assert sorted(la) == sorted(lb) == list(range(1, steps + 1))
+    for step in la:
+        assert la[step] == pytest.approx(lb[step], rel=1e-5), step
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert la[1] != la[steps]  # it trained
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_rank_at_the_same_global_batch(data, tmp_path):
+    torchrun(data, tmp_path / "two", "--max_train_steps=6", "--train_batch_size=1", nproc=2)
+    torchrun(data, tmp_path / "one", "--max_train_steps=6", "--train_batch_size=2", nproc=1)
+    assert_close_runs(tmp_path / "two", tmp_path / "one", 6)
+
+
+@pytest.mark.slow
+def test_accumulation_equals_a_larger_batch(data, tmp_path):
+    torchrun(data, tmp_path / "accum", "--max_train_steps=6", "--train_batch_size=1", "--gradient_accumulation_steps=2")
+    torchrun(data, tmp_path / "batch", "--max_train_steps=6", "--train_batch_size=2")
+    assert_close_runs(tmp_path / "accum", tmp_path / "batch", 6)
+
+
+@pytest.mark.slow
+def test_kill_during_save_then_resume_is_bitwise_the_uninterrupted_run(data, tmp_path):
+    args = ["--max_train_steps=8", "--checkpointing_steps=4", "--dataloader_num_workers=1", "--lr_scheduler=cosine"]
+    torchrun(data, tmp_path / "straight", *args, nproc=2)
+
+    crashed = torchrun(data, tmp_path / "crash", *args, nproc=2, env={KILL_ENV: "8"}, check=False)
+    assert crashed.returncode != 0
+    assert find_latest(tmp_path / "crash").name == "checkpoint-4"  # the half-written 8 does not count
+    assert (tmp_path / "crash" / "checkpoint-8.tmp").exists()
+    resumed = torchrun(data, tmp_path / "crash", *args, nproc=2)  # resume_from_checkpoint = "latest"
+    assert "resumed from" in resumed.stdout and "checkpoint-4" in resumed.stdout
+
+    assert find_latest(tmp_path / "crash").name == "checkpoint-8"
+    assert losses(tmp_path / "crash") == losses(tmp_path / "straight")  # bitwise, steps 1..8
+    straight, again = final_weights(tmp_path / "straight"), final_weights(tmp_path / "crash")
+    assert straight.keys() == again.keys()
+    assert all(torch.equal(straight[k], again[k]) for k in straight)
+    optim = [load_file(tmp_path / run / "checkpoint-8" / "optimizer.safetensors") for run in ("straight", "crash")]
+    assert all(torch.equal(optim[0][k], optim[1][k]) for k in optim[0])
+
+
+def in_process(data: Path, out: Path, *overrides: str) -> Trainer:
+    return Trainer(load_config([*base_args(data, out), *overrides]))
+
+
+def fresh_dit(preset: str, seed: int = 42) -> WanModel:
+    torch.manual_seed(seed)  # as train.models builds it
+    return WanModel(**dit_preset(preset))
+
+
+def test_trainable_modules_freezes_the_rest(data, tmp_path):
+    trainer = in_process(data, tmp_path, "--max_train_steps=3", "--trainable_modules=blocks.1.ffn,head.head")
+    trainer.train()
+    trained = dict(trainer.models.dit.named_parameters())
+    before = dict(fresh_dit("debug").named_parameters())
+    names = {n for n in trained if "blocks.1.ffn" in n or "head.head" in n}
+    assert names and set(final_weights(tmp_path)) == names  # the checkpoint holds exactly those
+    for name, param in trained.items():
+        if name in names:
+            assert not torch.equal(param, before[name]), name
+            assert param.requires_grad
+        else:
+            assert torch.equal(param, before[name]), name
+            assert param.grad is None and not param.requires_grad
+    state = trainer.engine.optimizer.state
+    assert {trainer.engine.names_by_param[p] for p in state} == names  # no optimizer state for frozen ones
+
+
+def test_i2v_mode_trains_on_the_debug_preset(data, tmp_path):
+    trainer = in_process(data, tmp_path, "--max_train_steps=3", "--preset=debug-i2v", "--train_mode=i2v")
+    trainer.train()
+    assert set(losses(tmp_path)) == {1, 2, 3}
+    before = dict(fresh_dit("debug-i2v").named_parameters())
+    after = dict(trainer.models.dit.named_parameters())
+    # The image path learns: CLIP features reach img_emb, the first-frame latents the patch embedding.
+    assert not torch.equal(after["img_emb.proj.1.weight"], before["img_emb.proj.1.weight"])
+    assert not torch.equal(after["patch_embedding.weight"], before["patch_embedding.weight"])
+
+
+def test_non_finite_losses_skip_updates_then_stop_the_run(data, tmp_path):
+    trainer = in_process(data, tmp_path, "--max_train_steps=10", "--max_nonfinite_steps=3")
+    with torch.no_grad():
+        trainer.models.dit.head.head.bias.fill_(float("nan"))  # every prediction NaN
+    weights = {n: p.clone() for n, p in trainer.models.dit.named_parameters()}
+    with pytest.raises(RuntimeError, match="3 steps in a row had a non-finite loss"):
+        trainer.train()
+    assert trainer.step == 3
+    for name, param in trainer.models.dit.named_parameters():  # no update was applied
+        assert torch.equal(param, weights[name]) or torch.isnan(weights[name]).all(), name
+
+
+def test_bad_config_is_refused_with_every_problem(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[optim]\nlearning_rate = "fast"\n[train]\ntrain_batch_size = 0\nbogus = 1\n')
+    cmd = [sys.executable, "-m", "train.main", "--cfg", str(bad), "--lr_scheduler=wavy", "--engine=zero3"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2
+    for expected in ("learning_rate", "train_batch_size", "bogus", "wavy", "zero3", "train_data", str(bad)):
+        assert expected in proc.stderr, expected
+    assert "Traceback" not in proc.stderr
+
+
+def test_help_lists_every_option():
+    proc = subprocess.run(
+        [sys.executable, "-m", "train.main", "--help"], cwd=REPO, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert proc.returncode == 0
+    for key in ("learning_rate", "train_data_meta", "checkpoints_total_limit", "engine", "trainable_modules"):
+        assert key in proc.stdout
