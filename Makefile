@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint bench-dit bench-t5 bench-vae bench-data clean
+.PHONY: install demo test test-fast lint bench-dit bench-t5 bench-vae bench-data bench-train clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -21,6 +21,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The demo: tiny random Wan models trained on a synthetic dataset by 2 CPU processes (a fresh run each time).
+demo: $(STAMP)
+	$(PY) -m tools.make_demo_data output/demo-data
+	rm -rf output/debug
+	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc_per_node 2 -m train.main --cfg configs/debug.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -43,6 +49,9 @@ bench-vae: $(STAMP)
 
 bench-data: $(STAMP)
 	$(PY) bench/data.py
+
+bench-train: $(STAMP)
+	$(PY) bench/train_step.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

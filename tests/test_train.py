@@ -5,6 +5,7 @@ trainable_modules freezes the rest, i2v trains, bad configs are refused with eve
 and non-finite losses skip updates and stop the run."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -174,3 +175,25 @@ def test_help_lists_every_option():
     assert proc.returncode == 0
     for key in ("learning_rate", "train_data_meta", "checkpoints_total_limit", "engine", "trainable_modules"):
         assert key in proc.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_by_rendezvous_train_as_one_node(data, tmp_path):
+    """launch/multi_node.sh twice on 127.0.0.1 (NNODES=2, one process each) = one node of 2 processes."""
+    torchrun(data, tmp_path / "one_node", "--max_train_steps=4", nproc=2)
+    env = {
+        **os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "NNODES": "2",
+        "NPROC": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RDZV_ID": "test",
+    }  # fmt: skip
+    cmd = ["launch/multi_node.sh", *base_args(data, tmp_path / "two_nodes")[1:], "--max_train_steps=4"]
+    nodes = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
+    nodes.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), "\n".join(o[-3000:] for o in outputs)
+    assert_close_runs(tmp_path / "two_nodes", tmp_path / "one_node", 4)

@@ -268,7 +268,11 @@ class Trainer:
         self.metrics.close()
         self.log_bad_samples()
         if first is not None:
-            self.log(f"smoothed loss: first {first:.4f}, last {last:.4f} ({time.perf_counter() - t0:.0f} s)")
+            trend = "fell" if last < first else "did NOT fall"
+            self.log(
+                f"smoothed loss: first {first:.4f}, last {last:.4f}: it {trend} "
+                f"({self.step} steps, {time.perf_counter() - t0:.0f} s)"
+            )
         self.log(f"TensorBoard: tensorboard --logdir {self.out / 'tensorboard'}")
 
     def log_bad_samples(self) -> None:
