@@ -254,7 +254,7 @@ class Trainer:
                 with self.timer.section("optimizer"):
                     grad_norm, updated = self.engine.step(cfg.optim.max_grad_norm)
                     with warnings.catch_warnings():  # a skipped update still advances the schedule
-                        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`")
+                        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
                         self.scheduler.step()
                 self.step += 1
                 self.epoch_step += 1

@@ -384,31 +384,6 @@ class NullMetrics:
         pass
 
 
-def build_metrics(
-    output_dir: str | Path,
-    *,
-    rank: int,
-    total_steps: int,
-    start_step: int = 0,
-    log_every: int = 1,
-    progress_bar: bool = True,
-    loss_smoothing: float = 0.9,
-    timestep_bins: int = 10,
-    stream: TextIO | None = None,
-    device: torch.device | str | None = None,
-) -> Metrics | NullMetrics:
-    """`Metrics` on rank 0, `NullMetrics` elsewhere; call it on every rank."""
-    if rank != 0:
-        return NullMetrics()
-    return Metrics(
-        output_dir,
-        rank=rank,
-        total_steps=total_steps,
-        start_step=start_step,
-        log_every=log_every,
-        progress_bar=progress_bar,
-        loss_smoothing=loss_smoothing,
-        timestep_bins=timestep_bins,
-        stream=stream,
-        device=device,
-    )
+def build_metrics(output_dir: str | Path, *, rank: int, **options) -> Metrics | NullMetrics:
+    """`Metrics(output_dir, **options)` on rank 0, `NullMetrics` elsewhere; call it on every rank."""
+    return Metrics(output_dir, **options) if rank == 0 else NullMetrics()
