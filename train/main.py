@@ -26,7 +26,7 @@ from train.config import ConfigError, RunConfig, config_to_toml, load_config
 from train.data.dataset import pixels_to_model
 from train.data.loader import build_dataloader
 from train.engine import build_engine
-from train.flow import FlowMatching
+from train.flow import FlowMatching, batch_positions
 from train.lr import build_lr_scheduler
 from train.metrics import StepTimer, build_metrics
 from train.models import Models, apply_trainable_modules, build_models
@@ -206,8 +206,7 @@ class Trainer:
         x0 = inputs["x0"]
         b = x0.shape[0]
         # Position of each sample in the global batch: (micro-step, rank, index), as the sampler lays it out.
-        first = (micro * self.world_size + self.rank) * b
-        positions = list(range(first, first + b))
+        positions = batch_positions(micro, self.rank, self.world_size, b)
         global_size = self.accumulation * self.world_size * b
         seed = self.cfg.train.seed
         sigmas = self.flow.sample_sigmas(seed, self.step, positions, global_size).to(self.device)
