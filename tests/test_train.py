@@ -4,7 +4,9 @@ middle of a checkpoint save loses nothing and the resumed run is bitwise the uni
 trainable_modules freezes the rest, i2v trains, bad configs are refused with every problem listed,
 and non-finite losses skip updates and stop the run."""
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -19,7 +21,9 @@ from tools.make_demo_data import make_demo_data
 from train.checkpoint import KILL_ENV, find_latest
 from train.config import load_config
 from train.main import Trainer
-from wan import WanModel, dit_preset
+from train.models import T5_FILE, TOKENIZER_DIR, VAE_FILE
+from wan import T5_PRESETS, UMT5Encoder, WanModel, WanVAE, dit_preset, vae_preset
+from wan.modules.tokenizer import DEBUG_TOKENIZER
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -197,3 +201,41 @@ def test_two_nodes_by_rendezvous_train_as_one_node(data, tmp_path):
     outputs = [node.communicate(timeout=600)[0] for node in nodes]
     assert all(node.returncode == 0 for node in nodes), "\n".join(o[-3000:] for o in outputs)
     assert_close_runs(tmp_path / "two_nodes", tmp_path / "one_node", 4)
+
+
+def write_release_folder(root: Path) -> WanModel:
+    """A tiny Wan2.1-T2V release folder in the official layout: DiT config.json + safetensors,
+    Wan2.1_VAE.pth, the umT5 .pth in bf16, and the google/umt5-xxl tokenizer folder."""
+    torch.manual_seed(7)
+    dit = WanModel(**dit_preset("debug"))
+    dit.save_pretrained(root)
+    torch.save(WanVAE(**vae_preset("debug")).state_dict(), root / VAE_FILE)
+    t5 = UMT5Encoder(**T5_PRESETS["debug"])
+    torch.save({k: v.to(torch.bfloat16) for k, v in t5.state_dict().items()}, root / T5_FILE)
+    tokenizer = root / TOKENIZER_DIR
+    tokenizer.mkdir(parents=True)
+    shutil.copy(DEBUG_TOKENIZER, tokenizer / "spiece.model")
+    (tokenizer / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer", "extra_ids": 0}))
+    return dit
+
+
+def test_trains_from_a_release_folder(data, tmp_path):
+    release = tmp_path / "Wan2.1-T2V-tiny"
+    released = dict(write_release_folder(release).named_parameters())
+    trainer = in_process(data, tmp_path / "out", "--max_train_steps=2", f"--pretrained_model_name_or_path={release}")
+    loaded = dict(trainer.models.dit.named_parameters())
+    assert all(torch.equal(loaded[k], released[k]) for k in released)  # the release weights, not a random init
+    trainer.train()
+    assert set(losses(tmp_path / "out")) == {1, 2}
+    assert not torch.equal(trainer.models.dit.head.head.bias, released["head.head.bias"])
+
+
+def test_release_folder_errors_name_what_is_wrong(data, tmp_path):
+    release = tmp_path / "release"
+    write_release_folder(release)
+    (release / T5_FILE).unlink()
+    with pytest.raises(ValueError, match=f"lacks: .*{T5_FILE}"):
+        in_process(data, tmp_path / "a", f"--pretrained_model_name_or_path={release}")
+    write_release_folder(tmp_path / "t2v")
+    with pytest.raises(ValueError, match="needs an i2v DiT.*input width 16"):  # a t2v folder in i2v mode
+        in_process(data, tmp_path / "b", f"--pretrained_model_name_or_path={tmp_path / 't2v'}", "--train_mode=i2v")

@@ -23,6 +23,7 @@ from wan import (
     vae_preset,
 )
 from wan.encoders import TextEncoder
+from wan.modules.dit_weights import read_dit_folder
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,6 @@ def release_files(root: Path, i2v: bool) -> dict[str, Path]:
     if i2v:
         files["clip"] = root / CLIP_FILE
     missing = [str(p) for p in files.values() if not p.exists()]
-    if not (root / "config.json").is_file():
-        missing.insert(0, str(root / "config.json"))
     if missing:
         raise ValueError(f"pretrained_model_name_or_path {root} lacks: " + ", ".join(missing))
     return files
@@ -62,6 +61,8 @@ def build_models(
     i2v = train_mode == "i2v"
     home = torch.device("cpu") if low_vram else device
     if pretrained:
+        _, dit_config, _ = read_dit_folder(pretrained)  # the mode is checked before anything loads
+        check_mode(dit_config["model_type"], dit_config["in_dim"], train_mode, pretrained)
         files = release_files(Path(pretrained), i2v)
         dit = WanModel.from_pretrained(files["dit"], dtype=torch.float32, device=device)
         vae = WanVAE.from_pretrained(files["vae"], dtype=torch.float32, device=home)
@@ -77,17 +78,22 @@ def build_models(
         # Random weights need no real vocabulary: the debug tokenizer's ids fit any umT5 vocabulary.
         tokenizer = WanTokenizer.debug()
         clip = CLIPVision(**CLIP_PRESETS["debug" if debug else "vit-h-14"]).to(home) if i2v else None
-    model_type = dit.model_type
-    if (model_type == "i2v") != i2v:
-        raise ValueError(
-            f"train_mode={train_mode!r} needs a{'n i2v' if i2v else ' t2v'} DiT, but "
-            f"{pretrained or 'preset ' + preset} is {model_type} (patch_embedding input width {dit.in_dim}, "
-            f"{'36 = 16 noisy + 4 mask + 16 first-frame latent channels' if i2v else '16 latent channels'} expected)"
-        )
+    check_mode(dit.model_type, dit.in_dim, train_mode, pretrained or f"preset {preset}")
     for frozen in (vae, t5, clip):
         if frozen is not None:
             frozen.eval().requires_grad_(False)
     return Models(dit, vae, TextEncoder(tokenizer, t5, device=device, offload=low_vram), clip)
+
+
+def check_mode(model_type: str, in_dim: int, train_mode: str, source: str) -> None:
+    """A t2v DiT cannot train in i2v mode, nor the reverse: the patch embedding's input width differs."""
+    i2v = train_mode == "i2v"
+    if (model_type == "i2v") != i2v:
+        raise ValueError(
+            f"train_mode={train_mode!r} needs a{'n i2v' if i2v else ' t2v'} DiT, but {source} is {model_type} "
+            f"(patch_embedding input width {in_dim}; "
+            f"{'36 = 16 noisy + 4 mask + 16 first-frame latent channels' if i2v else '16 latent channels'} expected)"
+        )
 
 
 def apply_trainable_modules(dit: WanModel, patterns: list[str]) -> tuple[int, int]:
