@@ -108,6 +108,8 @@ def test_kill_during_save_then_resume_is_bitwise_the_uninterrupted_run(data, tmp
     assert all(torch.equal(straight[k], again[k]) for k in straight)
     optim = [load_file(tmp_path / run / "checkpoint-8" / "optimizer.safetensors") for run in ("straight", "crash")]
     assert all(torch.equal(optim[0][k], optim[1][k]) for k in optim[0])
+    with pytest.raises(ValueError, match="written by 2 ranks, this run has 1"):  # resumed by 1 process
+        in_process(data, tmp_path / "crash", "--max_train_steps=12")
 
 
 def in_process(data: Path, out: Path, *overrides: str) -> Trainer:

@@ -162,16 +162,16 @@ class Trainer:
     def trainer_state(self) -> dict:
         return {
             "step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step,
-            "nonfinite_in_row": self.nonfinite_in_row, "world_size": self.world_size,
+            "nonfinite_in_row": self.nonfinite_in_row,
             "served": self.tracker.served, "skips": self.tracker.skips,
         }  # fmt: skip
 
     def resume(self, path: Path) -> None:
         ckpt = load_checkpoint(path, self.rank)
         state = ckpt.trainer_state
-        if state["world_size"] != self.world_size:
+        if ckpt.world_size != self.world_size:
             raise ValueError(
-                f"{path} was written by {state['world_size']} ranks, this run has {self.world_size}: "
+                f"{path} was written by {ckpt.world_size} ranks, this run has {self.world_size}: "
                 "the data order and the per-rank states depend on it"
             )
         self.engine.load_trainable_state(ckpt.model_tensors, str(path / "model.safetensors"))
