@@ -14,7 +14,6 @@ travels with the data.
 
 import contextlib
 import logging
-import math
 import random
 import signal
 import threading
@@ -22,7 +21,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
 
 from train.data.buckets import (
     bucket_table,
@@ -34,7 +33,7 @@ from train.data.buckets import (
 )
 from train.data.metadata import Sample
 from train.data.sampler import derive_seed
-from train.data.transfer import TransferPool
+from train.data.transfer import TransferPool, empty_for_transfer
 from train.data.video import MediaError, decode_frames, load_image, resize_cover_crop, to_frame_tensor
 
 log = logging.getLogger(__name__)
@@ -167,7 +166,7 @@ class VideoDataset(Dataset):
         straight into one [B, F, H, W, 3] buffer (inside a worker, shared memory reused through
         `transfer`), so nothing is stacked or copied on the way to the training process."""
         shape = (len(items), *self._shape(*items[0]))
-        pixels, handle = self.transfer.empty(shape) if self.transfer else (_empty_for_transfer(shape), None)
+        pixels, handle = self.transfer.empty(shape) if self.transfer else (empty_for_transfer(shape), None)
         try:
             filled = [self._fill(item, pixels[i]) for i, item in enumerate(items)]
         except BaseException:
@@ -222,15 +221,6 @@ class VideoDataset(Dataset):
         stride = max(1, min(self.stride, (total - 1) // max(num_frames - 1, 1)))
         start = rng.randint(0, total - ((num_frames - 1) * stride + 1))
         return [start + i * stride for i in range(num_frames)]
-
-
-def _empty_for_transfer(shape: tuple[int, ...]) -> torch.Tensor:
-    """An uninitialised uint8 tensor; inside a DataLoader worker, in shared memory, so a sample
-    decoded into it reaches the training process without a copy."""
-    if get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.uint8)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape))  # as default_collate allocates
-    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
 
 
 def pixels_to_model(pixels: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,14 @@ def _view(storage: torch.UntypedStorage, shape: tuple[int, ...]) -> torch.Tensor
     return torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape)
 
 
+def empty_for_transfer(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised uint8 tensor: plain memory in the training process; fresh shared memory inside a
+    DataLoader worker, so data written into it reaches the training process without a copy."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    return _view(_new_shared(math.prod(shape)), shape)
+
+
 def _release(busy: torch.Tensor, slot: int) -> None:
     busy[slot] = 0
 
@@ -73,12 +81,12 @@ class TransferPool:
         (None: plain memory, send the tensor itself)."""
         info = get_worker_info()
         if info is None:  # the training process itself loads: no transfer to save
-            return torch.empty(shape, dtype=torch.uint8), None
-        num_bytes = math.prod(shape)
+            return empty_for_transfer(shape), None
         first = info.id * self.slots_per_worker
         free = [slot for slot in range(first, first + self.slots_per_worker) if self.busy[slot] == 0]
-        if not free:
-            return _view(_new_shared(num_bytes), shape), None
+        if not free:  # the training process still holds every slot: fresh memory, never a wait
+            return empty_for_transfer(shape), None
+        num_bytes = math.prod(shape)
         # A free buffer that is large enough; else grow one (its old memory is free: nothing views it).
         fits = [slot for slot in free if slot in self._storages and self._storages[slot].nbytes() >= num_bytes]
         slot = fits[0] if fits else free[0]
