@@ -120,6 +120,44 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return tensors, metadata
 
 
+def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """Write a safetensors file durably (temporary name, fsync, rename), streaming tensor by tensor."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_durably(path, lambda f: _write_safetensors(f, tensors, metadata))
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; ValueError naming it when it is missing or damaged."""
+    if not path.is_file():
+        raise ValueError(f"{path}: missing from the checkpoint")
+    return _read_safetensors(path)
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write a JSON value durably; refuses values JSON would not give back unchanged."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = _json_bytes(value, path.name, path.stem)
+    _write_durably(path, lambda f: f.write(data))
+
+
+def read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise ValueError(f"{path}: missing from the checkpoint")
+    return _read_json(path)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under `folder` (for files written by a library, e.g. DeepSpeed or
+    DCP, that does not fsync them itself)."""
+    for path in sorted(folder.rglob("*"), reverse=True):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        elif path.is_dir():
+            _fsync_dir(path)
+    _fsync_dir(folder)
+
+
 def _check_json(value: Any, where: str) -> None:
     """Refuse anything JSON would not give back as it was (dict keys that are not strings come back
     as strings) or cannot write at all, naming the entry. Tuples come back as lists, which is fine."""

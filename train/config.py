@@ -29,8 +29,7 @@ TRAIN_MODES = ("normal", "i2v")
 WEIGHTING_SCHEMES = ("logit_normal", "uniform")
 MIXED_PRECISIONS = ("bf16", "fp32")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
-ENGINES = ("ddp",)
-PLANNED_ENGINES = ("zero2", "zero3", "fsdp")  # known names, refused until they are implemented
+ENGINES = ("ddp", "zero2", "zero3", "fsdp")
 BACKENDS = ("auto", "nccl", "gloo")
 
 
@@ -187,16 +186,55 @@ class LoggingConfig:
 @dataclass
 class ParallelConfig:
     engine: str = "ddp"
-    """Distributed engine: "ddp" (zero2, zero3 and fsdp are planned)."""
+    """Distributed engine: "ddp" (whole model on every rank), "zero2" (DeepSpeed: optimizer state and
+    gradients sharded), "zero3" (DeepSpeed: parameters too), "fsdp" (FSDP2: everything sharded)."""
     backend: str = "auto"
     """torch.distributed backend: "auto" (nccl with GPUs, gloo without), "nccl" or "gloo"."""
+    use_deepspeed: bool = False
+    """VideoX-Fun's flag: a DeepSpeed engine, zero2 unless engine says zero3."""
+    deepspeed_config: str = ""
+    """Optional DeepSpeed JSON file for experts: its values win over the generated ones (printed)."""
+    offload_optimizer: bool = False
+    """zero2, zero3, fsdp: keep the fp32 master weights and optimizer state in host memory."""
+    offload_param: bool = False
+    """zero3, fsdp: keep the sharded parameters in host memory between uses."""
+    reduce_bucket_size: int = 500_000_000
+    """DeepSpeed: elements per gradient reduce bucket."""
+    allgather_bucket_size: int = 500_000_000
+    """DeepSpeed ZeRO-2: elements per parameter all-gather bucket."""
+    overlap_comm: bool = True
+    """DeepSpeed: overlap gradient reduction with the backward pass."""
+    stage3_prefetch_bucket_size: int = 50_000_000
+    """DeepSpeed ZeRO-3: elements of parameters fetched ahead of use."""
+    stage3_param_persistence_threshold: int = 100_000
+    """DeepSpeed ZeRO-3: parameters with fewer elements stay whole on every rank."""
+    stage3_max_live_parameters: int = 1_000_000_000
+    """DeepSpeed ZeRO-3: parameter elements kept gathered at once."""
+    reshard_after_forward: bool = True
+    """fsdp: free gathered parameters after forward (gathered again for backward): less memory."""
+    reduce_every_micro_step: bool = True
+    """fsdp: reduce-scatter gradients on every micro-step; false accumulates full-size unsharded
+    gradients on every rank until the last micro-step (56 GB at 14B) to save communication."""
 
     def problems(self) -> list[str]:
-        if self.engine in PLANNED_ENGINES:
-            out = [f"engine {self.engine!r} is not implemented yet (available: {', '.join(ENGINES)})"]
-        else:
-            out = _choice("engine", self.engine, ENGINES)
-        return out + _choice("backend", self.backend, BACKENDS)
+        out = _choice("engine", self.engine, ENGINES) + _choice("backend", self.backend, BACKENDS)
+        if self.use_deepspeed and self.engine not in ("ddp", "zero2", "zero3"):
+            out.append(f"use_deepspeed asks for a DeepSpeed engine, but engine = {self.engine!r}")
+        if self.deepspeed_config and self.engine not in ("zero2", "zero3") and not self.use_deepspeed:
+            out.append(f"deepspeed_config is set, but engine {self.engine!r} is not a DeepSpeed engine")
+        if self.offload_param and self.engine in ("ddp", "zero2"):
+            out.append(f"offload_param needs engine zero3 or fsdp, not {self.engine!r}")
+        if self.offload_optimizer and self.engine == "ddp" and not self.use_deepspeed:
+            out.append("offload_optimizer needs engine zero2, zero3 or fsdp, not 'ddp'")
+        out += _at_least(self, 0, "stage3_param_persistence_threshold")
+        out += _at_least(self, 1, "reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
+                         "stage3_max_live_parameters")  # fmt: skip
+        return out
+
+    def resolve(self) -> None:
+        """VideoX-Fun's --use_deepspeed means a DeepSpeed engine: zero2 unless zero3 was chosen."""
+        if self.use_deepspeed and self.engine == "ddp":
+            self.engine = "zero2"
 
 
 @dataclass
@@ -385,6 +423,8 @@ def load_config(argv: list[str]) -> RunConfig:
         except ValueError:
             problems.append(f"{flag}: expected {_TYPE_NAMES[typ]}, got {text!r}")
     problems += cfg.problems()
+    if not problems:
+        cfg.parallel.resolve()
     if problems:
         raise ConfigError(problems)
     return cfg

@@ -1,116 +1,230 @@
-"""The data-parallel engine behind the training loop: DDP now; ZeRO-2, ZeRO-3 and FSDP2 go behind the
-same few methods next.
+"""The engines behind the training loop: DDP, DeepSpeed ZeRO-2 / ZeRO-3 and FSDP2, one interface.
 
-What the loop needs from an engine, and nothing more:
-- `model(...)`: the forward of the wrapped model;
-- `sync(enabled)`: a context for one micro-step; gradients are reduced across ranks only when enabled
-  (the last micro-step of an optimizer step), so accumulation costs one all-reduce per step;
-- `backward(loss)`, then `step(max_grad_norm)`: clip, and update unless the gradients are not
-  finite (then the update is skipped on every rank alike: the reduced gradients are identical);
-- `trainable_state()` / `load_trainable_state()`: the trainable weights by their official names;
-- `optimizer_state()` / `load_optimizer_state()`: the optimizer state keyed by the same names, so a
-  checkpoint does not depend on the engine's parameter order.
+An engine owns everything that differs between them: where the DiT is built and how its weights
+arrive (whole on every rank, `deepspeed.zero.Init`, or sharded by `fully_shard`), the precision
+policy, the optimizer and lr schedule, accumulation boundaries, clipping, skipping non-finite
+updates alike on every rank, and saving and loading its own state into a checkpoint folder. The
+loop never asks which engine it has:
+
+    with engine.micro_step(last):      # gradients are reduced across ranks only on the last one
+        pred = engine.forward(x_t, t, context, clip_fea=..., y=...)   # under the engine's precision
+        engine.backward(loss)          # the micro-batch mean; the engine divides by accumulation
+    result = engine.step()             # clip, update (unless non-finite), lr schedule, zero grads
+
+Checkpoints: `save(folder)` is collective; every rank writes its own files under `folder` (each
+fsynced) and returns their names relative to it; `load(folder)` reads them back, refusing (ValueError
+naming the file) a state that does not fit. `full_state()` streams the full weights by official
+name for consolidated saves.
 """
 
 import contextlib
 import inspect
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from train.checkpoint import load_named_optimizer_state, optimizer_state_to_named
+from train.config import ENGINES, OptimConfig, ParallelConfig
+from train.lr import build_lr_scheduler
+from train.models import DiTRecipe
+
+DDP_MODEL_FILE = "model.safetensors"
+DDP_OPTIMIZER_FILE = "optimizer.safetensors"
+SCHEDULER_FILE = "scheduler.json"
+
+
+@dataclass
+class EngineSetup:
+    """What every engine is built from besides the DiT recipe: the [parallel] and [optim] sections and
+    the few run facts that shape the optimizer step."""
+
+    parallel: ParallelConfig
+    optim: OptimConfig
+    mixed_precision: str
+    """"bf16" (bf16 compute, fp32 master weights, fp32 gradient reduction) or "fp32"."""
+    micro_batch_size: int
+    accumulation_steps: int
+    total_steps: int
+    """Optimizer steps of the whole run (the lr schedule's length)."""
+    device: torch.device
+
+
+@dataclass
+class StepResult:
+    grad_norm: float
+    """The global gradient norm before clipping (inf or nan when the update was skipped)."""
+    updated: bool
+    lr: float
+    """The learning rate the update used."""
+
+
+class Engine(Protocol):
+    module: nn.Module  # the DiT itself (sharded or partitioned under zero3 and fsdp)
+
+    def forward(self, *args, **kwargs) -> torch.Tensor: ...
+
+    def micro_step(self, last: bool) -> contextlib.AbstractContextManager: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> StepResult: ...
+
+    def save(self, folder: Path) -> list[str]: ...
+
+    def load(self, folder: Path) -> None: ...
+
+    def full_state(self) -> Iterator[tuple[str, torch.Tensor]]: ...
+
+
+def precision_context(setup: EngineSetup) -> contextlib.AbstractContextManager:
+    """bf16 autocast for fp32 master weights; nothing for fp32 training."""
+    if setup.mixed_precision == "bf16":
+        return torch.autocast(setup.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def build_optimizer(params: list[torch.nn.Parameter], optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with the [optim] values: fused on CUDA, foreach on CPU (the same arithmetic)."""
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(
+        params, lr=optim.learning_rate, betas=(optim.adam_beta1, optim.adam_beta2),
+        weight_decay=optim.adam_weight_decay, eps=optim.adam_epsilon, fused=fused or None,
+        foreach=None if fused else True,
+    )  # fmt: skip
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, setup: EngineSetup) -> torch.optim.lr_scheduler.LambdaLR:
+    o = setup.optim
+    return build_lr_scheduler(optimizer, o.lr_scheduler, o.lr_warmup_steps, setup.total_steps)
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class DDPEngine:
     """Every rank holds the whole model in float32 and the AdamW state of its trainable parameters;
-    gradients are averaged across ranks in backward (DDP's bucketed all-reduce)."""
+    gradients are averaged across ranks in backward (DDP's bucketed all-reduce). Checkpoints:
+    rank 0 writes the trainable weights and the optimizer state keyed by parameter name (safetensors),
+    which any world size can read back."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        device: torch.device,
-        *,
-        learning_rate: float,
-        betas: tuple[float, float],
-        weight_decay: float,
-        eps: float,
-    ):
-        self.module = model
-        self.device = device
-        self.named_trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    def __init__(self, recipe: DiTRecipe, setup: EngineSetup):
+        self.setup = setup
+        self.module = recipe.materialize(setup.device)
+        self.named_trainable = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
         self.names_by_param = {p: n for n, p in self.named_trainable.items()}
-        self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if self.distributed:
+        if distributed():
             # Frozen parameters (requires_grad=False before wrapping) get no gradient buckets. Buffers
             # (the RoPE tables) are computed alike on every rank: no broadcast before each forward.
             # Gradients as views of the all-reduce buckets: one copy of the gradients, not two.
-            ids = [device.index] if device.type == "cuda" else None
+            ids = [setup.device.index] if setup.device.type == "cuda" else None
             new_torch = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
             no_buffer_sync = {"forward_sync_buffers": False} if new_torch else {"broadcast_buffers": False}
-            self.model = DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True, **no_buffer_sync)
+            self.model = DistributedDataParallel(
+                self.module, device_ids=ids, gradient_as_bucket_view=True, **no_buffer_sync
+            )
         else:
-            self.model = model
-        # Fused AdamW where the device has it; foreach on CPU. Same arithmetic as the reference AdamW.
-        fused = device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(
-            list(self.named_trainable.values()), lr=learning_rate, betas=betas, weight_decay=weight_decay, eps=eps,
-            fused=fused or None, foreach=None if fused else True,
-        )  # fmt: skip
+            self.model = self.module
+        self.optimizer = build_optimizer(list(self.named_trainable.values()), setup.optim, setup.device)
+        self.scheduler = build_schedule(self.optimizer, setup)
+        self.precision = precision_context(setup)
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        with self.precision:
+            return self.model(*args, **kwargs)
 
     @contextlib.contextmanager
-    def sync(self, enabled: bool) -> Iterator[None]:
-        if self.distributed and not enabled:
+    def micro_step(self, last: bool) -> Iterator[None]:
+        if distributed() and not last:
             with self.model.no_sync():
                 yield
         else:
             yield
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        (loss / self.setup.accumulation_steps).backward()
 
-    def step(self, max_grad_norm: float) -> tuple[float, bool]:
-        """Clip (max_grad_norm > 0) and update; returns (total gradient norm, whether it updated)."""
-        params = list(self.named_trainable.values())
-        limit = max_grad_norm if max_grad_norm > 0 else math.inf
-        norm = float(torch.nn.utils.clip_grad_norm_(params, limit))
-        updated = math.isfinite(norm)
-        if updated:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm, updated
+    def step(self) -> StepResult:
+        return optimizer_step(self.named_trainable.values(), self.optimizer, self.scheduler, self.setup.optim)
 
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu() for n, p in self.named_trainable.items()}
+    def save(self, folder: Path) -> list[str]:
+        from train.checkpoint import optimizer_state_to_named, write_json, write_safetensors
+
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return []  # replicated state: rank 0 writes it once
+        tensors, meta = optimizer_state_to_named(self.optimizer, self.names_by_param)
+        weights = {n: p.detach() for n, p in self.named_trainable.items()}
+        write_safetensors(folder / DDP_MODEL_FILE, weights, {"format": "pt"})
+        write_safetensors(folder / DDP_OPTIMIZER_FILE, tensors, meta)
+        write_json(folder / SCHEDULER_FILE, self.scheduler.state_dict())
+        return [DDP_MODEL_FILE, DDP_OPTIMIZER_FILE, SCHEDULER_FILE]
 
     @torch.no_grad()
-    def load_trainable_state(self, tensors: dict[str, torch.Tensor], source: str) -> None:
-        names = set(self.named_trainable)
-        missing, unexpected = sorted(names - set(tensors)), sorted(set(tensors) - names)
-        problems = [f"missing {missing[:5]}" if missing else "", f"unexpected {unexpected[:5]}" if unexpected else ""]
-        for name in sorted(names & set(tensors)):
-            if tensors[name].shape != self.named_trainable[name].shape:
-                problems.append(f"{name}: {list(tensors[name].shape)} vs {list(self.named_trainable[name].shape)}")
-        problems = [p for p in problems if p]
-        if problems:
-            raise ValueError(
-                f"{source}: the checkpoint's trainable weights do not fit this run (trainable_modules or model "
-                "changed?): " + "; ".join(problems)
-            )
+    def load(self, folder: Path) -> None:
+        from train.checkpoint import load_named_optimizer_state, read_json, read_safetensors
+
+        tensors = read_safetensors(folder / DDP_MODEL_FILE)[0]
+        check_named_tensors(tensors, self.named_trainable, folder / DDP_MODEL_FILE)
         for name, param in self.named_trainable.items():
             param.copy_(tensors[name])
+        optim_tensors, meta = read_safetensors(folder / DDP_OPTIMIZER_FILE)
+        load_named_optimizer_state(
+            self.optimizer, self.names_by_param, optim_tensors, meta, folder / DDP_OPTIMIZER_FILE
+        )
+        self.scheduler.load_state_dict(read_json(folder / SCHEDULER_FILE))
 
-    def optimizer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        return optimizer_state_to_named(self.optimizer, self.names_by_param)
-
-    def load_optimizer_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-        load_named_optimizer_state(self.optimizer, self.names_by_param, tensors, meta)
+    def full_state(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in self.module.state_dict().items():
+            yield name, tensor.detach()
 
 
-def build_engine(name: str, model: nn.Module, device: torch.device, **optim) -> DDPEngine:
-    if name != "ddp":
-        raise ValueError(f"engine {name!r} is not implemented yet (only 'ddp')")
-    return DDPEngine(model, device, **optim)
+def optimizer_step(params, optimizer: torch.optim.Optimizer, scheduler, optim: OptimConfig) -> StepResult:
+    """Clip (max_grad_norm > 0), update unless the norm is not finite, advance the schedule, zero
+    the gradients. The norm is computed from the reduced gradients, so every rank decides alike."""
+    params = list(params)
+    limit = optim.max_grad_norm if optim.max_grad_norm > 0 else math.inf
+    norm = float(torch.nn.utils.clip_grad_norm_(params, limit))
+    updated = math.isfinite(norm)
+    lr = scheduler.get_last_lr()[0]
+    if updated:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()  # a skipped update still advances the schedule (the step count is the clock)
+    return StepResult(norm, updated, lr)
+
+
+def check_named_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: Path) -> None:
+    """Refuse unless `tensors` holds exactly the names of `expected` with their shapes."""
+    names = set(expected)
+    missing, unexpected = sorted(names - set(tensors)), sorted(set(tensors) - names)
+    problems = [f"missing {missing[:5]}" if missing else "", f"unexpected {unexpected[:5]}" if unexpected else ""]
+    for name in sorted(names & set(tensors)):
+        if tensors[name].shape != expected[name].shape:
+            problems.append(f"{name}: {list(tensors[name].shape)} vs {list(expected[name].shape)}")
+    problems = [p for p in problems if p]
+    if problems:
+        raise ValueError(
+            f"{source}: the checkpoint's trainable weights do not fit this run (trainable_modules or model "
+            "changed?): " + "; ".join(problems)
+        )
+
+
+def build_engine(recipe: DiTRecipe, setup: EngineSetup) -> Engine:
+    """The engine [parallel] engine names, building the DiT from `recipe`."""
+    name = setup.parallel.engine
+    assert name in ENGINES, name  # the config refuses other names
+    if name == "ddp":
+        return DDPEngine(recipe, setup)
+    if name in ("zero2", "zero3"):
+        from train.engine_deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(recipe, setup)
+    from train.engine_fsdp import FSDPEngine
+
+    return FSDPEngine(recipe, setup)
