@@ -8,55 +8,86 @@ test can SIGKILL it mid-save or run several ranks over gloo.
 import json
 import random
 import sys
+from pathlib import Path
 
 import torch
 
-from train.checkpoint import capture_rng_state, load_checkpoint, save_checkpoint
+from train.checkpoint import Checkpointer, RNGState, read_safetensors, write_safetensors
 
 
-def parts(step: int) -> dict:
-    """The shared parts of checkpoint `step`, equal in every process that builds them."""
-    g = torch.Generator().manual_seed(step)
-    return {
-        "model_tensors": {
-            "blocks.0.weight": torch.randn(64, 64, generator=g),
-            "head.bias": torch.randn(64, generator=g),
-        },
-        "scheduler_state": {"last_epoch": step, "base_lrs": [1e-4]},
-        "sampler_state": {"epoch": 0, "consumed": step},
-        "trainer_state": {"epoch": 0, "tag": f"step {step}"},
-        "config_text": f"[train]\nstep = {step}\n",
-    }
+class Value:
+    """A JSON checkpoint part holding a plain value."""
+
+    def __init__(self, value=None):
+        self.value = value
+
+    def state_dict(self):
+        return self.value
+
+    def load_state_dict(self, state) -> None:
+        self.value = state
+
+
+class RankFiles:
+    """A file part like an engine's: each rank writes its own shard, `shards/rank_{r}.safetensors`."""
+
+    def __init__(self, rank: int, tensors: dict[str, torch.Tensor] | None = None):
+        self.rank, self.tensors = rank, tensors
+
+    def save(self, folder: Path) -> list[str]:
+        name = f"shards/rank_{self.rank}.safetensors"
+        write_safetensors(folder / name, self.tensors, {"format": "pt"})
+        return [name]
+
+    def load(self, folder: Path) -> None:
+        self.tensors = read_safetensors(folder / f"shards/rank_{self.rank}.safetensors")[0]
+
+
+def shard(step: int, rank: int) -> dict[str, torch.Tensor]:
+    """Rank `rank`'s tensors of checkpoint `step`, equal in every process that builds them."""
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return {"blocks.0.weight": torch.randn(64, 64, generator=g), "head.bias": torch.randn(64, generator=g)}
+
+
+def trainer_state(step: int) -> dict:
+    return {"step": step, "epoch": 0, "tag": f"step {step}"}
+
+
+def build(output_dir: str, rank: int, world_size: int, step: int, total_limit: int = 0):
+    checkpointer = Checkpointer(
+        output_dir, rank=rank, world_size=world_size, total_limit=total_limit,
+        config_text=f"[train]\nstep = {step}\n", marker_info={"engine": "test"},
+    )  # fmt: skip
+    parts = {"files": RankFiles(rank, shard(step, rank)), "trainer_state": Value(trainer_state(step))}
+    checkpointer.register_files("engine", parts["files"])
+    checkpointer.register("trainer_state", parts["trainer_state"])
+    checkpointer.register("rng", RNGState(), per_rank=True)
+    return checkpointer, parts
 
 
 def save(output_dir: str, steps: list[int]) -> None:
     for step in steps:
-        save_checkpoint(
-            output_dir, step, rank=0, world_size=1, barrier=lambda: None, rng_state=capture_rng_state(), **parts(step)
-        )
+        build(output_dir, 0, 1, step)[0].save(step)
 
 
 def dist_rank(output_dir: str, rank: int, world_size: int, port: int) -> None:
     import torch.distributed as dist
 
+    from train.checkpoint import capture_rng_state
+
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     random.seed(rank)
     torch.manual_seed(rank)
     for step in (1, 2):
-        rng = capture_rng_state()
-        path = save_checkpoint(
-            output_dir,
-            step,
-            rank=rank,
-            world_size=world_size,
-            barrier=dist.barrier,
-            rng_state=rng,
-            total_limit=1,
-            **parts(step),
-        )
-        loaded = load_checkpoint(path, rank)
-        assert loaded.rng_state == json.loads(json.dumps(rng)), f"rank {rank}: RNG state differs after loading"
-        random.random()  # the next save holds another state
+        rng = json.loads(json.dumps(capture_rng_state()))
+        checkpointer, _ = build(output_dir, rank, world_size, step, total_limit=1)
+        path = checkpointer.save(step)
+        random.random()  # the state moves on
+        fresh, parts = build(output_dir, rank, world_size, 0)
+        fresh.load(path)
+        assert capture_rng_state() == rng, f"rank {rank}: RNG state differs after loading"
+        assert all(torch.equal(parts["files"].tensors[k], v) for k, v in shard(step, rank).items())
+        assert parts["trainer_state"].value == trainer_state(step)
     dist.barrier()
     dist.destroy_process_group()
     print(f"rank {rank} ok")

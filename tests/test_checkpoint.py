@@ -1,4 +1,5 @@
-"""Checkpoints: every part round-trips, exact optimizer resume, completeness, pruning, crashes mid-save."""
+"""Checkpoints: every part round-trips, exact optimizer resume, completeness, pruning, crashes mid-save,
+and every rank's files listed in one marker."""
 
 import json
 import os
@@ -7,39 +8,45 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from checkpoint_worker import parts
+from checkpoint_worker import RankFiles, Value, build, shard, trainer_state
 from safetensors import safe_open
 
-from train import checkpoint as ckpt
 from train.checkpoint import (
+    Checkpointer,
+    RNGState,
     capture_rng_state,
     find_latest,
-    load_checkpoint,
     load_named_optimizer_state,
     optimizer_state_to_named,
+    read_marker,
+    read_safetensors,
     resolve_resume,
     restore_rng_state,
-    save_checkpoint,
+    write_safetensors,
 )
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("checkpoint_worker.py")
 
 
-def no_barrier() -> None:
-    pass
+def save(output_dir: Path, step: int, total_limit: int = 0, **values) -> Path:
+    """A one-process save of the worker's parts for `step`; `values` add JSON parts."""
+    checkpointer, _ = build(str(output_dir), 0, 1, step, total_limit=total_limit)
+    for name, value in values.items():
+        checkpointer.register(name, Value(value))
+    return checkpointer.save(step)
 
 
-def save(output_dir: Path, step: int, **kwargs) -> Path:
-    """A one-process save of the worker's parts for `step` (kwargs override them)."""
-    args = {**parts(step), "rng_state": capture_rng_state(), **kwargs}
-    return save_checkpoint(output_dir, step, rank=0, world_size=1, barrier=no_barrier, **args)
+def load(path: Path) -> dict:
+    """The worker's parts as loaded from `path` by one process."""
+    checkpointer, parts = build(str(path.parent), 0, 1, 0)
+    checkpointer.load(path)
+    return parts
 
 
 def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -75,71 +82,52 @@ def sample_tensors() -> dict[str, torch.Tensor]:
 
 
 def test_every_part_round_trips(tmp_path):
-    model = sample_tensors()
-    opt_tensors = {"w.exp_avg": torch.randn(3), "w.step": torch.tensor(4.0)}
-    opt_meta = {"format": "pt", "param_groups": json.dumps([{"lr": 0.1, "params": ["w"]}]), "state": "{}"}
+    tensors = sample_tensors()
     scheduler = {"base_lrs": [1e-4], "last_epoch": 3, "lr_lambdas": [None], "_last_lr": [5e-5]}
     sampler = {"epoch": 2, "consumed": 7, "carry_in": [1, 4]}
-    trainer = {"epoch": 2, "nested": {"a": [1, 2.5, None, True]}}
-    config = '[model]\nname = "wan-1.3b"\n'
     rng = capture_rng_state()
-    path = save_checkpoint(
-        tmp_path,
-        12,
-        rank=0,
-        world_size=1,
-        barrier=no_barrier,
-        model_tensors=model,
-        optimizer_tensors=opt_tensors,
-        optimizer_meta=opt_meta,
-        scheduler_state=scheduler,
-        sampler_state=sampler,
-        trainer_state=trainer,
-        config_text=config,
-        rng_state=rng,
-    )
+    checkpointer = Checkpointer(tmp_path, config_text='[model]\nname = "wan-1.3b"\n', marker_info={"engine": "x"})
+    checkpointer.register_files("engine", RankFiles(0, tensors))
+    checkpointer.register("scheduler", Value(scheduler))
+    checkpointer.register("sampler", Value(sampler))
+    checkpointer.register("rng", RNGState(), per_rank=True)
+    path = checkpointer.save(12)
     assert path == tmp_path / "checkpoint-12"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-12"]  # no tmp left behind
-    marker = json.loads((path / "COMPLETE").read_text())
-    assert marker["step"] == 12 and marker["world_size"] == 1
+    marker = read_marker(path)
+    assert marker["step"] == 12 and marker["world_size"] == 1 and marker["engine"] == "x"
     assert set(marker["files"]) == {
-        "model.safetensors",
-        "optimizer.safetensors",
-        "scheduler.json",
-        "sampler.json",
-        "trainer_state.json",
-        "config.toml",
-        "rng/rank_0.json",
-    }
+        "shards/rank_0.safetensors", "scheduler.json", "sampler.json", "config.toml", "rng/rank_0.json",
+    }  # fmt: skip
+    assert (path / "config.toml").read_text() == '[model]\nname = "wan-1.3b"\n'
 
-    loaded = load_checkpoint(path, rank=0)
-    assert loaded.step == 12 and loaded.world_size == 1
-    assert list(loaded.model_tensors) == list(model)
-    for name, tensor in model.items():
-        assert bitwise_equal(loaded.model_tensors[name], tensor.contiguous()), name
-    for name, tensor in opt_tensors.items():
-        assert bitwise_equal(loaded.optimizer_tensors[name], tensor), name
-    assert loaded.optimizer_meta == opt_meta
-    assert loaded.scheduler_state == scheduler
-    assert loaded.sampler_state == sampler
-    assert loaded.trainer_state == {"step": 12, **trainer}
-    assert loaded.config_text == config
-    assert loaded.rng_state == rng
+    torch.manual_seed(99)  # the RNG moves on; loading puts it back
+    files, sched, samp = RankFiles(0), Value(), Value()
+    again = Checkpointer(tmp_path, marker_info={"engine": "x"})
+    again.register_files("engine", files)
+    again.register("scheduler", sched)
+    again.register("sampler", samp)
+    again.register("rng", RNGState(), per_rank=True)
+    again.load(path)
+    assert list(files.tensors) == list(tensors)
+    for name, tensor in tensors.items():
+        assert bitwise_equal(files.tensors[name], tensor.contiguous()), name
+    assert sched.value == scheduler and samp.value == sampler
+    assert capture_rng_state() == json.loads(json.dumps(rng))
 
     # The streamed writer produces files the safetensors library reads as its own.
-    with safe_open(str(path / "optimizer.safetensors"), framework="pt") as f:
-        assert f.metadata() == opt_meta
-    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-        for name, tensor in model.items():
+    with safe_open(str(path / "shards/rank_0.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        for name, tensor in tensors.items():
             assert bitwise_equal(f.get_tensor(name), tensor.contiguous()), name
 
-
-def test_optional_parts_may_be_left_out(tmp_path):
-    path = save_checkpoint(tmp_path, 0, rank=0, world_size=1, barrier=no_barrier, rng_state=capture_rng_state())
-    loaded = load_checkpoint(path, 0)
-    assert loaded.model_tensors is None and loaded.optimizer_tensors is None and loaded.optimizer_meta is None
-    assert loaded.scheduler_state is None and loaded.sampler_state is None and loaded.config_text is None
-    assert loaded.trainer_state == {"step": 0}
+    wrong = Checkpointer(tmp_path, marker_info={"engine": "y"})
+    with pytest.raises(ValueError, match="written with engine = 'x', this run has 'y'.*zero_to_bf16"):
+        wrong.load(path)
+    missing = Checkpointer(tmp_path, marker_info={"engine": "x"})
+    missing.register("not_saved", Value())
+    with pytest.raises(ValueError, match="has no not_saved.json"):
+        missing.load(path)
 
 
 def draws() -> tuple:
@@ -162,9 +150,10 @@ def test_rng_restore_replays_the_same_draws(tmp_path):
     restore_rng_state(state)
     assert draws() == expected
     # And through the per-rank JSON file.
-    save_checkpoint(tmp_path, 1, rank=0, world_size=1, barrier=no_barrier, rng_state=state)
+    restore_rng_state(state)
+    save(tmp_path, 1)
     draws()
-    restore_rng_state(load_checkpoint(tmp_path / "checkpoint-1", 0).rng_state)
+    load(tmp_path / "checkpoint-1")
     assert draws() == expected
 
 
@@ -222,27 +211,15 @@ def test_optimizer_round_trip_continues_bitwise(tmp_path):
         "decoder.bias",
     }
     assert tensors["encoder.weight.step"].dim() == 0  # step stays a tensor
-    path = save_checkpoint(
-        tmp_path,
-        2,
-        rank=0,
-        world_size=1,
-        barrier=no_barrier,
-        model_tensors=dict(model.state_dict()),
-        optimizer_tensors=tensors,
-        optimizer_meta=meta,
-        scheduler_state=scheduler.state_dict(),
-        rng_state=capture_rng_state(),
-    )
+    write_safetensors(tmp_path / "model.safetensors", dict(model.state_dict()), {"format": "pt"})
+    write_safetensors(tmp_path / "optimizer.safetensors", tensors, meta)
+    scheduler_state = json.loads(json.dumps(scheduler.state_dict()))
 
     # A fresh process would build everything anew (other initial weights), then load.
     model2, optimizer2, scheduler2, names2 = make_training(seed=1)
-    loaded = load_checkpoint(path, 0)
-    model2.load_state_dict(loaded.model_tensors)
-    load_named_optimizer_state(
-        optimizer2, names2, loaded.optimizer_tensors, loaded.optimizer_meta, loaded.optimizer_file
-    )
-    scheduler2.load_state_dict(loaded.scheduler_state)
+    model2.load_state_dict(read_safetensors(tmp_path / "model.safetensors")[0])
+    load_named_optimizer_state(optimizer2, names2, *read_safetensors(tmp_path / "optimizer.safetensors"))
+    scheduler2.load_state_dict(scheduler_state)
     assert optimizer2.param_groups[0]["betas"] == (0.9, 0.999)  # tuples stay tuples
 
     before, after = optimizer.state_dict(), optimizer2.state_dict()
@@ -296,15 +273,15 @@ def test_find_latest_takes_the_newest_complete_checkpoint(tmp_path):
     for step in (1, 2, 3, 4, 5):
         save(tmp_path, step)
     (tmp_path / "checkpoint-5" / "COMPLETE").unlink()  # an interrupted save or copy
-    (tmp_path / "checkpoint-4" / "sampler.json").unlink()  # the marker lists a missing file
-    model = tmp_path / "checkpoint-3" / "model.safetensors"
-    model.write_bytes(model.read_bytes()[:-10])  # truncated
+    (tmp_path / "checkpoint-4" / "trainer_state.json").unlink()  # the marker lists a missing file
+    shard3 = tmp_path / "checkpoint-3" / "shards" / "rank_0.safetensors"
+    shard3.write_bytes(shard3.read_bytes()[:-10])  # truncated
     (tmp_path / "checkpoint-9.tmp").mkdir()  # a save in progress, even with a marker
     (tmp_path / "checkpoint-9.tmp" / "COMPLETE").write_text(json.dumps({"step": 9, "files": {}}))
     (tmp_path / "checkpoint-8").write_text("a file")
     (tmp_path / "checkpoint-7-copy").mkdir()
     assert find_latest(tmp_path) == tmp_path / "checkpoint-2"
-    assert load_checkpoint(find_latest(tmp_path), 0).trainer_state["tag"] == "step 2"
+    assert load(find_latest(tmp_path))["trainer_state"].value == trainer_state(2)
 
 
 def test_resolve_resume(tmp_path):
@@ -326,13 +303,7 @@ def test_resolve_resume(tmp_path):
     with pytest.raises(ValueError, match=r"checkpoint-1 is not a complete checkpoint: config\.toml has 6 bytes"):
         resolve_resume(tmp_path, str(tmp_path / "checkpoint-1"))
     with pytest.raises(ValueError, match="not a complete checkpoint"):
-        load_checkpoint(tmp_path / "checkpoint-1", 0)
-
-
-def test_load_refuses_a_rank_the_checkpoint_does_not_have(tmp_path):
-    path = save(tmp_path, 1)
-    with pytest.raises(ValueError, match=r"no rng/rank_1\.json: it was saved by 1 ranks.*world size changed"):
-        load_checkpoint(path, rank=1)
+        load(tmp_path / "checkpoint-1")
 
 
 def test_pruning_keeps_the_newest_complete_ones(tmp_path):
@@ -358,54 +329,20 @@ def test_pruning_keeps_the_newest_complete_ones(tmp_path):
 
 
 def test_resaving_a_step_replaces_it(tmp_path):
-    save(tmp_path, 3, trainer_state={"tag": "first"})
-    save(tmp_path, 3, trainer_state={"tag": "second"})
+    save(tmp_path, 3, note="first")
+    save(tmp_path, 3, note="second")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3"]
-    assert load_checkpoint(tmp_path / "checkpoint-3", 0).trainer_state["tag"] == "second"
+    assert json.loads((tmp_path / "checkpoint-3" / "note.json").read_text()) == "second"
 
 
 def test_refuses_values_json_would_change(tmp_path):
-    with pytest.raises(ValueError, match=r"scheduler\.json: scheduler_state\['lr_lambdas'\]\[0\] is a function"):
-        save(tmp_path, 1, scheduler_state={"lr_lambdas": [lambda s: s]})
-    with pytest.raises(ValueError, match=r"sampler\.json: sampler_state has the key 3"):
-        save(tmp_path, 1, sampler_state={3: "x"})
-    with pytest.raises(ValueError, match="trainer_state has step=5"):
+    with pytest.raises(ValueError, match=r"scheduler\.json: scheduler\['lr_lambdas'\]\[0\] is a function"):
+        save(tmp_path, 1, scheduler={"lr_lambdas": [lambda s: s]})
+    with pytest.raises(ValueError, match=r"sampler\.json: sampler has the key 3"):
+        save(tmp_path, 1, sampler={3: "x"})
+    with pytest.raises(ValueError, match="registered twice"):
         save(tmp_path, 1, trainer_state={"step": 5})
     assert find_latest(tmp_path) is None
-
-
-def test_ranks_in_threads_share_one_checkpoint_and_only_rank0_prunes(tmp_path, monkeypatch):
-    pruned_by = []
-    real_prune = ckpt._prune
-    monkeypatch.setattr(ckpt, "_prune", lambda *a: (pruned_by.append(threading.current_thread().name), real_prune(*a)))
-    barrier = threading.Barrier(2, timeout=30)
-    states = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        states.append(capture_rng_state())
-    errors = []
-
-    def rank(r: int, step: int) -> None:
-        try:
-            args = parts(step) if r == 0 else {}  # only rank 0's shared parts are written
-            save_checkpoint(
-                tmp_path, step, rank=r, world_size=2, barrier=barrier.wait, rng_state=states[r], total_limit=1, **args
-            )
-        except Exception as err:  # reported by the main thread
-            errors.append(err)
-            barrier.abort()
-
-    for step in (1, 2):
-        threads = [threading.Thread(target=rank, args=(r, step), name=f"rank{r}") for r in (0, 1)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert not errors, errors
-    assert pruned_by == ["rank0", "rank0"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
-    for r in (0, 1):
-        assert load_checkpoint(tmp_path / "checkpoint-2", r).rng_state == states[r]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -415,25 +352,24 @@ def test_ranks_in_threads_share_one_checkpoint_and_only_rank0_prunes(tmp_path, m
 def test_sigkill_mid_save_loses_nothing(tmp_path):
     result = run_worker("save", tmp_path, 1, 2, env_extra={"WAN_TRAIN_KILL_DURING_SAVE": "2"})
     assert result.returncode == -signal.SIGKILL, result.stderr
-    # Killed with the first file of checkpoint 2 written, before its marker.
-    assert sorted(p.name for p in (tmp_path / "checkpoint-2.tmp").iterdir()) == ["model.safetensors", "rng"]
+    # Killed with the files of checkpoint 2 written, before its marker.
+    assert (tmp_path / "checkpoint-2.tmp" / "shards" / "rank_0.safetensors").is_file()
+    assert not (tmp_path / "checkpoint-2.tmp" / "COMPLETE").exists()
     assert not (tmp_path / "checkpoint-2").exists()
 
     latest = find_latest(tmp_path)
     assert latest == tmp_path / "checkpoint-1"
-    loaded = load_checkpoint(latest, 0)
-    expected = parts(1)
-    for name, tensor in expected["model_tensors"].items():
-        assert bitwise_equal(loaded.model_tensors[name], tensor), name
-    assert loaded.trainer_state == {"step": 1, **expected["trainer_state"]}
-    assert loaded.sampler_state == expected["sampler_state"] and loaded.config_text == expected["config_text"]
+    parts = load(latest)
+    for name, tensor in shard(1, 0).items():
+        assert bitwise_equal(parts["files"].tensors[name], tensor), name
+    assert parts["trainer_state"].value == trainer_state(1)
 
     # A fresh process saves step 2 over the stale tmp folder.
     result = run_worker("save", tmp_path, 2)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-2"]
     assert find_latest(tmp_path) == tmp_path / "checkpoint-2"
-    assert load_checkpoint(tmp_path / "checkpoint-2", 0).trainer_state["tag"] == "step 2"
+    assert load(tmp_path / "checkpoint-2")["trainer_state"].value == trainer_state(2)
 
 
 def free_port() -> int:
@@ -458,12 +394,17 @@ def test_two_gloo_ranks_save_one_checkpoint(tmp_path):
     ]
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
-    # Saved steps 1 and 2 with total_limit=1: one checkpoint, one marker, both ranks' RNG files.
+    # Saved steps 1 and 2 with total_limit=1: one checkpoint, one marker listing both ranks' files.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
     path = tmp_path / "checkpoint-2"
     assert sorted(p.name for p in (path / "rng").iterdir()) == ["rank_0.json", "rank_1.json"]
     assert len(list(path.rglob("COMPLETE"))) == 1
-    assert json.loads((path / "COMPLETE").read_text())["world_size"] == 2
-    states = [load_checkpoint(path, r).rng_state for r in (0, 1)]
-    assert states[0] != states[1]
-    assert load_checkpoint(path, 1).trainer_state["tag"] == "step 2"
+    marker = read_marker(path)
+    assert marker["world_size"] == 2
+    assert {"shards/rank_0.safetensors", "shards/rank_1.safetensors", "rng/rank_1.json"} <= set(marker["files"])
+
+    # One rank's file missing: the folder is not a checkpoint, and the error names the file.
+    (path / "shards" / "rank_1.safetensors").unlink()
+    assert find_latest(tmp_path) is None
+    with pytest.raises(ValueError, match=r"shards/rank_1\.safetensors is missing"):
+        resolve_resume(tmp_path, str(path))

@@ -218,10 +218,21 @@ def test_resume_with_explicit_consumed_and_other_rank():
     assert list(resumed) == expected
 
 
+def test_resume_on_fewer_ranks_keeping_the_global_batch():
+    """2 ranks x batch 2 resumed as 1 rank x batch 4: the same global batches, in order."""
+    keys = make_keys()
+    ranks = [DistributedBucketBatchSampler(keys, 2, r, 2, seed=5) for r in (0, 1)]
+    plans = [list(s) for s in ranks]
+    state = json.loads(json.dumps(ranks[0].state_dict(consumed=3)))
+    one = DistributedBucketBatchSampler(keys, 4, 0, 1, seed=5)
+    one.load_state_dict(state)
+    assert list(one) == [a + b for a, b in zip(plans[0][3:], plans[1][3:], strict=True)]
+
+
 def test_resume_refuses_other_setup():
     keys = make_keys()
     state = json.loads(json.dumps(DistributedBucketBatchSampler(keys, 2, 0, 2, seed=5).state_dict()))
-    with pytest.raises(ValueError, match="world_size"):
+    with pytest.raises(ValueError, match="global batch is 2 x 2 x 1.*2 x 4 x 1"):
         DistributedBucketBatchSampler(keys, 2, 0, 4, seed=5).load_state_dict(state)
     with pytest.raises(ValueError, match="seed"):
         DistributedBucketBatchSampler(keys, 2, 0, 2, seed=6).load_state_dict(state)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from train.metrics import Metrics, NullMetrics, StepTimer, build_metrics, peak_memory_bytes
+from train.metrics import Metrics, NullMetrics, StepStats, StepTimer, build_metrics, peak_memory_bytes
 
 
 def read_scalars(output_dir) -> dict[str, list[tuple[int, float]]]:
@@ -24,6 +24,10 @@ def step_args(**overrides) -> dict:
     return args
 
 
+def log(metrics, step: int, **stats) -> None:
+    metrics.log_step(step, StepStats(**stats))
+
+
 class TTYStringIO(io.StringIO):
     def isatty(self) -> bool:
         return True
@@ -33,7 +37,7 @@ def test_step_scalars_and_smoothed_loss(tmp_path):
     m = Metrics(tmp_path, rank=0, total_steps=10, loss_smoothing=0.9, stream=io.StringIO())
     losses = [2.0, 1.0, 0.5]
     for step, loss in enumerate(losses, start=1):
-        m.log_step(step, **step_args(loss=loss, lr=1e-4 * step), sections={"forward": 0.5, "backward": 1.0})
+        log(m, step, **step_args(loss=loss, lr=1e-4 * step), sections={"forward": 0.5, "backward": 1.0})
     first, last = m.first_and_last_smoothed()
     m.close()
     s = read_scalars(tmp_path)
@@ -65,15 +69,15 @@ def test_step_scalars_and_smoothed_loss(tmp_path):
 
 def test_loss_by_timestep_accumulates_over_the_window(tmp_path):
     m = Metrics(tmp_path, rank=0, total_steps=10, log_every=2, timestep_bins=10, stream=io.StringIO())
-    m.log_step(1, **step_args(), timesteps=[50.0, 150.0, 950.0], per_sample_loss=[1.0, 2.0, 3.0])
+    log(m, 1, **step_args(), timesteps=[50.0, 150.0, 950.0], per_sample_loss=[1.0, 2.0, 3.0])
     # Tensors as the trainer has them; 999.9 and exactly 1000 (sigma 1) both land in the last bin.
-    m.log_step(
+    log(m, 
         2,
         **step_args(),
         timesteps=torch.tensor([60.0, 999.9, 1000.0]),
         per_sample_loss=torch.tensor([3.0, 5.0, 7.0]),
     )
-    m.log_step(3, **step_args(), timesteps=[420.0, 100.0], per_sample_loss=[4.0, 6.0])  # 100: bin 1's edge
+    log(m, 3, **step_args(), timesteps=[420.0, 100.0], per_sample_loss=[4.0, 6.0])  # 100: bin 1's edge
     m.close()  # writes the partial window (step 3 alone) at step 3
     s = read_scalars(tmp_path)
 
@@ -88,11 +92,11 @@ def test_loss_by_timestep_accumulates_over_the_window(tmp_path):
 
 def test_skipped_step_counts_and_stays_out_of_the_loss(tmp_path):
     m = Metrics(tmp_path, rank=0, total_steps=10, loss_smoothing=0.9, stream=io.StringIO())
-    m.log_step(1, **step_args(loss=2.0), timesteps=[100.0], per_sample_loss=[2.0])
-    m.log_step(2, **step_args(loss=float("nan"), grad_norm=float("inf")), skipped=True, timesteps=[100.0],
+    log(m, 1, **step_args(loss=2.0), timesteps=[100.0], per_sample_loss=[2.0])
+    log(m, 2, **step_args(loss=float("nan"), grad_norm=float("inf")), skipped=True, timesteps=[100.0],
                per_sample_loss=[float("nan")])  # fmt: skip
-    m.log_step(3, **step_args(loss=1.0), timesteps=[100.0], per_sample_loss=[1.0])
-    m.log_step(4, **step_args(loss=float("inf")))  # a non-finite loss is skipped even when not flagged
+    log(m, 3, **step_args(loss=1.0), timesteps=[100.0], per_sample_loss=[1.0])
+    log(m, 4, **step_args(loss=float("inf")))  # a non-finite loss is skipped even when not flagged
     _, last = m.first_and_last_smoothed()
     m.close()
     s = read_scalars(tmp_path)
@@ -111,7 +115,7 @@ def test_narrow_terminal_keeps_the_line_on_one_row(tmp_path, monkeypatch):
     monkeypatch.setenv("COLUMNS", "40")
     stream = TTYStringIO()
     m = Metrics(tmp_path, rank=0, total_steps=4, stream=stream)
-    m.log_step(1, **step_args())
+    log(m, 1, **step_args())
     m.close()
     (drawn,) = stream.getvalue().strip("\n").split("\r")[1:]
     assert len(drawn.removesuffix("\x1b[K")) == 39
@@ -122,7 +126,7 @@ def test_other_ranks_write_nothing(tmp_path, capsys):
     out = tmp_path / "out"
     m = build_metrics(out, rank=1, total_steps=5, stream=stream)
     assert isinstance(m, NullMetrics)
-    m.log_step(1, **step_args(), timesteps=[1.0], per_sample_loss=[1.0], sections={"forward": 1.0})
+    log(m, 1, **step_args(), timesteps=[1.0], per_sample_loss=[1.0], sections={"forward": 1.0})
     m.log_text("hello")
     assert m.first_and_last_smoothed() == (None, None)
     m.close()
@@ -138,9 +142,9 @@ def test_other_ranks_write_nothing(tmp_path, capsys):
 def test_plain_lines_when_not_a_tty(tmp_path):
     stream = io.StringIO()
     m = Metrics(tmp_path, rank=0, total_steps=5, log_every=2, stream=stream)
-    m.log_step(1, **step_args(loss=0.5, step_time=10.0))  # warm-up step: left out of the ETA
+    log(m, 1, **step_args(loss=0.5, step_time=10.0))  # warm-up step: left out of the ETA
     for step in range(2, 6):
-        m.log_step(step, **step_args(loss=0.25, step_time=1.0))
+        log(m, step, **step_args(loss=0.25, step_time=1.0))
         if step == 3:
             m.log_text("checkpoint saved")
     m.close()
@@ -159,10 +163,10 @@ def test_bar_redrawn_in_place_on_a_tty(tmp_path, monkeypatch):
     monkeypatch.setenv("COLUMNS", "300")  # the bar's line is cut to the terminal's width
     stream = TTYStringIO()
     m = Metrics(tmp_path, rank=0, total_steps=4, log_every=2, stream=stream)
-    m.log_step(1, **step_args())
-    m.log_step(2, **step_args())
+    log(m, 1, **step_args())
+    log(m, 2, **step_args())
     m.log_text("eval done")
-    m.log_step(3, **step_args())
+    log(m, 3, **step_args())
     before_close = stream.getvalue()
     m.close()
     out = stream.getvalue()
@@ -177,7 +181,7 @@ def test_bar_redrawn_in_place_on_a_tty(tmp_path, monkeypatch):
     # progress_bar=False on a terminal prints plain lines instead.
     stream = TTYStringIO()
     m = Metrics(tmp_path / "plain", rank=0, total_steps=2, progress_bar=False, stream=stream)
-    m.log_step(1, **step_args())
+    log(m, 1, **step_args())
     m.close()
     assert "\r" not in stream.getvalue() and stream.getvalue().startswith("step 1/2")
 
@@ -205,7 +209,7 @@ def test_peak_memory_cpu_is_the_process_peak_rss():
 def test_resume_purges_points_past_start_step(tmp_path):
     m = Metrics(tmp_path, rank=0, total_steps=5, stream=io.StringIO())
     for step in range(1, 6):
-        m.log_step(step, **step_args(loss=float(step)))
+        log(m, step, **step_args(loss=float(step)))
     m.close()
     # TensorBoard reads a folder's event files in name order, and the name starts with the creation
     # second; a real resume is a later process, so make the second file's name sort after the first.
@@ -216,7 +220,7 @@ def test_resume_purges_points_past_start_step(tmp_path):
     # The run crashed after step 5 and resumes from its checkpoint of step 3.
     m = Metrics(tmp_path, rank=0, total_steps=5, start_step=3, stream=io.StringIO())
     for step in (4, 5):
-        m.log_step(step, **step_args(loss=10.0 * step))
+        log(m, step, **step_args(loss=10.0 * step))
     m.close()
     s = read_scalars(tmp_path)
 

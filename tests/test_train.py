@@ -108,7 +108,7 @@ def test_kill_during_save_then_resume_is_bitwise_the_uninterrupted_run(data, tmp
     assert all(torch.equal(straight[k], again[k]) for k in straight)
     optim = [load_file(tmp_path / run / "checkpoint-8" / "optimizer.safetensors") for run in ("straight", "crash")]
     assert all(torch.equal(optim[0][k], optim[1][k]) for k in optim[0])
-    with pytest.raises(ValueError, match="written by 2 ranks, this run has 1"):  # resumed by 1 process
+    with pytest.raises(ValueError, match="global batch is 1 x 2 x 1.*1 x 1 x 1"):  # 1 process, other batch
         in_process(data, tmp_path / "crash", "--max_train_steps=12")
 
 
@@ -124,7 +124,7 @@ def fresh_dit(preset: str, seed: int = 42) -> WanModel:
 def test_trainable_modules_freezes_the_rest(data, tmp_path):
     trainer = in_process(data, tmp_path, "--max_train_steps=3", "--trainable_modules=blocks.1.ffn,head.head")
     trainer.train()
-    trained = dict(trainer.models.dit.named_parameters())
+    trained = dict(trainer.engine.module.named_parameters())
     before = dict(fresh_dit("debug").named_parameters())
     names = {n for n in trained if "blocks.1.ffn" in n or "head.head" in n}
     assert names and set(final_weights(tmp_path)) == names  # the checkpoint holds exactly those
@@ -144,7 +144,7 @@ def test_i2v_mode_trains_on_the_debug_preset(data, tmp_path):
     trainer.train()
     assert set(losses(tmp_path)) == {1, 2, 3}
     before = dict(fresh_dit("debug-i2v").named_parameters())
-    after = dict(trainer.models.dit.named_parameters())
+    after = dict(trainer.engine.module.named_parameters())
     # The image path learns: CLIP features reach img_emb, the first-frame latents the patch embedding.
     assert not torch.equal(after["img_emb.proj.1.weight"], before["img_emb.proj.1.weight"])
     assert not torch.equal(after["patch_embedding.weight"], before["patch_embedding.weight"])
@@ -153,12 +153,12 @@ def test_i2v_mode_trains_on_the_debug_preset(data, tmp_path):
 def test_non_finite_losses_skip_updates_then_stop_the_run(data, tmp_path):
     trainer = in_process(data, tmp_path, "--max_train_steps=10", "--max_nonfinite_steps=3")
     with torch.no_grad():
-        trainer.models.dit.head.head.bias.fill_(float("nan"))  # every prediction NaN
-    weights = {n: p.clone() for n, p in trainer.models.dit.named_parameters()}
+        trainer.engine.module.head.head.bias.fill_(float("nan"))  # every prediction NaN
+    weights = {n: p.clone() for n, p in trainer.engine.module.named_parameters()}
     with pytest.raises(RuntimeError, match="3 steps in a row had a non-finite loss"):
         trainer.train()
-    assert trainer.step == 3
-    for name, param in trainer.models.dit.named_parameters():  # no update was applied
+    assert trainer.state.step == 3
+    for name, param in trainer.engine.module.named_parameters():  # no update was applied
         assert torch.equal(param, weights[name]) or torch.isnan(weights[name]).all(), name
 
 
@@ -225,11 +225,11 @@ def test_trains_from_a_release_folder(data, tmp_path):
     release = tmp_path / "Wan2.1-T2V-tiny"
     released = dict(write_release_folder(release).named_parameters())
     trainer = in_process(data, tmp_path / "out", "--max_train_steps=2", f"--pretrained_model_name_or_path={release}")
-    loaded = dict(trainer.models.dit.named_parameters())
+    loaded = dict(trainer.engine.module.named_parameters())
     assert all(torch.equal(loaded[k], released[k]) for k in released)  # the release weights, not a random init
     trainer.train()
     assert set(losses(tmp_path / "out")) == {1, 2}
-    assert not torch.equal(trainer.models.dit.head.head.bias, released["head.head.bias"])
+    assert not torch.equal(trainer.engine.module.head.head.bias, released["head.head.bias"])
 
 
 def test_release_folder_errors_name_what_is_wrong(data, tmp_path):

@@ -1,19 +1,22 @@
 """Training checkpoints that never lose a run: `output_dir/checkpoint-N/`, N = the optimizer step.
 
-    model.safetensors       trainable weights, official key names (rank 0)
-    optimizer.safetensors   optimizer state keyed by parameter name, param groups as JSON metadata (rank 0)
-    scheduler.json          lr scheduler state_dict() (rank 0)
-    sampler.json            data sampler position (rank 0; equal on every rank)
-    trainer_state.json      step, epoch and whatever the caller adds (rank 0)
+    COMPLETE                JSON marker: step, world size, engine, every rank's files and their sizes; last
     config.toml             the resolved config (rank 0)
+    trainer_state.json      step, epoch, counters (rank 0)
+    sampler.json            data sampler position (rank 0; equal on every rank)
     rng/rank_{r}.json       python, numpy, torch CPU and CUDA RNG states of rank r (every rank)
-    COMPLETE                JSON marker: step, world size, every file and its size; written last
+    scheduler.json          lr schedule (the engine, rank 0)
+    the engine's own files  ddp: model.safetensors (trainable weights, official names) and
+                            optimizer.safetensors (state keyed by parameter name), rank 0;
+                            zero2/zero3: deepspeed/ (DeepSpeed's per-rank files); fsdp: dcp/ (DCP shards)
 
-Everything is safetensors or JSON: nothing here pickles or unpickles. A save goes into
-`checkpoint-N.tmp/`, every file under a temporary name that is fsynced and renamed, and the folder is
-renamed to `checkpoint-N` only after COMPLETE is durable. A folder counts as a checkpoint only when
-COMPLETE lists files that all exist with their sizes, so a crash at any point leaves the previous
-checkpoint as the newest complete one. All ranks must see the same output_dir (a shared filesystem).
+The checkpointer keeps the protocol only; each part is registered once (`Checkpointer.register`).
+A save goes into `checkpoint-N.tmp/`, every file fsynced, and the folder is renamed to
+`checkpoint-N` only after rank 0 has written COMPLETE (after a barrier), so a crash at any point
+leaves the previous checkpoint as the newest complete one. A folder counts as a checkpoint only when
+COMPLETE lists files that all exist with their sizes. No state is gathered to one rank. Our own files
+are safetensors or JSON; DeepSpeed's are pickles, read only by DeepSpeed from checkpoints this run
+verified. All ranks must see the same output_dir (a shared filesystem).
 """
 
 import json
@@ -26,20 +29,16 @@ import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from wan.modules.safetensors_io import _DTYPES, read_header, read_tensor
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.safetensors"
-SCHEDULER_FILE = "scheduler.json"
-SAMPLER_FILE = "sampler.json"
-TRAINER_STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.toml"
 MARKER_FILE = "COMPLETE"
 KILL_ENV = "WAN_TRAIN_KILL_DURING_SAVE"
@@ -47,10 +46,6 @@ KILL_ENV = "WAN_TRAIN_KILL_DURING_SAVE"
 _CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
 _LEFTOVER_RE = re.compile(r"checkpoint-(\d+)\.(tmp|old)")
 _SAFETENSORS_DTYPES = {dtype: name for name, dtype in _DTYPES.items()}
-
-
-def rng_file(rank: int) -> str:
-    return f"rng/rank_{rank}.json"
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
@@ -450,118 +445,226 @@ def resolve_resume(output_dir: str | Path, resume_from_checkpoint: str) -> Path 
 
 
 # ----------------------------------------------------------------------------------------------------
-# Saving
+# The checkpointer
 
 
-def save_checkpoint(
-    output_dir: str | Path,
-    step: int,
-    *,
-    rank: int,
-    world_size: int,
-    barrier: Callable[[], Any],
-    model_tensors: Mapping[str, torch.Tensor] | None = None,
-    optimizer_tensors: Mapping[str, torch.Tensor] | None = None,
-    optimizer_meta: Mapping[str, str] | None = None,
-    scheduler_state: dict | None = None,
-    sampler_state: dict | None = None,
-    trainer_state: dict | None = None,
-    config_text: str | None = None,
-    rng_state: dict,
-    total_limit: int = 0,
-) -> Path:
-    """Save `checkpoint-{step}` atomically; every rank calls it (collective: it calls `barrier` three
-    times). The shared parts are written by rank 0 from its arguments (other ranks may pass None);
-    each rank writes its own rng_state. Rank 0 then prunes to the newest `total_limit` complete
-    checkpoints (0 keeps all). Returns the checkpoint folder."""
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be an int >= 0, got {step!r}")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
-    if total_limit < 0:
-        raise ValueError(f"checkpoints_total_limit must be >= 0 (0 keeps every checkpoint), got {total_limit}")
-    if (optimizer_tensors is None) != (optimizer_meta is None):
-        raise ValueError("pass optimizer_tensors and optimizer_meta together (from optimizer_state_to_named)")
-    output_dir = Path(output_dir)
-    final = checkpoint_dir(output_dir, step)
-    tmp = final.with_name(final.name + ".tmp")
+class Stateful(Protocol):
+    def state_dict(self) -> Any: ...
 
-    # Test-only fault injection: WAN_TRAIN_KILL_DURING_SAVE=N makes a save of step N SIGKILL its own
-    # process right after its first file lands in the tmp folder, to prove a crash mid-save loses nothing.
-    kill = os.environ.get(KILL_ENV) == str(step)
-    written: list[str] = []
+    def load_state_dict(self, state: Any) -> None: ...
 
-    def write(name: str, writer: Callable[[Any], None]) -> None:
-        _write_durably(tmp / name, writer)
-        written.append(name)
-        if kill and len(written) == 1:
+
+class FileState(Protocol):
+    """A part that writes its own files (an engine): `save` is collective and returns the names, relative
+    to the folder, of the files this rank wrote; `load` reads them back."""
+
+    def save(self, folder: Path) -> list[str]: ...
+
+    def load(self, folder: Path) -> None: ...
+
+
+def _gather_objects(value: Any) -> list[Any]:
+    if dist.is_available() and dist.is_initialized():
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, value)
+        return out
+    return [value]
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+@dataclass
+class _Part:
+    state: Stateful | FileState
+    per_rank: bool
+    files: bool
+
+
+class Checkpointer:
+    """Saves and loads `output_dir/checkpoint-N/` with every part registered once.
+
+    Parts: JSON parts (`register(name, obj)`: obj.state_dict() -> JSON value, written by rank 0 as
+    `name.json`; per_rank=True: every rank writes `name/rank_{r}.json`) and file parts
+    (`register_files(name, obj)`: the engine, which writes its own files, on every rank). Nothing is
+    gathered to one rank: each rank writes its own files into `checkpoint-N.tmp/`, each fsynced; after
+    a barrier rank 0 writes COMPLETE listing every rank's files with their sizes, then renames the
+    folder. A crash at any point leaves the previous checkpoint as the newest complete one.
+
+    Collective: every rank calls save() and load() with the same arguments. `config_text` (the
+    resolved config) is written as config.toml with each checkpoint.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        total_limit: int = 0,
+        config_text: str | None = None,
+        marker_info: dict | None = None,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        if total_limit < 0:
+            raise ValueError(f"checkpoints_total_limit must be >= 0 (0 keeps every checkpoint), got {total_limit}")
+        self.output_dir = Path(output_dir)
+        self.rank, self.world_size, self.total_limit = rank, world_size, total_limit
+        self.config_text = config_text
+        self.marker_info = dict(marker_info or {})  # e.g. the engine's name, checked on load
+        self.parts: dict[str, _Part] = {}
+
+    def register(self, name: str, state: Stateful, *, per_rank: bool = False) -> None:
+        self._add(name, _Part(state, per_rank, files=False))
+
+    def register_files(self, name: str, state: FileState) -> None:
+        self._add(name, _Part(state, per_rank=True, files=True))
+
+    def _add(self, name: str, part: _Part) -> None:
+        if name in self.parts or not re.fullmatch(r"[A-Za-z0-9_]+", name):
+            raise ValueError(f"checkpoint part {name!r}: registered twice or not a plain name")
+        self.parts[name] = part
+
+    # --- saving -----------------------------------------------------------------------------------
+
+    def save(self, step: int) -> Path:
+        """Write `checkpoint-{step}` atomically, then (rank 0) prune to `total_limit`. Returns the folder."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        final = checkpoint_dir(self.output_dir, step)
+        tmp = final.with_name(final.name + ".tmp")
+        if self.rank == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                log.warning("removing %s, left by an interrupted save", tmp)
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+            _fsync_dir(self.output_dir)
+        _barrier()
+
+        # JSON values are checked before anything is written, so a bad value fails fast.
+        jsons: dict[str, bytes] = {}
+        for name, part in self.parts.items():
+            if part.files or (self.rank != 0 and not part.per_rank):
+                continue
+            file = f"{name}/rank_{self.rank}.json" if part.per_rank else f"{name}.json"
+            jsons[file] = _json_bytes(part.state.state_dict(), file, name)
+        if self.rank == 0 and self.config_text is not None:
+            jsons[CONFIG_FILE] = self.config_text.encode()
+        written: list[str] = []
+        for part in self.parts.values():
+            if part.files:
+                written += part.state.save(tmp)
+        for file, data in jsons.items():
+            (tmp / file).parent.mkdir(parents=True, exist_ok=True)
+            _write_durably(tmp / file, lambda f, data=data: f.write(data))
+            written.append(file)
+        # Test-only fault injection: WAN_TRAIN_KILL_DURING_SAVE=N SIGKILLs every rank once its files of
+        # step N are written and before the marker, to prove a crash mid-save loses nothing.
+        if os.environ.get(KILL_ENV) == str(step):
             os.kill(os.getpid(), signal.SIGKILL)
+        # Sizes as each rank wrote them: rank 0's view of another node's files may lag on a network
+        # filesystem, and then a mismatch must be an error, not a silently different marker.
+        mine = {file: (tmp / file).stat().st_size for file in written}
+        every = _gather_objects(mine)
+        if self.rank == 0:
+            files: dict[str, int] = {}
+            for r, sizes in enumerate(every):
+                doubled = sorted(set(files) & set(sizes))
+                assert not doubled, f"rank {r} claims files another rank wrote: {doubled}"
+                files.update(sizes)
+            self._finish(step, tmp, final, files)
+            _prune(self.output_dir, step, self.total_limit)
+        _barrier()
+        return final
 
-    if rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            log.warning("removing %s, left by an interrupted save", tmp)
-            shutil.rmtree(tmp)
-        (tmp / "rng").mkdir(parents=True)
-        _fsync_dir(output_dir)
-    barrier()
-
-    if rank == 0:
-        # Check every JSON part before writing anything, so a bad value fails fast.
-        state = {"step": step, **(trainer_state or {})}
-        if state["step"] != step:
-            raise ValueError(f"trainer_state has step={state['step']!r} but the checkpoint is for step {step}")
-        jsons = {TRAINER_STATE_FILE: _json_bytes(state, TRAINER_STATE_FILE, "trainer_state")}
-        if scheduler_state is not None:
-            jsons[SCHEDULER_FILE] = _json_bytes(scheduler_state, SCHEDULER_FILE, "scheduler_state")
-        if sampler_state is not None:
-            jsons[SAMPLER_FILE] = _json_bytes(sampler_state, SAMPLER_FILE, "sampler_state")
-        if model_tensors is not None:
-            write(MODEL_FILE, lambda f: _write_safetensors(f, model_tensors, {"format": "pt"}))
-        if optimizer_tensors is not None:
-            write(OPTIMIZER_FILE, lambda f: _write_safetensors(f, optimizer_tensors, optimizer_meta))
-        for name, data in jsons.items():
-            write(name, lambda f, data=data: f.write(data))
-        if config_text is not None:
-            write(CONFIG_FILE, lambda f: f.write(config_text.encode()))
-    rng_data = _json_bytes(rng_state, rng_file(rank), "rng_state")
-    write(rng_file(rank), lambda f: f.write(rng_data))
-    barrier()
-
-    if rank == 0:
-        _finish(output_dir, step, tmp, final, world_size, written)
-        _prune(output_dir, step, total_limit)
-    barrier()
-    return final
-
-
-def _finish(output_dir: Path, step: int, tmp: Path, final: Path, world_size: int, written: list[str]) -> None:
-    """Rank 0: write COMPLETE, then put the folder in place as `checkpoint-{step}`."""
-    # The file list comes from what must be there, not from listing the folder: on a network filesystem
-    # a cached listing may lag behind other nodes' renames, and a missing file must be an error.
-    names = [name for name in written if not name.startswith("rng/")] + [rng_file(r) for r in range(world_size)]
-    missing = [name for name in names if not (tmp / name).is_file()]
-    if missing:
-        raise RuntimeError(
-            f"{tmp}: files of other ranks are missing after the barrier: {', '.join(missing)}; "
-            "is output_dir on a filesystem that every rank shares, and does every rank call save_checkpoint?"
-        )
-    files = {name: (tmp / name).stat().st_size for name in names}
-    marker = {"step": step, "world_size": world_size, "files": files}
-    _write_durably(tmp / MARKER_FILE, lambda f: f.write((json.dumps(marker, indent=1) + "\n").encode()))
-    if final.exists():
-        # Re-saving a step (after a resume): the old copy stays whole until the new one is in place.
-        old = final.with_name(final.name + ".old")
-        if old.exists():
+    def _finish(self, step: int, tmp: Path, final: Path, files: dict[str, int]) -> None:
+        """Rank 0: check every rank's files, write COMPLETE, then put the folder in place."""
+        problems = [
+            f"{name} ({'missing' if not (tmp / name).is_file() else f'{(tmp / name).stat().st_size} bytes, written as {size}'})"
+            for name, size in files.items()
+            if not (tmp / name).is_file() or (tmp / name).stat().st_size != size
+        ]
+        if problems:
+            raise RuntimeError(
+                f"{tmp}: files of other ranks are not as written after the barrier: {', '.join(problems)}; "
+                "is output_dir on a filesystem that every rank shares?"
+            )
+        marker = {"step": step, "world_size": self.world_size, **self.marker_info, "files": files}
+        _write_durably(tmp / MARKER_FILE, lambda f: f.write((json.dumps(marker, indent=1) + "\n").encode()))
+        if final.exists():
+            # Re-saving a step (after a resume): the old copy stays whole until the new one is in place.
+            old = final.with_name(final.name + ".old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            _fsync_dir(self.output_dir)
             shutil.rmtree(old)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync_dir(output_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(output_dir)
-    log.info("saved %s", final)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(self.output_dir)
+        log.info("saved %s", final)
+
+    # --- loading ----------------------------------------------------------------------------------
+
+    def load(self, path: str | Path) -> dict:
+        """Restore every registered part from a complete checkpoint; returns its marker. Per-rank JSON
+        parts of a checkpoint written by another world size are skipped (logged): they must hold only
+        state that can be recomputed (the RNG; every draw of a step derives from the global position)."""
+        path = Path(path)
+        marker = read_marker(path)
+        for key, value in self.marker_info.items():
+            if marker.get(key) != value:
+                raise ValueError(
+                    f"{path} was written with {key} = {marker.get(key)!r}, this run has {value!r}"
+                    + (f"; {MERGE_ADVICE}" if key == "engine" else "")
+                )
+        same_world = marker["world_size"] == self.world_size
+        for name, part in self.parts.items():
+            if part.files:
+                part.state.load(path)
+            elif part.per_rank and not same_world:
+                if self.rank == 0:
+                    log.info("%s: written by %d ranks, not restoring per-rank %s", path, marker["world_size"], name)
+            else:
+                file = f"{name}/rank_{self.rank}.json" if part.per_rank else f"{name}.json"
+                if file not in marker["files"]:
+                    raise ValueError(f"{path}: the checkpoint has no {file} (its COMPLETE marker does not list it)")
+                part.state.load_state_dict(_read_json(path / file))
+        return marker
+
+
+MERGE_ADVICE = (
+    "to move between engines, merge it with `python tools/zero_to_bf16.py CHECKPOINT OUT` and start the new run "
+    "from the merged folder ([model] transformer_path = OUT)"
+)
+
+
+def read_marker(path: Path) -> dict:
+    """The COMPLETE marker of a complete checkpoint (ValueError saying why the folder is not one)."""
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ValueError(f"{path} is not a complete checkpoint: {problem}")
+    marker = json.loads((path / MARKER_FILE).read_text())
+    if not isinstance(marker.get("world_size"), int) or marker["world_size"] < 1:
+        raise ValueError(f"{path / MARKER_FILE}: no valid world_size")
+    return marker
+
+
+class RNGState:
+    """This process's RNG states as a per-rank checkpoint part (restored last: register it last)."""
+
+    def state_dict(self) -> dict:
+        return capture_rng_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or not {"python", "numpy", "torch"} <= state.keys():
+            raise ValueError("not an RNG state (needs python, numpy and torch)")
+        restore_rng_state(state)
 
 
 def _prune(output_dir: Path, step: int, total_limit: int) -> None:
@@ -578,67 +681,3 @@ def _prune(output_dir: Path, step: int, total_limit: int) -> None:
         if m and int(m.group(1)) != step and path.is_dir():
             log.info("deleting %s, left by an interrupted save", path)
             shutil.rmtree(path)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Loading
-
-
-@dataclass
-class Checkpoint:
-    """What load_checkpoint read; parts that were not saved are None."""
-
-    path: Path
-    step: int
-    world_size: int
-    model_tensors: dict[str, torch.Tensor] | None
-    optimizer_tensors: dict[str, torch.Tensor] | None
-    optimizer_meta: dict[str, str] | None
-    scheduler_state: dict | None
-    sampler_state: dict | None
-    trainer_state: dict
-    config_text: str | None
-    rng_state: dict
-
-    @property
-    def optimizer_file(self) -> Path:
-        return self.path / OPTIMIZER_FILE
-
-
-def load_checkpoint(path: str | Path, rank: int) -> Checkpoint:
-    """Read a complete checkpoint folder, with this rank's RNG state."""
-    path = Path(path)
-    problem = checkpoint_problem(path)
-    if problem is not None:
-        raise ValueError(f"{path} is not a complete checkpoint: {problem}")
-    marker = json.loads((path / MARKER_FILE).read_text())
-    world_size = marker.get("world_size", 0)
-    if rng_file(rank) not in marker["files"]:
-        raise ValueError(
-            f"{path} holds no {rng_file(rank)}: it was saved by {world_size} ranks, and this is rank {rank}; "
-            "the world size changed, so the run cannot continue exactly from it"
-        )
-
-    def optional_json(name: str) -> Any:
-        return _read_json(path / name) if name in marker["files"] else None
-
-    model_tensors = _read_safetensors(path / MODEL_FILE)[0] if MODEL_FILE in marker["files"] else None
-    optimizer_tensors = optimizer_meta = None
-    if OPTIMIZER_FILE in marker["files"]:
-        optimizer_tensors, optimizer_meta = _read_safetensors(path / OPTIMIZER_FILE)
-    rng_state = _read_json(path / rng_file(rank))
-    if not isinstance(rng_state, dict) or not {"python", "numpy", "torch"} <= rng_state.keys():
-        raise ValueError(f"{path / rng_file(rank)}: not an RNG state (needs python, numpy and torch)")
-    return Checkpoint(
-        path=path,
-        step=marker["step"],
-        world_size=world_size,
-        model_tensors=model_tensors,
-        optimizer_tensors=optimizer_tensors,
-        optimizer_meta=optimizer_meta,
-        scheduler_state=optional_json(SCHEDULER_FILE),
-        sampler_state=optional_json(SAMPLER_FILE),
-        trainer_state=optional_json(TRAINER_STATE_FILE) or {"step": marker["step"]},
-        config_text=(path / CONFIG_FILE).read_text() if CONFIG_FILE in marker["files"] else None,
-        rng_state=rng_state,
-    )

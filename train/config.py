@@ -46,6 +46,9 @@ class ModelConfig:
     pretrained_model_name_or_path: str = ""
     """Wan2.1 release folder: DiT config.json + safetensors, Wan2.1_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth,
     the google/umt5-xxl tokenizer and, for i2v, the CLIP .pth. Empty: random weights sized by preset."""
+    transformer_path: str = ""
+    """A DiT folder whose weights replace the release's (VideoX-Fun's name): e.g. the output of
+    tools/zero_to_bf16.py, to continue on another engine or number of GPUs. Empty: the release's DiT."""
     preset: str = "debug"
     """Sizes of the random-weight models when there is no pretrained path: debug, debug-i2v, 1.3B, 14B, i2v-14B."""
     train_mode: str = "normal"
@@ -160,6 +163,10 @@ class CheckpointConfig:
     """Keep the newest N complete checkpoints; 0 keeps all."""
     resume_from_checkpoint: str = ""
     """A checkpoint folder, or "latest": the newest complete checkpoint-N in output_dir; empty starts fresh."""
+    save_consolidated_weights: bool = False
+    """Also write the whole DiT in bf16 in the official layout into each checkpoint (consolidated/),
+    streamed one tensor at a time (VideoX-Fun's zero3_save_16bit_model); tools/zero_to_bf16.py does
+    the same afterwards from any checkpoint."""
 
     def problems(self) -> list[str]:
         return _at_least(self, 0, "checkpointing_steps", "checkpoints_total_limit")

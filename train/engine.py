@@ -20,6 +20,7 @@ name for consolidated saves.
 import contextlib
 import inspect
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,8 +196,16 @@ def optimizer_step(params, optimizer: torch.optim.Optimizer, scheduler, optim: O
     if updated:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    scheduler.step()  # a skipped update still advances the schedule (the step count is the clock)
+    advance_schedule(scheduler)
     return StepResult(norm, updated, lr)
+
+
+def advance_schedule(scheduler) -> None:
+    """One schedule step per optimizer step, also after a skipped update (the step count is the clock;
+    torch warns when the optimizer did not step, which is intended here)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+        scheduler.step()
 
 
 def check_named_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: Path) -> None:

@@ -8,29 +8,29 @@ derived from (seed, step, position in the global batch), so a resumed run repeat
 and the result does not depend on how the global batch is split over ranks and micro-steps.
 """
 
-import contextlib
 import datetime
 import gc
+import itertools
 import logging
 import math
 import os
 import sys
 import time
-import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from train.checkpoint import capture_rng_state, load_checkpoint, resolve_resume, restore_rng_state, save_checkpoint
+from train.checkpoint import MERGE_ADVICE, Checkpointer, RNGState, read_json, read_marker, resolve_resume
 from train.config import ConfigError, RunConfig, config_to_toml, load_config
-from train.data.dataset import pixels_to_model
+from train.data.dataset import BadSampleTracker, pixels_to_model
 from train.data.loader import build_dataloader
-from train.engine import build_engine
+from train.engine import EngineSetup, StepResult, build_engine
 from train.flow import FlowMatching, batch_positions
-from train.lr import build_lr_scheduler
-from train.metrics import StepTimer, build_metrics
-from train.models import Models, apply_trainable_modules, build_models
+from train.metrics import StepStats, StepTimer, build_metrics
+from train.models import Models, build_dit_recipe, build_models
 from wan.encoders import encode_i2v_condition, encode_latents
 
 log = logging.getLogger("train")
@@ -84,6 +84,53 @@ def count_steps(sampler, cfg: RunConfig) -> int:
     return total
 
 
+@dataclass
+class TrainerState:
+    """The loop's position and counters: a checkpoint part (trainer_state.json)."""
+
+    step: int = 0
+    epoch: int = 0
+    epoch_step: int = 0
+    nonfinite_in_row: int = 0
+    tracker: BadSampleTracker | None = None
+
+    def state_dict(self) -> dict:
+        t = self.tracker
+        return {
+            "step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step,
+            "nonfinite_in_row": self.nonfinite_in_row, "served": t.served, "skips": t.skips,
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.epoch, self.epoch_step = state["step"], state["epoch"], state["epoch_step"]
+        self.nonfinite_in_row = state["nonfinite_in_row"]
+        self.tracker.served, self.tracker.skips = state["served"], state["skips"]
+
+
+class SamplerState:
+    """The sampler's position as a checkpoint part: the steps of the epoch the loop finished (the
+    loader's workers run ahead)."""
+
+    def __init__(self, sampler, state: TrainerState):
+        self.sampler, self.state = sampler, state
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict(consumed=self.state.epoch_step)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+
+@dataclass
+class MicroStats:
+    """What one micro-step hands to the step's metrics."""
+
+    loss: float
+    timesteps: torch.Tensor  # [B] on the CPU
+    per_sample_loss: torch.Tensor  # [B]
+    tokens: int
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -99,45 +146,53 @@ class Trainer:
             (self.out / "config.toml").write_text(config_to_toml(cfg))
         barrier()
 
-        m = cfg.model
-        self.models: Models = build_models(
-            m.pretrained_model_name_or_path, m.preset, m.train_mode, self.device, cfg.train.seed, m.low_vram
-        )
-        dit = self.models.dit
-        trainable, total = apply_trainable_modules(dit, m.trainable_modules)
-        if m.gradient_checkpointing:
-            dit.set_gradient_checkpointing(True, every=m.gradient_checkpointing_every)
-        self.log(f"DiT: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.1f}%)")
-
-        t = cfg.train
+        t, m = cfg.train, cfg.model
         self.accumulation = t.gradient_accumulation_steps
         self.loader, self.sampler, self.tracker = build_dataloader(
             cfg.data, t.train_batch_size, self.rank, self.world_size, t.seed,
             pin_memory=self.device.type == "cuda", accumulation_steps=self.accumulation,
         )  # fmt: skip
         self.total_steps = count_steps(self.sampler, cfg)
-        o = cfg.optim
-        self.engine = build_engine(
-            cfg.parallel.engine, dit, self.device, learning_rate=o.learning_rate,
-            betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.adam_weight_decay, eps=o.adam_epsilon,
+        resume = resolve_resume(self.out, cfg.checkpoint.resume_from_checkpoint)
+        if resume is not None:
+            self.check_resumable(resume)  # before minutes of model building
+        recipe = build_dit_recipe(m, t.seed)
+        self.models: Models = build_models(
+            m.pretrained_model_name_or_path, m.preset, m.train_mode, self.device, t.seed, m.low_vram
+        )
+        setup = EngineSetup(
+            parallel=cfg.parallel, optim=cfg.optim, mixed_precision=t.mixed_precision,
+            micro_batch_size=t.train_batch_size, accumulation_steps=self.accumulation,
+            total_steps=self.total_steps, device=self.device,
         )  # fmt: skip
-        self.scheduler = build_lr_scheduler(self.engine.optimizer, o.lr_scheduler, o.lr_warmup_steps, self.total_steps)
+        self.engine = build_engine(recipe, setup)
+        trainable, total = recipe.parameter_counts()
+        self.log(
+            f"DiT on the {cfg.parallel.engine} engine: {trainable:,} of {total:,} parameters train "
+            f"({100 * trainable / total:.1f}%)"
+        )
         self.flow = FlowMatching(
             shift=t.shift, weighting_scheme=t.weighting_scheme, logit_mean=t.logit_mean, logit_std=t.logit_std,
             uniform_sampling=t.uniform_sampling,
         )  # fmt: skip
-        self.autocast = (
-            torch.autocast(self.device.type, dtype=torch.bfloat16)
-            if t.mixed_precision == "bf16"
-            else contextlib.nullcontext()
-        )
 
-        self.step, self.epoch, self.epoch_step, self.nonfinite_in_row = 0, 0, 0, 0
-        resume = resolve_resume(self.out, cfg.checkpoint.resume_from_checkpoint)
+        self.state = TrainerState(tracker=self.tracker)
+        self.checkpointer = Checkpointer(
+            self.out, rank=self.rank, world_size=self.world_size,
+            total_limit=cfg.checkpoint.checkpoints_total_limit, config_text=config_to_toml(cfg),
+            marker_info={"engine": cfg.parallel.engine},
+        )  # fmt: skip
+        # Load order = registration order: the RNG last, after everything that might draw.
+        self.checkpointer.register_files("engine", self.engine)
+        self.checkpointer.register("trainer_state", self.state)
+        self.checkpointer.register("sampler", SamplerState(self.sampler, self.state))
+        self.checkpointer.register("rng", RNGState(), per_rank=True)
         if resume is not None:
-            self.resume(resume)
+            self.checkpointer.load(resume)
+            s = self.state
+            self.log(f"resumed from {resume} at step {s.step} (epoch {s.epoch}, step {s.epoch_step} of it)")
         self.metrics = build_metrics(
-            self.out, rank=self.rank, total_steps=self.total_steps, start_step=self.step,
+            self.out, rank=self.rank, total_steps=self.total_steps, start_step=self.state.step,
             log_every=cfg.logging.log_every, progress_bar=cfg.logging.progress_bar,
             loss_smoothing=cfg.logging.loss_smoothing, timestep_bins=cfg.logging.timestep_bins,
         )  # fmt: skip
@@ -147,44 +202,46 @@ class Trainer:
         if self.rank == 0:
             print(message, flush=True)
 
-    # --- checkpoints ------------------------------------------------------------------------------
-
-    def save(self) -> None:
-        optim_tensors, optim_meta = self.engine.optimizer_state()
-        save_checkpoint(
-            self.out, self.step, rank=self.rank, world_size=self.world_size, barrier=barrier,
-            model_tensors=self.engine.trainable_state(), optimizer_tensors=optim_tensors, optimizer_meta=optim_meta,
-            scheduler_state=self.scheduler.state_dict(), sampler_state=self.sampler.state_dict(self.epoch_step),
-            trainer_state=self.trainer_state(), config_text=config_to_toml(self.cfg), rng_state=capture_rng_state(),
-            total_limit=self.cfg.checkpoint.checkpoints_total_limit,
-        )  # fmt: skip
-
-    def trainer_state(self) -> dict:
-        return {
-            "step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step,
-            "nonfinite_in_row": self.nonfinite_in_row,
-            "served": self.tracker.served, "skips": self.tracker.skips,
-        }  # fmt: skip
-
-    def resume(self, path: Path) -> None:
-        ckpt = load_checkpoint(path, self.rank)
-        state = ckpt.trainer_state
-        if ckpt.world_size != self.world_size:
+    def check_resumable(self, path: Path) -> None:
+        """Refuse a checkpoint this run cannot continue, before any model is built."""
+        marker = read_marker(path)
+        engine, saved = self.cfg.parallel.engine, marker.get("engine", "ddp")
+        if saved != engine:
+            raise ValueError(f"{path} was written by the {saved} engine, this run uses {engine}; {MERGE_ADVICE}")
+        if marker["world_size"] != self.world_size and engine in ("zero2", "zero3"):
             raise ValueError(
-                f"{path} was written by {ckpt.world_size} ranks, this run has {self.world_size}: "
-                "the data order and the per-rank states depend on it"
+                f"{path} was written by {marker['world_size']} ranks, this run has {self.world_size}: DeepSpeed "
+                f"ZeRO checkpoints are tied to the number of ranks; {MERGE_ADVICE}"
             )
-        self.engine.load_trainable_state(ckpt.model_tensors, str(path / "model.safetensors"))
-        self.engine.load_optimizer_state(ckpt.optimizer_tensors, ckpt.optimizer_meta)
-        self.scheduler.load_state_dict(ckpt.scheduler_state)
-        self.sampler.load_state_dict(ckpt.sampler_state)
-        self.step, self.epoch, self.epoch_step = state["step"], state["epoch"], state["epoch_step"]
-        self.nonfinite_in_row = state["nonfinite_in_row"]
-        self.tracker.served, self.tracker.skips = state["served"], state["skips"]
-        restore_rng_state(ckpt.rng_state)  # last, after everything that might draw
-        self.log(f"resumed from {path} at step {self.step} (epoch {self.epoch}, step {self.epoch_step} of it)")
+        try:  # the data plan needs the same global batch (loaded again with the other parts)
+            self.sampler.load_state_dict(read_json(path / "sampler.json"))
+        except ValueError as err:
+            raise ValueError(f"{path}: cannot continue its data order: {err}") from None
 
     # --- one optimizer step -----------------------------------------------------------------------
+
+    def optimizer_steps(self) -> Iterator[Iterator[dict]]:
+        """Each optimizer step's micro-batches (a lazy iterator, so a batch's shared buffer goes back to
+        its worker before the next is taken), across epochs until total_steps."""
+        s = self.state
+        while s.step < self.total_steps:
+            self.sampler.set_epoch(s.epoch)  # the same epoch keeps a resumed offset
+            batches = iter(self.loader)
+            while s.step < self.total_steps:
+                with self.timer.section("data_wait"):
+                    first = next(batches, None)
+                if first is None:
+                    break  # the sampler yields whole optimizer steps
+                yield itertools.chain([first], self.timed(batches, self.accumulation - 1))
+            else:
+                return
+            s.epoch, s.epoch_step = s.epoch + 1, 0
+
+    def timed(self, batches: Iterator[dict], count: int) -> Iterator[dict]:
+        for _ in range(count):
+            with self.timer.section("data_wait"):
+                batch = next(batches)
+            yield batch
 
     @torch.no_grad()
     def encode(self, batch: dict) -> dict:
@@ -201,7 +258,8 @@ class Trainer:
             inputs.update(y=y, clip_fea=clip_fea)
         return inputs
 
-    def micro_step(self, batch: dict, micro: int) -> tuple[float, torch.Tensor, torch.Tensor, int]:
+    def micro_step(self, batch: dict, micro: int) -> MicroStats:
+        self.tracker.update(batch)
         with self.timer.section("encode"):
             inputs = self.encode(batch)
         x0 = inputs["x0"]
@@ -209,61 +267,40 @@ class Trainer:
         # Position of each sample in the global batch: (micro-step, rank, index), as the sampler lays it out.
         positions = batch_positions(micro, self.rank, self.world_size, b)
         global_size = self.accumulation * self.world_size * b
-        seed = self.cfg.train.seed
-        sigmas = self.flow.sample_sigmas(seed, self.step, positions, global_size).to(self.device)
-        noise = self.flow.sample_noise(seed, self.step, positions, tuple(x0.shape[1:])).to(self.device)
+        seed, step = self.cfg.train.seed, self.state.step
+        sigmas = self.flow.sample_sigmas(seed, step, positions, global_size).to(self.device)
+        noise = self.flow.sample_noise(seed, step, positions, tuple(x0.shape[1:])).to(self.device)
         x_t = self.flow.add_noise(x0, noise, sigmas)
         target = self.flow.target(x0, noise)
         t = self.flow.timesteps(sigmas)
-        last = micro == self.accumulation - 1
-        with self.engine.sync(last):
-            with self.timer.section("forward"), self.autocast:
-                pred = self.engine.model(x_t, t, inputs["context"], clip_fea=inputs.get("clip_fea"), y=inputs.get("y"))
+        with self.engine.micro_step(last=micro == self.accumulation - 1):
+            with self.timer.section("forward"):
+                pred = self.engine.forward(
+                    x_t, t, inputs["context"], clip_fea=inputs.get("clip_fea"), y=inputs.get("y")
+                )
                 loss, per_sample = self.flow.loss(pred, target)
             with self.timer.section("backward"):
-                self.engine.backward(loss / self.accumulation)
+                self.engine.backward(loss)
         _, f, h, w = x0.shape[1:]
         tokens = b * f * (h // 2) * (w // 2)  # latent patches of 1x2x2
-        return loss.item(), t.detach().cpu(), per_sample.detach().cpu(), tokens
+        return MicroStats(loss.item(), t.detach().cpu(), per_sample.detach().cpu(), tokens)
 
     def train(self) -> None:
-        cfg, t0 = self.cfg, time.perf_counter()
+        cfg, s, t0 = self.cfg, self.state, time.perf_counter()
         self.log(
-            f"training {self.total_steps} steps from step {self.step}: {self.world_size} rank(s) x batch "
+            f"training {self.total_steps} steps from step {s.step}: {self.world_size} rank(s) x batch "
             f"{cfg.train.train_batch_size} x {self.accumulation} micro-steps on {self.device}"
         )
-        while self.step < self.total_steps:
-            self.sampler.set_epoch(self.epoch)  # the same epoch keeps a resumed offset
-            batches = iter(self.loader)
-            while self.step < self.total_steps:
-                step_start = time.perf_counter()
-                loss_sum, samples, tokens, ts, losses = 0.0, 0, 0, [], []
-                for micro in range(self.accumulation):
-                    with self.timer.section("data_wait"):
-                        batch = next(batches, None)
-                    if batch is None:
-                        break
-                    self.tracker.update(batch)
-                    loss, t, per_sample, n_tokens = self.micro_step(batch, micro)
-                    loss_sum, samples, tokens = loss_sum + loss, samples + len(t), tokens + n_tokens
-                    ts.append(t)
-                    losses.append(per_sample)
-                if batch is None:
-                    assert micro == 0, "the sampler yields whole optimizer steps"
-                    break
-                with self.timer.section("optimizer"):
-                    grad_norm, updated = self.engine.step(cfg.optim.max_grad_norm)
-                    with warnings.catch_warnings():  # a skipped update still advances the schedule
-                        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
-                        self.scheduler.step()
-                self.step += 1
-                self.epoch_step += 1
-                self.after_step(step_start, loss_sum, samples, tokens, ts, losses, grad_norm, updated)
-            else:
-                break
-            self.epoch, self.epoch_step = self.epoch + 1, 0
-        if self.step % max(cfg.checkpoint.checkpointing_steps, 1) != 0 or cfg.checkpoint.checkpointing_steps == 0:
-            self.save()  # the final state, unless the last step just saved it
+        for micro_batches in self.optimizer_steps():
+            step_start = time.perf_counter()
+            micro = [self.micro_step(batch, i) for i, batch in enumerate(micro_batches)]
+            with self.timer.section("optimizer"):
+                result = self.engine.step()
+            s.step, s.epoch_step = s.step + 1, s.epoch_step + 1
+            self.after_step(step_start, micro, result)
+        every = cfg.checkpoint.checkpointing_steps
+        if not every or s.step % every:
+            self.checkpointer.save(s.step)  # the final state, unless the last step just saved it
         first, last = self.metrics.first_and_last_smoothed()
         self.metrics.close()
         self.log_bad_samples()
@@ -271,7 +308,7 @@ class Trainer:
             trend = "fell" if last < first else "did NOT fall"
             self.log(
                 f"smoothed loss: first {first:.4f}, last {last:.4f}: it {trend} "
-                f"({self.step} steps, {time.perf_counter() - t0:.0f} s)"
+                f"({s.step} steps, {time.perf_counter() - t0:.0f} s)"
             )
         self.log(f"TensorBoard: tensorboard --logdir {self.out / 'tensorboard'}")
 
@@ -292,33 +329,36 @@ class Trainer:
                 + "".join(f"\n  {path}: {reason}" for path, reason in sorted(bad.items()))
             )
 
-    def after_step(self, step_start, loss_sum, samples, tokens, ts, losses, grad_norm, updated) -> None:
-        cfg = self.cfg
+    def after_step(self, step_start: float, micro: list[MicroStats], result: StepResult) -> None:
+        cfg, s = self.cfg, self.state
         with self.timer.section("logging"):
-            loss_sum, samples, tokens = all_reduce_sum([loss_sum, samples, tokens], self.device)
+            mine = [sum(m.loss for m in micro), sum(len(m.timesteps) for m in micro), sum(m.tokens for m in micro)]
+            loss_sum, samples, tokens = all_reduce_sum(mine, self.device)
             loss = loss_sum / (self.accumulation * self.world_size)
-            skipped = not updated or not math.isfinite(loss)
-            self.nonfinite_in_row = self.nonfinite_in_row + 1 if skipped else 0
-            timesteps = all_gather_cat(torch.cat(ts).to(self.device)).cpu()
-            per_sample = all_gather_cat(torch.cat(losses).to(self.device)).cpu()
+            skipped = not result.updated or not math.isfinite(loss)
+            s.nonfinite_in_row = s.nonfinite_in_row + 1 if skipped else 0
+            timesteps = all_gather_cat(torch.cat([m.timesteps for m in micro]).to(self.device)).cpu()
+            per_sample = all_gather_cat(torch.cat([m.per_sample_loss for m in micro]).to(self.device)).cpu()
         sections = self.timer.reset()
-        step_time = time.perf_counter() - step_start
-        self.metrics.log_step(
-            self.step, loss=loss, lr=self.scheduler.get_last_lr()[0], grad_norm=grad_norm, samples=int(samples),
-            tokens=int(tokens), step_time=step_time, data_wait=sections.pop("data_wait", 0.0), timesteps=timesteps,
-            per_sample_loss=per_sample, sections=sections, skipped=skipped,
+        stats = StepStats(
+            loss=loss, lr=result.lr, grad_norm=result.grad_norm, samples=int(samples), tokens=int(tokens),
+            step_time=time.perf_counter() - step_start, data_wait=sections.pop("data_wait", 0.0),
+            timesteps=timesteps, per_sample_loss=per_sample, sections=sections, skipped=skipped,
         )  # fmt: skip
+        self.metrics.log_step(s.step, stats)
         if skipped:
-            self.metrics.log_text(f"step {self.step}: non-finite loss {loss} / grad norm {grad_norm}: update skipped")
-            if self.nonfinite_in_row >= cfg.train.max_nonfinite_steps:
+            self.metrics.log_text(
+                f"step {s.step}: non-finite loss {loss} / grad norm {result.grad_norm}: update skipped"
+            )
+            if s.nonfinite_in_row >= cfg.train.max_nonfinite_steps:
                 raise RuntimeError(
-                    f"{self.nonfinite_in_row} steps in a row had a non-finite loss or gradient (max_nonfinite_steps="
+                    f"{s.nonfinite_in_row} steps in a row had a non-finite loss or gradient (max_nonfinite_steps="
                     f"{cfg.train.max_nonfinite_steps}); lower the learning rate or check the data and resume "
                     f"from the last checkpoint"
                 )
         every = cfg.checkpoint.checkpointing_steps
-        if every and self.step % every == 0:
-            self.save()
+        if every and s.step % every == 0:
+            self.checkpointer.save(s.step)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,6 +24,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
@@ -72,6 +73,28 @@ def peak_memory_bytes(device: torch.device | str | None = None) -> int:
         return int(peak if sys.platform == "darwin" else peak * 1024)
     except (ImportError, OSError):
         return 0
+
+
+@dataclass
+class StepStats:
+    """One optimizer step, as the loop hands it to `Metrics.log_step`. Values are global: the loop
+    all-reduced loss, samples and tokens over ranks."""
+
+    loss: float
+    lr: float
+    grad_norm: float
+    samples: int
+    tokens: int
+    step_time: float
+    """Wall time of the whole step, data wait included."""
+    data_wait: float = 0.0
+    timesteps: torch.Tensor | Sequence[float] | None = None
+    """The step's timesteps in [0, 1000), with `per_sample_loss` in the same order."""
+    per_sample_loss: torch.Tensor | Sequence[float] | None = None
+    sections: dict[str, float] | None = None
+    """Seconds of the step's timed sections (see StepTimer)."""
+    skipped: bool = False
+    """The update was skipped for a non-finite loss or gradient."""
 
 
 class StepTimer:
@@ -195,22 +218,7 @@ class Metrics:
         self._bin_counts = np.zeros(timestep_bins, dtype=np.int64)
         self._closed = False
 
-    def log_step(
-        self,
-        step: int,
-        *,
-        loss: float,
-        lr: float,
-        grad_norm: float,
-        samples: int,
-        tokens: int,
-        step_time: float,
-        data_wait: float,
-        timesteps: torch.Tensor | Sequence[float] | None = None,
-        per_sample_loss: torch.Tensor | Sequence[float] | None = None,
-        sections: dict[str, float] | None = None,
-        skipped: bool = False,
-    ) -> None:
+    def log_step(self, step: int, stats: "StepStats") -> None:
         """Record one optimizer step. Values are global: the caller all-reduced loss, samples and tokens.
 
         step_time is the wall time of the whole step, data wait included: it gives the throughputs and
@@ -226,6 +234,9 @@ class Metrics:
         """
         if self._closed:
             raise RuntimeError("log_step after close")
+        loss, lr, grad_norm, samples, tokens = stats.loss, stats.lr, stats.grad_norm, stats.samples, stats.tokens
+        step_time, data_wait, skipped = stats.step_time, stats.data_wait, stats.skipped
+        timesteps, per_sample_loss, sections = stats.timesteps, stats.per_sample_loss, stats.sections
         # float() also takes the 0-dim tensors an engine may hand back (a grad norm from clip_grad_norm_).
         loss, lr, grad_norm = float(loss), float(lr), float(grad_norm)
         skipped = skipped or not math.isfinite(loss)
@@ -371,7 +382,7 @@ class NullMetrics:
 
     skipped_nonfinite = 0
 
-    def log_step(self, step: int, **kwargs: object) -> None:
+    def log_step(self, step: int, stats: StepStats) -> None:
         pass
 
     def log_text(self, message: str) -> None:

@@ -116,6 +116,12 @@ class DiTRecipe:
             model.set_gradient_checkpointing(True, every=self.gradient_checkpointing_every)
         return model
 
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable, total) parameters, counted on a meta-device build."""
+        with torch.device("meta"):
+            model = WanModel(**self.config)
+        return apply_trainable_modules(model, self.trainable_modules)
+
     def named_tensors(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, full float32 CPU tensor) for each of model's parameters and persistent buffers."""
         for name in model.state_dict(keep_vars=True):
@@ -132,10 +138,10 @@ class DiTRecipe:
 
 
 def build_dit_recipe(model_cfg, seed: int) -> DiTRecipe:
-    """From the [model] section: a folder's DiT (checked against train_mode before anything loads)
-    or a preset's, with random weights."""
+    """From the [model] section: the DiT of transformer_path (a merged folder) or of the release folder
+    (checked against train_mode before anything loads), or a preset's, with random weights."""
     m = model_cfg
-    folder = m.pretrained_model_name_or_path
+    folder = m.transformer_path or m.pretrained_model_name_or_path
     if folder:
         _, config, _ = read_dit_folder(folder)
         source = folder

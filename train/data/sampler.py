@@ -46,6 +46,7 @@ Example ``choose`` for ``training_with_video_token_length`` (helpers from ``trai
 """
 
 import hashlib
+import math
 import random
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
@@ -310,16 +311,25 @@ class DistributedBucketBatchSampler(Sampler[list[Item]]):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue mid-epoch: the next ``__iter__`` yields exactly the batches an uninterrupted run would.
 
-        The rank may differ (the plan is global), but seed, batch_size, world_size, remainder policy
+        The rank and world size may differ (the plan is global) as long as the global batch does; seed, remainder policy
         and the keys/repeats must match: another global batch size would make another plan. Do not
         call ``set_epoch`` with another epoch before iterating, or the offset is forgotten.
         """
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"unknown sampler state version {state.get('version')!r}, expected {STATE_VERSION}")
-        for name in ("seed", "batch_size", "world_size", "accumulation_steps", "remainder", "fingerprint"):
+        for name in ("seed", "remainder", "fingerprint"):
             mine = getattr(self, "_" + name if name == "fingerprint" else name)
-            if state.get(name, 1 if name == "accumulation_steps" else None) != mine:
+            if state.get(name) != mine:
                 raise ValueError(f"sampler state has {name}={state.get(name)!r} but this sampler has {mine!r}")
+        # The plan depends on the global batch only, so a run may resume on another number of ranks
+        # (or micro-batch, or accumulation) that keeps it: every sample keeps its global position.
+        shape = [state.get("batch_size"), state.get("world_size"), state.get("accumulation_steps", 1)]
+        if not all(isinstance(v, int) for v in shape) or math.prod(shape) != self.global_batch_size:
+            raise ValueError(
+                f"the checkpoint's global batch is {' x '.join(map(str, shape))} (batch x ranks x accumulation), "
+                f"this run's {self.batch_size} x {self.world_size} x {self.accumulation_steps}: keep the product "
+                f"({self.global_batch_size}) equal, e.g. with train_batch_size or gradient_accumulation_steps"
+            )
         carry = [_check_int("carry_in entry", i, 0) for i in state["carry_in"]]
         if any(i >= len(self.bucket_keys) for i in carry):
             raise ValueError(f"carry_in holds sample indices >= {len(self.bucket_keys)}")
