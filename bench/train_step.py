@@ -69,11 +69,11 @@ def run(data: Path, out: Path, args, cached: bool, warm: bool) -> list[dict[str,
     steps = []
     log_step = trainer.metrics.log_step
 
-    def record(step, **kw):
-        sections = dict(kw["sections"], data_wait=kw["data_wait"])
-        sections["other"] = kw["step_time"] - sum(sections.values())
-        steps.append({"step": kw["step_time"], **sections})
-        log_step(step, **kw)
+    def record(step, stats):
+        sections = dict(stats.sections, data_wait=stats.data_wait)
+        sections["other"] = stats.step_time - sum(sections.values())
+        steps.append({"step": stats.step_time, **sections})
+        log_step(step, stats)
 
     trainer.metrics.log_step = record
     trainer.train()

@@ -123,7 +123,7 @@ def test_all_problems_reported_together(tmp_path):
     broken = write(tmp_path, "[train\nseed = 1\n", "broken.toml")
     missing = str(tmp_path / "missing.toml")
     found = problems_of(["--cfg", bad, "--cfg", broken, "--cfg", missing, "--train.sed=1", "--max_train_steps", "x",
-                         "--modle.preset=debug", "--parallel.engine", "zero3", "stray"])  # fmt: skip
+                         "--modle.preset=debug", "--parallel.engine", "zero4", "stray"])  # fmt: skip
     assert has(found, "bad.toml", "learning_rate belongs in [optim]")
     assert has(found, "bad.toml", "[train] seed", "an integer", "'abc'")
     assert has(found, "bad.toml", "[train] train_batch_size", "an integer", "True")  # a bool is not an int
@@ -140,7 +140,7 @@ def test_all_problems_reported_together(tmp_path):
     # problems() entries of the values that did load, prefixed with their section:
     assert "[train] shift must be > 0, got -1.0" in found
     assert has(found, "[data] video_sample_n_frames must be 4k+1", "50")
-    assert has(found, "[parallel] engine 'zero3' is not implemented yet")
+    assert has(found, "[parallel] engine must be one of ddp, zero2, zero3, fsdp", "'zero4'")
     assert "[data] give train_data_meta or train_data_dir" in found
 
 
@@ -181,8 +181,14 @@ def test_numbers(tmp_path):
 
 
 def test_section_checks():
-    assert has(problems_of([DATA, "--engine=fsdp"]), "engine 'fsdp' is not implemented yet")
+    assert load_config([DATA, "--engine=fsdp"]).parallel.engine == "fsdp"
     assert has(problems_of([DATA, "--engine=horovod"]), "[parallel] engine must be one of ddp")
+    # VideoX-Fun's --use_deepspeed: a DeepSpeed engine, zero2 unless zero3 was chosen.
+    assert load_config([DATA, "--use_deepspeed"]).parallel.engine == "zero2"
+    assert load_config([DATA, "--use_deepspeed", "--engine=zero3"]).parallel.engine == "zero3"
+    assert has(problems_of([DATA, "--use_deepspeed", "--engine=fsdp"]), "use_deepspeed", "'fsdp'")
+    assert has(problems_of([DATA, "--offload_param"]), "offload_param needs engine zero3 or fsdp")
+    assert has(problems_of([DATA, "--deepspeed_config=ds.json"]), "deepspeed_config is set", "'ddp'")
     assert has(problems_of([DATA, "--lr_scheduler=step"]), "[optim] lr_scheduler must be one of")
     assert has(problems_of([DATA, "--adam_beta2=1"]), "[optim] adam_beta2 must be in [0, 1)")
     assert has(problems_of([DATA, "--preset=7B"]), "[model] preset must be one of", "i2v-14B")
@@ -215,7 +221,7 @@ def test_help_lists_every_field(capsys):
 NON_DEFAULT = {
     "model": dict(pretrained_model_name_or_path='C:\\wan "2.1"\ttü/🎬\x7f\n', preset="debug-i2v", train_mode="i2v",
                   trainable_modules=["blocks.0.", 'he"ad\\', "ü"], gradient_checkpointing=True,
-                  gradient_checkpointing_every=2, low_vram=True, vae_mini_batch=4),
+                  gradient_checkpointing_every=2, low_vram=True, vae_mini_batch=4, transformer_path="/merged"),
     "data": dict(train_data_dir="/data/ü", train_data_meta="meta.jsonl", video_sample_n_frames=81,
                  video_sample_stride=3, video_sample_size=768, image_sample_size=1024, token_sample_size=256,
                  enable_bucket=False, random_hw_adapt=True, random_frame_crop=True, video_repeat=2,
@@ -226,12 +232,16 @@ NON_DEFAULT = {
                   weighting_scheme="uniform", logit_mean=-0.5, logit_std=1.5, shift=3.0, max_nonfinite_steps=1),
     "optim": dict(learning_rate=3e-05, lr_scheduler="cosine", lr_warmup_steps=10, adam_beta1=0.8, adam_beta2=0.95,
                   adam_weight_decay=0.0, adam_epsilon=1e-15, max_grad_norm=float("inf")),
-    "checkpoint": dict(checkpointing_steps=0, checkpoints_total_limit=3, resume_from_checkpoint="latest"),
+    "checkpoint": dict(checkpointing_steps=0, checkpoints_total_limit=3, resume_from_checkpoint="latest",
+                       save_consolidated_weights=True),
     "logging": dict(log_every=10, progress_bar=False, loss_smoothing=0.1, timestep_bins=20),
-    "parallel": dict(backend="gloo"),
+    "parallel": dict(engine="zero3", backend="gloo", use_deepspeed=True, deepspeed_config="ds.json",
+                     offload_optimizer=True, offload_param=True, reduce_bucket_size=1, allgather_bucket_size=2,
+                     overlap_comm=False, stage3_prefetch_bucket_size=3, stage3_param_persistence_threshold=0,
+                     stage3_max_live_parameters=5, reshard_after_forward=False, reduce_every_micro_step=False),
 }  # fmt: skip
-# Fields left at their default: one of a pair that may not both be on, and engine (only ddp exists).
-LEFT_DEFAULT = {"training_with_video_token_length", "engine"}
+# Fields left at their default: one of a pair that may not both be on.
+LEFT_DEFAULT = {"training_with_video_token_length"}
 
 
 def test_round_trip(tmp_path):

@@ -71,7 +71,8 @@ def test_loss_by_timestep_accumulates_over_the_window(tmp_path):
     m = Metrics(tmp_path, rank=0, total_steps=10, log_every=2, timestep_bins=10, stream=io.StringIO())
     log(m, 1, **step_args(), timesteps=[50.0, 150.0, 950.0], per_sample_loss=[1.0, 2.0, 3.0])
     # Tensors as the trainer has them; 999.9 and exactly 1000 (sigma 1) both land in the last bin.
-    log(m, 
+    log(
+        m,
         2,
         **step_args(),
         timesteps=torch.tensor([60.0, 999.9, 1000.0]),

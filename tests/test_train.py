@@ -7,7 +7,6 @@ and non-finite losses skip updates and stop the run."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from train_runs import REPO, assert_close_runs, base_args, data, final_weights, free_port, losses, torchrun
 
-from tools.make_demo_data import make_demo_data
 from train.checkpoint import KILL_ENV, find_latest
 from train.config import load_config
 from train.main import Trainer
@@ -25,54 +23,7 @@ from train.models import T5_FILE, TOKENIZER_DIR, VAE_FILE
 from wan import T5_PRESETS, UMT5Encoder, WanModel, WanVAE, dit_preset, vae_preset
 from wan.modules.tokenizer import DEBUG_TOKENIZER
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("demo")
-    make_demo_data(folder)
-    return folder
-
-
-def base_args(data: Path, out: Path) -> list[str]:
-    return [
-        "--cfg", str(REPO / "configs" / "debug.toml"), f"--train_data_dir={data}",
-        f"--train_data_meta={data / 'metadata.json'}", f"--output_dir={out}", "--mixed_precision=fp32",
-        "--progress_bar=false", "--dataloader_num_workers=0",
-    ]  # fmt: skip
-
-
-def torchrun(data: Path, out: Path, *overrides: str, nproc: int = 1, env: dict | None = None, check: bool = True):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd += ["-m", "train.main", *base_args(data, out), *overrides]
-    environ = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run(cmd, cwd=REPO, env=environ, capture_output=True, text=True, timeout=600)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[:6000]
-    return proc
-
-
-def losses(out: Path) -> dict[int, float]:
-    events = EventAccumulator(str(out / "tensorboard"))
-    events.Reload()
-    return {e.step: e.value for e in events.Scalars("train/loss")}
-
-
-def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(find_latest(out) / "model.safetensors")
-
-
-def assert_close_runs(a: Path, b: Path, steps: int) -> None:
-    la, lb = losses(a), losses(b)
-    assert sorted(la) == sorted(lb) == list(range(1, steps + 1))
-    for step in la:
-        assert la[step] == pytest.approx(lb[step], rel=1e-5), step
-    wa, wb = final_weights(a), final_weights(b)
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-6, msg=name)
-    assert la[1] != la[steps]  # it trained
+__all__ = ["data"]  # a fixture
 
 
 @pytest.mark.slow
@@ -165,10 +116,10 @@ def test_non_finite_losses_skip_updates_then_stop_the_run(data, tmp_path):
 def test_bad_config_is_refused_with_every_problem(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('[optim]\nlearning_rate = "fast"\n[train]\ntrain_batch_size = 0\nbogus = 1\n')
-    cmd = [sys.executable, "-m", "train.main", "--cfg", str(bad), "--lr_scheduler=wavy", "--engine=zero3"]
+    cmd = [sys.executable, "-m", "train.main", "--cfg", str(bad), "--lr_scheduler=wavy", "--engine=zero4"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 2
-    for expected in ("learning_rate", "train_batch_size", "bogus", "wavy", "zero3", "train_data", str(bad)):
+    for expected in ("learning_rate", "train_batch_size", "bogus", "wavy", "zero4", "train_data", str(bad)):
         assert expected in proc.stderr, expected
     assert "Traceback" not in proc.stderr
 
@@ -181,12 +132,6 @@ def test_help_lists_every_option():
     assert proc.returncode == 0
     for key in ("learning_rate", "train_data_meta", "checkpoints_total_limit", "engine", "trainable_modules"):
         assert key in proc.stdout
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

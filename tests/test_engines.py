@@ -1,0 +1,172 @@
+"""Every engine end to end through `train.main` with 2 gloo ranks on the debug preset, as a user runs it:
+ddp, zero2, zero3 and fsdp train alike from the same start and data (fp32), each resumes exactly after
+a SIGKILL in the middle of a save, ddp and fsdp checkpoints resume on 1 rank at the same global batch,
+a checkpoint missing one rank's file is refused naming it, and two torchrun agents acting as two nodes
+train and checkpoint with zero3. The shipped configs parse and resolve as documented."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from train_runs import REPO, base_args, data, free_port, losses, torchrun
+
+from train.checkpoint import KILL_ENV, find_latest, read_marker
+from train.config import load_config
+
+__all__ = ["data"]  # a fixture
+
+ENGINES = ("ddp", "zero2", "zero3", "fsdp")
+STEPS = 6
+# Tiny models never partition under ZeRO-3 below DeepSpeed's persistence threshold (1e5 elements):
+# 0 makes every parameter sharded, so the test exercises the real ZeRO-3 path.
+ENGINE_ARGS = {"ddp": [], "zero2": [], "zero3": ["--stage3_param_persistence_threshold=0"], "fsdp": []}
+# Optimizer-step losses of different engines differ by float summation order only.
+RTOL = 1e-5
+
+
+def run_args(engine: str, *extra: str) -> list[str]:
+    return [
+        f"--engine={engine}", *ENGINE_ARGS[engine], f"--max_train_steps={STEPS}", "--checkpointing_steps=3",
+        "--checkpoints_total_limit=0", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def straight(data, tmp_path_factory) -> dict[str, Path]:
+    """One uninterrupted 2-rank run per engine: 6 steps, checkpoints at 3 and 6."""
+    root = tmp_path_factory.mktemp("straight")
+    for engine in ENGINES:
+        torchrun(data, root / engine, *run_args(engine), nproc=2)
+    return {engine: root / engine for engine in ENGINES}
+
+
+@pytest.mark.slow
+def test_every_engine_trains_alike(straight):
+    reference = losses(straight["ddp"])
+    assert sorted(reference) == list(range(1, STEPS + 1))
+    assert reference[1] != reference[STEPS]  # it trained
+    for engine in ENGINES[1:]:
+        got = losses(straight[engine])
+        assert sorted(got) == sorted(reference), engine
+        for step, value in reference.items():
+            assert got[step] == pytest.approx(value, rel=RTOL), (engine, step)
+        marker = read_marker(find_latest(straight[engine]))
+        assert marker["engine"] == engine and marker["world_size"] == 2 and marker["step"] == STEPS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["zero2", "zero3", "fsdp"])
+def test_kill_mid_save_then_resume_repeats_the_run(data, straight, tmp_path, engine):
+    """A SIGKILL of both ranks inside the save of step 6 leaves checkpoint-3 as the latest; the rerun
+    resumes from it and repeats the uninterrupted run's losses bit for bit (fp32 on CPU)."""
+    out = tmp_path / engine
+    crashed = torchrun(data, out, *run_args(engine), nproc=2, env={KILL_ENV: "6"}, check=False)
+    assert crashed.returncode != 0
+    assert find_latest(out).name == "checkpoint-3"  # the half-written 6 does not count
+    assert (out / "checkpoint-6.tmp").exists()
+    resumed = torchrun(data, out, *run_args(engine), nproc=2)  # resume_from_checkpoint = "latest"
+    assert "resumed from" in resumed.stdout and "checkpoint-3" in resumed.stdout
+    assert find_latest(out).name == "checkpoint-6"
+    assert losses(out) == losses(straight[engine])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_resume_on_one_rank_of_a_two_rank_checkpoint(data, straight, tmp_path, engine):
+    """The global batch kept (1 rank x batch 2 = 2 ranks x batch 1): the data order and every draw
+    continue, so steps 4..6 give the uninterrupted 2-rank run's losses."""
+    out = tmp_path / engine
+    out.mkdir()
+    shutil.copytree(straight[engine] / "checkpoint-3", out / "checkpoint-3")
+    torchrun(data, out, *run_args(engine, "--train_batch_size=2"), nproc=1)
+    got, expected = losses(out), losses(straight[engine])
+    assert sorted(got) == [4, 5, 6]
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], rel=RTOL), step
+
+
+@pytest.mark.slow
+def test_zero_checkpoint_refuses_another_world_size_and_a_missing_rank_file(data, straight, tmp_path):
+    source = straight["zero3"] / "checkpoint-3"
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copytree(source, out / "checkpoint-3")
+    one = torchrun(data, out, *run_args("zero3", "--train_batch_size=2"), nproc=1, check=False)
+    assert one.returncode == 2 and "tied to the number of ranks" in one.stderr and "zero_to_bf16" in one.stderr
+
+    rank_file = next(name for name in read_marker(source)["files"] if "zero_pp_rank_1" in name)
+    (out / "checkpoint-3" / rank_file).unlink()
+    explicit = f"--resume_from_checkpoint={out / 'checkpoint-3'}"
+    refused = torchrun(data, out, *run_args("zero3"), explicit, nproc=2, check=False)
+    assert refused.returncode == 2 and f"{rank_file} is missing" in refused.stderr
+
+
+@pytest.mark.slow
+def test_two_nodes_train_and_checkpoint_with_zero3(data, straight, tmp_path):
+    """launch/multi_node.sh twice on 127.0.0.1 (NNODES=2, one process each) = one node of 2 processes."""
+    env = {
+        **os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "NNODES": "2",
+        "NPROC": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RDZV_ID": "zero3",
+    }  # fmt: skip
+    out = tmp_path / "two_nodes"
+    cmd = ["launch/multi_node.sh", *base_args(data, out)[1:], *run_args("zero3")]
+    nodes = [
+        subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), "\n".join(o[-3000:] for o in outputs)
+    assert losses(out) == pytest.approx(losses(straight["zero3"]), rel=RTOL)
+    marker = read_marker(find_latest(out))
+    assert marker["world_size"] == 2 and any("zero_pp_rank_1" in name for name in marker["files"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The shipped configs
+
+SHIPPED = sorted((REPO / "configs").glob("*.toml"))
+DATA_ARGS = ["--train_data_dir=/data", "--train_data_meta=/data/meta.json"]
+
+
+def test_every_shipped_config_parses():
+    engines = {}
+    for path in SHIPPED:
+        cfg = load_config(["--cfg", str(path), *DATA_ARGS])
+        engines[path.name] = cfg.parallel.engine
+    assert engines == {
+        "debug.toml": "ddp", "1.3b_ddp.toml": "ddp", "1.3b_zero2.toml": "zero2", "14b_zero2.toml": "zero2",
+        "14b_zero3.toml": "zero3", "14b_fsdp.toml": "fsdp", "14b_i2v_zero3.toml": "zero3",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("name, engine", [("14b_zero2.toml", "zero2"), ("14b_zero3.toml", "zero3")])
+def test_videox_fun_use_deepspeed_resolves_with_the_seed_values(name, engine):
+    """VideoX-Fun's --use_deepspeed on our 14B configs: the engine it names, with its train.sh values."""
+    cfg = load_config(["--cfg", str(REPO / "configs" / name), *DATA_ARGS, "--use_deepspeed"])
+    assert cfg.parallel.engine == engine and cfg.parallel.use_deepspeed
+    d, t, o, c = cfg.data, cfg.train, cfg.optim, cfg.checkpoint
+    assert (d.image_sample_size, d.video_sample_size, d.token_sample_size) == (1024, 256, 512)
+    assert (d.video_sample_stride, d.video_sample_n_frames) == (3, 81)
+    assert (o.learning_rate, o.lr_scheduler, o.lr_warmup_steps) == (2e-5, "constant_with_warmup", 100)
+    assert (o.adam_weight_decay, o.adam_epsilon, o.max_grad_norm) == (3e-2, 1e-10, 0.05)
+    assert (c.checkpointing_steps, t.mixed_precision, cfg.model.gradient_checkpointing) == (50, "bf16", True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", [p for p in SHIPPED if p.name != "debug.toml"], ids=lambda p: p.name)
+def test_each_shipped_config_trains_on_the_debug_preset(data, tmp_path, path):
+    """The config as shipped, with only the model, data and sizes made tiny: 2 steps on 2 ranks."""
+    i2v = load_config(["--cfg", str(path), *DATA_ARGS]).model.train_mode == "i2v"
+    extra = [
+        "--cfg", str(path), "--pretrained_model_name_or_path=", f"--preset={'debug-i2v' if i2v else 'debug'}",
+        "--max_train_steps=2", "--token_sample_size=64", "--video_sample_size=64", "--image_sample_size=64",
+        "--video_sample_n_frames=9", "--video_sample_stride=2", "--checkpointing_steps=2", "--low_vram=false",
+    ]  # fmt: skip
+    io = [f"--train_data_dir={data}", f"--train_data_meta={data / 'metadata.json'}", f"--output_dir={tmp_path}",
+          "--progress_bar=false", "--dataloader_num_workers=0"]  # fmt: skip
+    run = torchrun(data, tmp_path, *io, *extra, nproc=2, base=False)  # bf16, as shipped
+    assert sorted(losses(tmp_path)) == [1, 2], run.stdout[-2000:]
+    assert read_marker(find_latest(tmp_path))["engine"] == load_config(["--cfg", str(path), *DATA_ARGS]).parallel.engine

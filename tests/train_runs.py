@@ -1,0 +1,80 @@
+"""Helpers for tests that run the trainer as a user does (torchrun, real processes, gloo) and read
+what it wrote (TensorBoard losses, checkpoints)."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tools.make_demo_data import make_demo_data
+from train.checkpoint import find_latest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("demo")
+    make_demo_data(folder)
+    return folder
+
+
+def base_args(data: Path, out: Path) -> list[str]:
+    return [
+        "--cfg", str(REPO / "configs" / "debug.toml"), f"--train_data_dir={data}",
+        f"--train_data_meta={data / 'metadata.json'}", f"--output_dir={out}", "--mixed_precision=fp32",
+        "--progress_bar=false", "--dataloader_num_workers=0",
+    ]  # fmt: skip
+
+
+def torchrun(
+    data: Path,
+    out: Path,
+    *overrides: str,
+    nproc: int = 1,
+    env: dict | None = None,
+    check: bool = True,
+    base: bool = True,
+):
+    """train.main under torchrun with the debug config (base) and `overrides`; asserts exit 0 when check."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd += ["-m", "train.main", *(base_args(data, out) if base else []), *overrides]
+    environ = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run(cmd, cwd=REPO, env=environ, capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[:6000]
+    return proc
+
+
+def losses(out: Path) -> dict[int, float]:
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars("train/loss")}
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(find_latest(out) / "model.safetensors")
+
+
+def assert_close_runs(a: Path, b: Path, steps: int) -> None:
+    la, lb = losses(a), losses(b)
+    assert sorted(la) == sorted(lb) == list(range(1, steps + 1))
+    for step in la:
+        assert la[step] == pytest.approx(lb[step], rel=1e-5), step
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert la[1] != la[steps]  # it trained
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
