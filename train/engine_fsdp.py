@@ -1,0 +1,337 @@
+"""FSDP2 (`fully_shard`): parameters, gradients and optimizer state sharded over every rank.
+
+Each transformer block is one FSDP unit (all-gathered for its forward and backward, resharded after),
+the root unit holds the embeddings and the head. With bf16 mixed precision the all-gathered copies
+are bf16 while the sharded master weights, the reduce-scatter and the optimizer stay float32.
+
+Checkpoints are torch.distributed.checkpoint (DCP) folders under `folder/dcp`, keyed by official
+parameter names, which any world size can load (DCP reshards):
+
+    dcp/__{rank}_0.distcp   this rank's shards of the model (frozen parameters too) and optimizer state
+    dcp/.metadata           DCP's index of every shard (rank 0)
+    scheduler.json          the lr scheduler state (rank 0)
+    fsdp.json               the saving world size and whether the optimizer had stepped (rank 0)
+
+DCP keys: "model.{official name}" and, flattened per parameter, "optimizer.state.{name}.{exp_avg,
+exp_avg_sq,step}" and "optimizer.param_groups.{name}.{lr,betas,...}" (trainable parameters only).
+"""
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+from train.engine import SCHEDULER_FILE, EngineSetup, StepResult, build_optimizer, build_schedule
+from train.models import DiTRecipe
+
+DCP_DIR = "dcp"
+FSDP_STATE_FILE = "fsdp.json"
+METADATA_FILE = ".metadata"  # DCP's name for the index rank 0 writes
+
+# Per-parameter optimizer keys ("state.{name}.exp_avg"): independent of param-group order and of how
+# many ranks saved, which is what a merger or a different world size needs.
+_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The part of `t` this rank holds: a DTensor's local shard, a plain tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def held_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind `tensors` (a shard's padding and a gradient buffer shared
+    by several views counted once, as they are held)."""
+    storages = {}
+    for t in tensors:
+        storage = local_tensor(t).untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+class FSDPEngine:
+    """FSDP2 over all ranks (a 1-D mesh): each rank holds 1/world of every parameter (float32 master
+    weights), of the gradients and of the AdamW state. Frozen parameters are sharded alongside the
+    trainable ones in the same units; only trainable ones get gradients and optimizer state."""
+
+    def __init__(self, recipe: DiTRecipe, setup: EngineSetup):
+        if setup.mixed_precision not in ("bf16", "fp32"):
+            raise ValueError(
+                f"[train] mixed_precision must be 'bf16' or 'fp32' for engine fsdp, got {setup.mixed_precision!r}"
+            )
+        self.setup = setup
+        self.device = setup.device
+        self.owns_process_group = ensure_process_group(self.device)
+        self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
+        self.mesh = init_device_mesh(self.device.type, (self.world_size,), mesh_dim_names=("dp",))
+
+        p = setup.parallel
+        # FSDP2 offloads parameters, gradients and optimizer state together (one policy, no separate
+        # switches): either flag moves all three to host memory; the optimizer step then runs on the CPU.
+        self.offload = p.offload_param or p.offload_optimizer
+        offload: OffloadPolicy = (
+            CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if self.offload else OffloadPolicy()
+        )
+        if setup.mixed_precision == "bf16":
+            # cast_forward_inputs=False: FSDP would otherwise cast every floating input of every unit to
+            # bf16, the timesteps (bf16 steps of 4 near 1000) and the float32 residual stream between
+            # blocks included. The model autocasts itself when its gathered weights are bf16
+            # (wan/modules/precision.py), which keeps its float32 regions float32.
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+        else:
+            mp = MixedPrecisionPolicy()
+        shard = dict(
+            mesh=self.mesh, reshard_after_forward=p.reshard_after_forward, mp_policy=mp, offload_policy=offload
+        )
+
+        model = recipe.build()  # meta device, trainable flags and checkpointing set
+        for block in model.blocks:
+            fully_shard(block, **shard)
+        fully_shard(model, **shard)  # the root unit: embeddings, head, and whatever no block holds
+        self.module = self.model = model
+        # With offloading the sharded parameters live on the CPU (FSDP copies them to the device per use).
+        self.param_device = torch.device("cpu") if self.offload else self.device
+        model.to_empty(device=self.param_device)
+        self._load_initial_weights(recipe)
+        # The RoPE tables are non-persistent buffers outside FSDP (not parameters): computed in float32
+        # on the compute device on every rank alike, never sharded or saved.
+        model.rope.reset_tables(self.device)
+        recipe.weights.release()
+
+        self.named_trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        # AdamW runs where the shards are: fused on CUDA, foreach on the CPU (offloaded or CPU runs).
+        self.optimizer = build_optimizer(list(self.named_trainable.values()), setup.optim, self.param_device)
+        self.scheduler = build_schedule(self.optimizer, setup)
+        self._grad_bytes = 0
+
+    @torch.no_grad()
+    def _load_initial_weights(self, recipe: DiTRecipe) -> None:
+        """Fill each sharded parameter from one full CPU tensor at a time: no rank ever holds more than
+        one full tensor beyond its shards. src_data_rank=None: every rank slices its own shard from its
+        own copy, no communication."""
+        for name, param in self.model.named_parameters():
+            full = recipe.weights.read(name)
+            if full.shape != param.shape:
+                raise ValueError(
+                    f"DiT weight {name}: the weights have shape {list(full.shape)}, the model {list(param.shape)}"
+                )
+            shard = distribute_tensor(full.to(self.mesh.device_type), self.mesh, param.placements, src_data_rank=None)
+            param.to_local().copy_(shard.to_local())
+            del full, shard
+        persistent = set(self.model.state_dict(keep_vars=True))
+        for name, buffer in self.model.named_buffers():
+            if name in persistent:  # persistent buffers (none in WanModel today): whole on every rank
+                buffer.copy_(recipe.weights.read(name))
+
+    # ----------------------------------------------------------------------------------------------
+    # Training
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        # No autocast here: with bf16 gathered weights the model opens its own (see __init__); fp32 runs plain.
+        return self.model(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def micro_step(self, last: bool) -> Iterator[None]:
+        if not self.setup.parallel.reduce_every_micro_step:
+            # Accumulate full-size unsharded gradients locally and reduce-scatter once, on the last.
+            self.model.set_requires_gradient_sync(last)
+        yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.setup.accumulation_steps).backward()
+
+    def step(self) -> StepResult:
+        """Clip (max_grad_norm > 0) by the global norm over every rank's gradient shards, update unless
+        it is not finite (the norm is all-reduced, so every rank decides alike), advance the schedule,
+        free the gradients."""
+        params = [p for p in self.named_trainable.values() if p.grad is not None]
+        grads = [p.grad for p in params]
+        self._grad_bytes = held_bytes(grads)
+        limit = self.setup.optim.max_grad_norm if self.setup.optim.max_grad_norm > 0 else math.inf
+        if grads:
+            total = get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False, foreach=True)
+            if isinstance(total, DTensor):  # a partial norm over the shards: all-reduce it
+                if total.device.type != self.mesh.device_type:  # offloaded gradients: reduce on the device
+                    total = total.to(self.device)
+                total = total.full_tensor()
+            if math.isfinite(limit):  # DDP's clip_grad_norm_(inf) multiplies by exactly 1.0: the same
+                clip_grads_with_norm_(params, limit, total, foreach=True)
+            norm = float(total)
+        else:
+            norm = 0.0
+        updated = math.isfinite(norm)
+        lr = self.scheduler.get_last_lr()[0]
+        if updated:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()  # a skipped update still advances the schedule (the step count is the clock)
+        return StepResult(norm, updated, lr)
+
+    # ----------------------------------------------------------------------------------------------
+    # Checkpoints
+
+    def save(self, folder: Path) -> list[str]:
+        """Collective: every rank writes its shards into folder/dcp; returns this rank's files."""
+        from train.checkpoint import fsync_tree, write_json
+
+        folder = Path(folder)
+        stepped = bool(self.optimizer.state)
+        # Before the first update get_optimizer_state_dict initialises the AdamW state (a step with
+        # lr 0 and zero gradients, leaving `step` at 1); fsdp.json records that, and load() drops it.
+        state = {
+            "model": get_model_state_dict(self.model, options=_OPTIONS),
+            "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=_OPTIONS),
+        }
+        dcp.save(state, checkpoint_id=folder / DCP_DIR)
+        if not stepped:
+            self.optimizer.state.clear()
+        # dcp.save ends with rank 0 writing .metadata after every rank's data file is written; DCP fsyncs
+        # its files, this also makes the directory entries durable.
+        fsync_tree(folder / DCP_DIR)
+        files = sorted(f"{DCP_DIR}/{p.name}" for p in (folder / DCP_DIR).glob(f"__{self.rank}_*.distcp"))
+        if self.rank == 0:
+            write_json(folder / SCHEDULER_FILE, self.scheduler.state_dict())
+            write_json(folder / FSDP_STATE_FILE, {"world_size": self.world_size, "optimizer_stepped": stepped})
+            files += [f"{DCP_DIR}/{METADATA_FILE}", SCHEDULER_FILE, FSDP_STATE_FILE]
+        return files
+
+    def load(self, folder: Path) -> None:
+        """Collective: read a checkpoint written by save() at any world size (DCP reshards). Refuses,
+        before reading any tensor, a folder that lacks a file or holds other parameters or shapes."""
+        from train.checkpoint import read_json
+
+        folder = Path(folder)
+        info = read_json(folder / FSDP_STATE_FILE)
+        scheduler_state = read_json(folder / SCHEDULER_FILE)
+        stepped = bool(self.optimizer.state)
+        # The templates DCP loads into (this run's shards); on an optimizer that has not stepped this
+        # initialises its state (see save), undone if the folder is refused.
+        state = {
+            "model": get_model_state_dict(self.model, options=_OPTIONS),
+            "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=_OPTIONS),
+        }
+        try:
+            check_dcp_folder(folder / DCP_DIR, state)
+        except ValueError:
+            if not stepped:
+                self.optimizer.state.clear()
+            raise
+        dcp.load(state, checkpoint_id=folder / DCP_DIR)
+        set_model_state_dict(self.model, state["model"], options=_OPTIONS)
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=_OPTIONS)
+        if not info.get("optimizer_stepped", True):
+            self.optimizer.state.clear()  # saved before the first update: no AdamW state yet
+        self.scheduler.load_state_dict(scheduler_state)
+
+    # ----------------------------------------------------------------------------------------------
+    # Consolidated weights and memory
+
+    def _full(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Collective for a DTensor: the whole tensor on the CPU."""
+        if isinstance(tensor, DTensor):
+            if tensor.device.type != self.mesh.device_type:  # offloaded shards: gather on the device
+                tensor = tensor.to(self.device)
+            tensor = tensor.full_tensor()
+        return tensor.detach().cpu()
+
+    @torch.no_grad()
+    def full_state(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Collective: (official name, full float32 CPU tensor) for every parameter, frozen ones too,
+        one at a time and in the same order on every rank."""
+        for name, tensor in self.model.state_dict().items():
+            yield name, self._full(tensor)
+
+    @torch.no_grad()
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Collective: the full float32 trainable weights on every rank (small models only)."""
+        return {name: self._full(param) for name, param in self.named_trainable.items()}
+
+    def model_state_bytes(self) -> dict[str, int]:
+        """This rank's bytes of parameter shards, of gradient shards (as held at the last step(), before
+        they were freed) and of AdamW state shards, measured from the storages actually held."""
+        params = list(self.model.parameters())
+        optim = [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
+        return {"params": held_bytes(params), "grads": self._grad_bytes, "optimizer": held_bytes(optim)}
+
+
+def ensure_process_group(device: torch.device) -> bool:
+    """FSDP needs a process group even on one rank: a single-process run (no torchrun) gets a private
+    1-rank group. Returns whether this created it (the caller may destroy it at exit)."""
+    if dist.is_initialized():
+        return False
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return True
+
+
+def check_dcp_folder(path: Path, expected: dict[str, Any]) -> None:
+    """Refuse (ValueError naming the file or keys) a DCP folder that lacks its index or a data file it
+    lists, or whose tensors do not fit `expected` (this run's state dict: other trainable_modules or
+    another model)."""
+    index = path / METADATA_FILE
+    if not index.is_file():
+        raise ValueError(f"{index}: missing from the checkpoint (DCP's index, written last by rank 0)")
+    # DCP's own reader parses the index it wrote; nothing else here unpickles.
+    metadata = dcp.FileSystemReader(os.fspath(path)).read_metadata()
+    files = sorted({info.relative_path for info in (metadata.storage_data or {}).values()})
+    absent = [name for name in files if not (path / name).is_file()]
+    if absent:
+        raise ValueError(
+            f"{path}: the checkpoint lacks {', '.join(str(path / m) for m in absent)} (listed in {METADATA_FILE}; "
+            "a rank's shard file was not copied or was deleted)"
+        )
+    saved = metadata.state_dict_metadata
+    missing: dict[str, list[str]] = {"weights": [], "optimizer state": []}
+    shapes = []
+    for key, value in flatten(expected).items():
+        if key not in saved:
+            part, _, rest = key.partition(".")
+            if part == "model":
+                missing["weights"].append(rest)
+            elif rest.startswith("state."):  # state.{name}.{exp_avg,...}: report the parameter
+                missing["optimizer state"].append(rest.removeprefix("state.").rpartition(".")[0])
+        elif isinstance(value, torch.Tensor) and value.dim() > 0:
+            entry = saved[key]
+            if not isinstance(entry, TensorStorageMetadata) or tuple(entry.size) != tuple(value.shape):
+                shape = list(entry.size) if isinstance(entry, TensorStorageMetadata) else "not a tensor"
+                shapes.append(f"{key}: {shape} in the checkpoint, {list(value.shape)} in this run")
+    problems = [f"no {what} for {_shorten(sorted(set(names)))}" for what, names in missing.items() if names]
+    problems += [_shorten(shapes, 5)] if shapes else []
+    if problems:
+        raise ValueError(
+            f"{path}: the checkpoint does not fit this run (trainable_modules or model changed?): "
+            + "; ".join(problems)
+        )
+
+
+def _shorten(names: list[str], limit: int = 8) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def flatten(state: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts to DCP's dotted keys ("model.blocks.0.ffn.0.weight")."""
+    out = {}
+    for key, value in state.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
