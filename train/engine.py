@@ -82,6 +82,23 @@ class Engine(Protocol):
 
     def full_state(self) -> Iterator[tuple[str, torch.Tensor]]: ...
 
+    def model_state_bytes(self) -> dict[str, int]: ...
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The part of `t` this rank holds: a DTensor's local shard, a plain tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def held_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind `tensors` (a shard's padding and a gradient bucket shared
+    by several views counted once, as they are held)."""
+    storages = {}
+    for t in tensors:
+        storage = local_tensor(t).untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
 
 def precision_context(setup: EngineSetup) -> contextlib.AbstractContextManager:
     """bf16 autocast for fp32 master weights; nothing for fp32 training."""
@@ -135,6 +152,7 @@ class DDPEngine:
         self.optimizer = build_optimizer(list(self.named_trainable.values()), setup.optim, setup.device)
         self.scheduler = build_schedule(self.optimizer, setup)
         self.precision = precision_context(setup)
+        self._grad_bytes = 0
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         with self.precision:
@@ -152,7 +170,14 @@ class DDPEngine:
         (loss / self.setup.accumulation_steps).backward()
 
     def step(self) -> StepResult:
+        self._grad_bytes = held_bytes([p.grad for p in self.named_trainable.values() if p.grad is not None])
         return optimizer_step(self.named_trainable.values(), self.optimizer, self.scheduler, self.setup.optim)
+
+    def model_state_bytes(self) -> dict[str, int]:
+        """This rank's bytes of parameters, gradients (as held at the last step) and AdamW state."""
+        optim = [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
+        params = list(self.module.parameters())
+        return {"params": held_bytes(params), "grads": self._grad_bytes, "optimizer": held_bytes(optim)}
 
     def save(self, folder: Path) -> list[str]:
         from train.checkpoint import optimizer_state_to_named, write_json, write_safetensors

@@ -39,7 +39,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
-from train.engine import SCHEDULER_FILE, EngineSetup, StepResult, build_optimizer, build_schedule
+from train.engine import SCHEDULER_FILE, EngineSetup, StepResult, build_optimizer, build_schedule, held_bytes
 from train.models import DiTRecipe
 
 DCP_DIR = "dcp"
@@ -49,21 +49,6 @@ METADATA_FILE = ".metadata"  # DCP's name for the index rank 0 writes
 # Per-parameter optimizer keys ("state.{name}.exp_avg"): independent of param-group order and of how
 # many ranks saved, which is what a merger or a different world size needs.
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
-
-
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The part of `t` this rank holds: a DTensor's local shard, a plain tensor itself."""
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def held_bytes(tensors: list[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind `tensors` (a shard's padding and a gradient buffer shared
-    by several views counted once, as they are held)."""
-    storages = {}
-    for t in tensors:
-        storage = local_tensor(t).untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
 
 
 class FSDPEngine:

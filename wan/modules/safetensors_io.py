@@ -10,7 +10,10 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -64,6 +67,9 @@ _DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }  # fmt: skip
+
+
+_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
 def read_header(path: Path) -> tuple[dict[str, dict], int]:
@@ -175,3 +181,69 @@ def save_sharded(
         index_path.with_suffix(".tmp").write_text(json.dumps(index, indent=2))
         os.replace(index_path.with_suffix(".tmp"), index_path)
     return paths
+
+
+@dataclass
+class ShardItem:
+    """One tensor of a streamed write: its name in the file and what it will be."""
+
+    key: str  # the name in the output file
+    name: str  # the official name
+    shape: tuple[int, ...]
+    dtype: torch.dtype  # output dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def plan_shards(items: list[ShardItem], limit: int, weights_name: str) -> list[tuple[str, list[ShardItem]]]:
+    """(file name, items) per output file, split greedily by size in order as save_sharded does."""
+    shards: list[list[ShardItem]] = [[]]
+    size = 0
+    for item in items:
+        if shards[-1] and size + item.nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += item.nbytes
+    if len(shards) == 1:
+        return [(weights_name, shards[0])]
+    stem, ext = weights_name.rsplit(".", 1)
+    return [(f"{stem}-{i + 1:05d}-of-{len(shards):05d}.{ext}", s) for i, s in enumerate(shards)]
+
+
+def write_safetensors_streaming(
+    path: Path, items: list[ShardItem], produce: Callable[[ShardItem], torch.Tensor]
+) -> None:
+    """Write a safetensors file whose header comes from the plan, then each tensor as `produce` makes
+    it (cast to its item's dtype), so only one tensor is in memory at a time. Temporary name, then
+    rename: a reader never sees half a file."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for item in items:
+        header[item.key] = {
+            "dtype": _DTYPE_NAMES[item.dtype],
+            "shape": list(item.shape),
+            "data_offsets": [offset, offset + item.nbytes],
+        }
+        offset += item.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # tensor data starts 8-byte aligned, as safetensors writes it
+    part = path.with_name(path.name + ".tmp")
+    with open(part, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for item in items:
+            tensor = produce(item)
+            if tuple(tensor.shape) != item.shape:
+                raise ValueError(
+                    f"{item.name}: read a tensor of shape {list(tensor.shape)}, expected {list(item.shape)}"
+                )
+            tensor = tensor.to(item.dtype).contiguous()
+            if tensor.numel():
+                f.write(tensor.reshape(-1).view(torch.uint8).numpy())
+            del tensor
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(part, path)
