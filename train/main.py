@@ -27,7 +27,7 @@ from train.checkpoint import MERGE_ADVICE, Checkpointer, RNGState, read_json, re
 from train.config import ConfigError, RunConfig, config_to_toml, load_config
 from train.data.dataset import BadSampleTracker, pixels_to_model
 from train.data.loader import build_dataloader
-from train.engine import EngineSetup, StepResult, build_engine
+from train.engine import ConsolidatedWeights, EngineSetup, StepResult, build_engine
 from train.flow import FlowMatching, batch_positions
 from train.metrics import StepStats, StepTimer, build_metrics
 from train.models import Models, build_dit_recipe, build_models
@@ -184,6 +184,8 @@ class Trainer:
         )  # fmt: skip
         # Load order = registration order: the RNG last, after everything that might draw.
         self.checkpointer.register_files("engine", self.engine)
+        if cfg.checkpoint.save_consolidated_weights:
+            self.checkpointer.register_files("consolidated", ConsolidatedWeights(self.engine, recipe.config))
         self.checkpointer.register("trainer_state", self.state)
         self.checkpointer.register("sampler", SamplerState(self.sampler, self.state))
         self.checkpointer.register("rng", RNGState(), per_rank=True)

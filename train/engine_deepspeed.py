@@ -1,0 +1,579 @@
+"""DeepSpeed ZeRO-2 and ZeRO-3 behind the engine interface of train/engine.py.
+
+ZeRO-2: every rank holds the whole module (bf16 or fp32); gradients and the fp32 master weights with
+their AdamW state are partitioned across ranks. ZeRO-3: parameters are partitioned too, from
+construction on (`deepspeed.zero.Init`): no rank ever holds the whole DiT, the starting weights arrive
+one module at a time from rank 0.
+
+The optimizer is our torch AdamW (`build_optimizer`), handed to `deepspeed.initialize`; ZeRO wraps it
+and steps it on its fp32 partitions. The lr schedule is ours too (`build_schedule` on that AdamW): its
+param_groups are the ones ZeRO's update reads the lr from, so DeepSpeed gets no scheduler of its own.
+
+Precision: with bf16 the module (and so every forward) is bf16 and WanModel opens autocast itself;
+DeepSpeed keeps fp32 master partitions, which we set to the float32 starting weights (DeepSpeed would
+derive them from the bf16 copy), and reduces gradients in fp32 (communication_data_type); gradient
+partitions are bf16 (DeepSpeed's default grad_accum_dtype). With fp32 everything is fp32.
+
+Checkpoints are DeepSpeed's own files (pickles) under `folder/deepspeed/`, plus `folder/scheduler.json`:
+
+    deepspeed/mp_rank_00_model_states.pt                    ZeRO-2, rank 0: module weights, engine counters
+    deepspeed/zero_pp_rank_{r}_mp_rank_00_model_states.pt   ZeRO-3, rank r: its module state
+    deepspeed/[bf16_]zero_pp_rank_{r}_mp_rank_00_optim_states.pt   rank r: fp32 master + AdamW partitions
+
+They are tied to the world size (the partitioning): another world size goes through a consolidated
+export (tools/zero_to_bf16.py).
+"""
+
+import contextlib
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from train.engine import SCHEDULER_FILE, EngineSetup, StepResult, build_optimizer, build_schedule, held_bytes
+from train.models import DiTRecipe
+from wan import WanModel
+from wan.modules.state_dict_io import assign_tensor, prepare_tensor
+
+TAG = "deepspeed"
+"""Sub-folder (DeepSpeed's checkpoint tag) holding DeepSpeed's files inside a checkpoint folder."""
+
+# DeepSpeed copies these recovery scripts next to every ZeRO checkpoint; we remove them (nobody would
+# claim them in the checkpoint's file list, and tools/zero_to_bf16.py does their job).
+_RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
+_UNSET = object()
+_RANK_FILE_RE = re.compile(r"zero_pp_rank_(\d+)_")
+
+# Keys our loop and model construction depend on: a deepspeed_config JSON may not change them (they
+# come from [train] and [parallel] engine, which the data loader and zero.Init also follow).
+_FIXED_KEYS = {
+    ("train_micro_batch_size_per_gpu",): "[train] train_batch_size (per rank)",
+    ("gradient_accumulation_steps",): "[train] gradient_accumulation_steps",
+    ("train_batch_size",): "[train] train_batch_size and gradient_accumulation_steps",
+    ("zero_optimization", "stage"): "[parallel] engine (zero2 or zero3)",
+    ("bf16", "enabled"): "[train] mixed_precision",
+    ("fp16", "enabled"): "[train] mixed_precision = bf16 (fp16 is not supported)",
+}
+# The optimizer and lr schedule are ours (built from [optim]); DeepSpeed's would be a second one.
+_REFUSED_KEYS = {"optimizer": "[optim]", "scheduler": "[optim] lr_scheduler"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration
+
+
+def generated_config(setup: EngineSetup, world_size: int) -> dict:
+    """The DeepSpeed config our [parallel] / [optim] / [train] values stand for (nothing read from disk)."""
+    p, o = setup.parallel, setup.optim
+    if p.engine not in ("zero2", "zero3"):
+        raise ValueError(f"[parallel] engine {p.engine!r} is not a DeepSpeed engine (zero2 or zero3)")
+    if setup.mixed_precision not in ("bf16", "fp32"):
+        raise ValueError(f"mixed_precision must be 'bf16' or 'fp32' for DeepSpeed, got {setup.mixed_precision!r}")
+    stage = 3 if p.engine == "zero3" else 2
+    bf16 = setup.mixed_precision == "bf16"
+    zero: dict[str, Any] = {
+        "stage": stage,
+        "reduce_bucket_size": p.reduce_bucket_size,
+        "overlap_comm": p.overlap_comm,
+        "contiguous_gradients": True,
+    }
+    if stage == 2:
+        zero["allgather_bucket_size"] = p.allgather_bucket_size
+    else:
+        zero["stage3_prefetch_bucket_size"] = p.stage3_prefetch_bucket_size
+        zero["stage3_param_persistence_threshold"] = p.stage3_param_persistence_threshold
+        zero["stage3_max_live_parameters"] = p.stage3_max_live_parameters
+        # True (DeepSpeed's default) makes zero.Init replace torch.nn.functional.linear process-wide,
+        # for good, by its own autograd function: every later F.linear (encoders, the other engines)
+        # would run DeepSpeed's code. Plain F.linear works under ZeRO-3 (parameters are gathered by the
+        # module hooks before use).
+        zero["memory_efficient_linear"] = False
+    if p.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if stage == 3 and p.offload_param:
+        zero["offload_param"] = {"device": "cpu"}
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": setup.micro_batch_size,
+        "gradient_accumulation_steps": setup.accumulation_steps,
+        "train_batch_size": setup.micro_batch_size * setup.accumulation_steps * world_size,
+        "bf16": {"enabled": bf16},
+        "fp16": {"enabled": False},
+        "gradient_clipping": o.max_grad_norm,
+        "zero_optimization": zero,
+        # With offload_optimizer DeepSpeed insists on its DeepSpeedCPUAdam (a C++ op compiled at first
+        # use, ~30 s on CPU, needing a compiler on every node). We keep our torch AdamW (foreach, on the
+        # host where the offloaded partitions live): slower per step than CPUAdam, but the same
+        # arithmetic as the other engines and nothing to compile.
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**62,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    if bf16:
+        # Gradients are reduced across ranks in fp32 (as the other engines do) rather than in bf16.
+        config["communication_data_type"] = "fp32"
+    return config
+
+
+def read_override(path: str) -> dict:
+    """The JSON object of a deepspeed_config file; ValueError naming the file when it is unusable."""
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"deepspeed_config {path}: no such file")
+    try:
+        value = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"deepspeed_config {path}: not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"deepspeed_config {path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def merge_override(ours: dict, theirs: dict, source: str, prefix: tuple[str, ...] = ()) -> list[str]:
+    """Deep-merge `theirs` over `ours` in place; returns one line per value that changed,
+    `deepspeed_config FILE: key.path: ours -> theirs`. Keys our loop depends on are refused."""
+    lines = []
+    for key, value in theirs.items():
+        path = (*prefix, key)
+        dotted = ".".join(path)
+        if not prefix and key in _REFUSED_KEYS:
+            raise ValueError(
+                f"deepspeed_config {source}: {dotted!r} is not supported; set {_REFUSED_KEYS[key]} instead"
+            )
+        current = ours.get(key, _UNSET)
+        if isinstance(value, dict) and isinstance(current, dict):
+            lines += merge_override(current, value, source, path)
+            continue
+        if path in _FIXED_KEYS and value != current:
+            raise ValueError(
+                f"deepspeed_config {source}: {dotted} = {value!r} conflicts with the run's {current!r}; "
+                f"set {_FIXED_KEYS[path]} instead"
+            )
+        if current is _UNSET or value != current:
+            was = "(unset)" if current is _UNSET else json.dumps(current)
+            lines.append(f"deepspeed_config {source}: {dotted}: {was} -> {json.dumps(value)}")
+        ours[key] = value
+    return lines
+
+
+def deepspeed_config(setup: EngineSetup, world_size: int, report: Callable[[str], None] | None = None) -> dict:
+    """The DeepSpeed config dict for `setup` on `world_size` ranks: ours, with the values of the
+    [parallel] deepspeed_config JSON file (if any) deep-merged over it. Each value the file changes is
+    passed to `report` as `deepspeed_config FILE: key.path: ours -> theirs`."""
+    config = generated_config(setup, world_size)
+    source = setup.parallel.deepspeed_config
+    if source:
+        for line in merge_override(config, read_override(source), source):
+            if report is not None:
+                report(line)
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------
+# The engine
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _init_distributed(device: torch.device) -> None:
+    """DeepSpeed's communication layer over the trainer's process group (which DeepSpeed reuses when
+    torch.distributed is already initialised, as it is in the trainer); a single process otherwise."""
+    import deepspeed
+
+    if not dist.is_initialized():
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+            os.environ.setdefault(key, value)
+        os.environ.setdefault("MASTER_PORT", "29500")
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO-2 ("zero2") or ZeRO-3 ("zero3"): see the module docstring."""
+
+    def __init__(self, recipe: DiTRecipe, setup: EngineSetup):
+        import deepspeed
+
+        self.setup = setup
+        self.stage = 3 if setup.parallel.engine == "zero3" else 2
+        _init_distributed(setup.device)
+        rank, world = _rank(), _world_size()
+        self.config = deepspeed_config(
+            setup, world, report=(lambda line: print(line, flush=True)) if rank == 0 else None
+        )
+        self.dtype = torch.bfloat16 if self.config["bf16"].get("enabled") else torch.float32
+
+        module = self._build_zero3(recipe) if self.stage == 3 else self._build_whole(recipe)
+        params = [p for p in module.parameters() if p.requires_grad]
+        # With offload_optimizer the fp32 partitions the AdamW steps live on the host: a CPU optimizer.
+        offload = "offload_optimizer" in self.config["zero_optimization"]
+        self.torch_optimizer = build_optimizer(params, setup.optim, torch.device("cpu") if offload else setup.device)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=module, optimizer=self.torch_optimizer, lr_scheduler=None, config=self.config
+        )
+        self.module: nn.Module = self.engine.module
+        check_rope_tables(self.module)
+        if self.dtype != torch.float32:
+            self._set_fp32_master(recipe)
+        recipe.weights.release()
+        # ZeRO steps the AdamW we handed in on its own fp32 partitions, reading lr from these very
+        # param_groups: a schedule on the torch optimizer drives ZeRO's update.
+        self.scheduler = build_schedule(self.torch_optimizer, setup)
+        self._step_bytes = {"grads": 0, "buffers": 0}
+
+    def _build_whole(self, recipe: DiTRecipe) -> WanModel:
+        """ZeRO-2: the whole DiT on every rank, in the module dtype from the start (recipe.materialize
+        would build it in float32 first: twice the device memory until DeepSpeed casts it)."""
+        model = recipe.build()
+        for name, tensor in recipe.named_tensors(model):
+            assign_tensor(model, name, prepare_tensor(tensor, self.dtype, self.setup.device))
+        model.rope.reset_tables(self.setup.device)
+        return model
+
+    @torch.no_grad()
+    def _set_fp32_master(self, recipe: DiTRecipe) -> None:
+        """bf16: DeepSpeed derives its fp32 master partitions from the bf16 parameters, i.e. from the
+        starting weights rounded to bf16. Set them to the float32 starting weights (as DDP and FSDP
+        start): rank 0 reads each trainable tensor and broadcasts it, each rank keeps its partition."""
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        device, rank0 = self.setup.device, _rank() == 0
+        for name, param in self.module.named_parameters():
+            if not param.requires_grad:
+                continue
+            shape = param.ds_shape if hasattr(param, "ds_shape") else param.shape
+            if rank0:
+                value = prepare_tensor(recipe.weights.read(name), torch.float32, device)
+            else:
+                value = torch.empty(shape, dtype=torch.float32, device=device)
+            if dist.is_initialized():
+                dist.broadcast(value, 0)
+            if hasattr(param, "ds_tensor"):
+                # ZeRO-3 cuts each rank's slice at rank * partition size of a flat, padded buffer.
+                padded = torch.zeros(param.ds_tensor.ds_numel * _world_size(), dtype=torch.float32, device=device)
+                padded[: value.numel()] = value.reshape(-1)
+                value = padded
+            safe_set_full_fp32_param(param, value)
+
+    def _build_zero3(self, recipe: DiTRecipe) -> WanModel:
+        """The DiT partitioned from the start: built inside zero.Init (each submodule's parameters are
+        partitioned as soon as its __init__ returns), then loaded one module at a time from rank 0."""
+        import deepspeed
+
+        meta = recipe.build()  # checks the weights folder, chooses the trainable parameters
+        offload_param = "offload_param" in self.config["zero_optimization"]
+        # No dtype argument: deepspeed 0.19.8 ignores it on accelerators without fp16 (the CPU one picks
+        # bf16 whatever is passed, an operator-precedence slip); without it the dtype comes from the
+        # config's bf16 flag. Checked below.
+        init = deepspeed.zero.Init(config_dict_or_path=self.config, remote_device="cpu" if offload_param else None)
+        # WanModel.__init__ ends with init_weights() unless built on meta; under zero.Init the
+        # submodules are partitioned by then (size-0 parameters), and the weights get replaced below
+        # anyway: skip it. (Each nn.Linear still runs its own default init once before partitioning.)
+        skip_init = _SkipInitWeights()
+        with init, skip_init:
+            model = WanModel(**recipe.config)
+        wrong = {str(p.dtype) for p in model.parameters() if p.dtype != self.dtype}
+        if wrong:
+            raise RuntimeError(
+                f"deepspeed.zero.Init built {', '.join(sorted(wrong))} parameters, expected {self.dtype}"
+            )
+        trainable = dict(meta.named_parameters())
+        for name, param in model.named_parameters():
+            param.requires_grad_(trainable[name].requires_grad)
+        model.checkpointed_blocks = set(meta.checkpointed_blocks)
+        del meta
+
+        rank0 = _rank() == 0
+        with torch.no_grad():
+            for prefix, mod in model.named_modules():
+                own = list(mod.named_parameters(recurse=False))
+                if own:
+                    # Gathered on every rank (one module's worth), filled on rank 0, broadcast on exit.
+                    with deepspeed.zero.GatheredParameters([p for _, p in own], modifier_rank=0):
+                        if rank0:
+                            for name, param in own:
+                                param.data.copy_(recipe.weights.read(_join(prefix, name)))
+                for name, buf in mod.named_buffers(recurse=False):
+                    if name not in mod._non_persistent_buffers_set:  # buffers are whole on every rank
+                        buf.copy_(recipe.weights.read(_join(prefix, name)))
+        # zero.Init creates every float tensor in its dtype, the RoPE tables included (bf16 tables
+        # would round the angles): rebuild them in float32 outside it.
+        model.rope.reset_tables(self.setup.device)
+        check_rope_tables(model)
+        return model
+
+    # ------------------------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        # bf16: the module's weights are bf16, so WanModel opens autocast itself (keeping its float32
+        # regions); fp32: nothing to do.
+        return self.engine(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def micro_step(self, last: bool) -> Iterator[None]:
+        # We own the accumulation boundary (DeepSpeed's micro-step counter would otherwise expect an
+        # engine.step() after every micro-batch): gradients are reduced into the partitions every
+        # micro-step under ZeRO-2/3 and the update happens in step() after the last one.
+        self.engine.set_gradient_accumulation_boundary(last)
+        yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # engine.backward divides by gradient_accumulation_steps itself: no division here.
+        self.engine.backward(loss)
+
+    def step(self) -> StepResult:
+        """The update (DeepSpeed clips to gradient_clipping and skips it, on every rank alike, when
+        the global gradient norm is not finite), then the lr schedule advances, also after a skip."""
+        lr = float(self.torch_optimizer.param_groups[0]["lr"])
+        self._step_bytes = self._held_step_bytes()  # the step frees the gradients
+        self.engine.set_gradient_accumulation_boundary(True)
+        self.engine.step()
+        updated = bool(self.engine.was_step_applied())
+        norm = self.engine.get_global_grad_norm()
+        norm = math.nan if norm is None else float(norm)
+        if not updated and math.isfinite(norm):
+            norm = math.inf  # DeepSpeed reports inf for a skipped step; keep the contract if it changes
+        self.scheduler.step()
+        return StepResult(norm, updated, lr)
+
+    # ------------------------------------------------------------------------------------------------
+    def save(self, folder: Path) -> list[str]:
+        """Collective. DeepSpeed writes under folder/deepspeed/ (see the module docstring), rank 0 also
+        scheduler.json. Returns this rank's files relative to `folder`, each fsynced: the files named
+        *zero_pp_rank_{r}_* belong to rank r, the rest (ZeRO-2's mp_rank_00_model_states.pt) to rank 0."""
+        from train.checkpoint import write_json
+
+        folder = Path(folder)
+        rank = _rank()
+        # save_latest=False: no `latest` file (a tag pointer nobody would claim); the fixed tag is the
+        # sub-folder. save_checkpoint ends with a barrier: every rank's files are complete on return.
+        self.engine.save_checkpoint(str(folder), tag=TAG, client_state={}, save_latest=False)
+        mine = [f"{TAG}/{name}" for name in sorted(os.listdir(folder / TAG)) if _file_owner(name) == rank]
+        for name in mine:
+            with open(folder / name, "rb") as f:  # DeepSpeed does not fsync what it writes
+                os.fsync(f.fileno())
+        if rank == 0:
+            for script in _RECOVERY_SCRIPTS:
+                (folder / script).unlink(missing_ok=True)
+            for path in (folder / TAG, folder):  # the new entries (all ranks' files exist by now)
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            write_json(folder / SCHEDULER_FILE, self.scheduler.state_dict())
+            mine.append(SCHEDULER_FILE)
+        if dist.is_initialized():
+            dist.barrier()  # nobody reports a folder that rank 0 is still tidying
+        return mine
+
+    def load(self, folder: Path) -> None:
+        """Resume from `folder`, saved by this engine with the same precision and world size (anything
+        else is refused with a ValueError naming the file). Call it on a freshly built engine: DeepSpeed
+        loads a ZeRO-3 checkpoint only into a model that has not run yet.
+
+        DeepSpeed 0.19.8 reads its files with torch.load(weights_only=False), i.e. it unpickles them
+        (checkpoint_engine/torch_checkpoint_engine.py, zero/stage3.py): only ever point this at a
+        checkpoint folder our own run wrote. The trainer hands in only folders whose COMPLETE marker
+        lists every file with its size; we add no unpickling of our own."""
+        from deepspeed.runtime.zero.utils import ZeRORuntimeException
+
+        from train.checkpoint import read_json
+
+        folder = Path(folder)
+        self.check_checkpoint(folder)
+        try:
+            path, _ = self.engine.load_checkpoint(
+                str(folder), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
+        except (AssertionError, FileNotFoundError, RuntimeError, ZeRORuntimeException) as err:
+            raise ValueError(f"{folder / TAG}: DeepSpeed could not load this checkpoint: {err}") from err
+        if path is None:
+            raise ValueError(f"{folder / TAG}: DeepSpeed found no checkpoint to load")
+        self.scheduler.load_state_dict(read_json(folder / SCHEDULER_FILE))
+        # The optimizer state DeepSpeed restored carries the saved lr already; set it from the schedule
+        # anyway, so that the next update's lr never depends on what DeepSpeed chose to restore.
+        for group, lr in zip(self.torch_optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr
+
+    def expected_files(self) -> list[str]:
+        """The DeepSpeed files (relative to the checkpoint folder) a save by this engine writes, all ranks."""
+        optim = "bf16_" if self.dtype == torch.bfloat16 else ""
+        files = [] if self.stage == 3 else [f"{TAG}/mp_rank_00_model_states.pt"]
+        for r in range(_world_size()):
+            if self.stage == 3:
+                files.append(f"{TAG}/zero_pp_rank_{r}_mp_rank_00_model_states.pt")
+            files.append(f"{TAG}/{optim}zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+        return files
+
+    def check_checkpoint(self, folder: Path) -> None:
+        """Refuse (ValueError naming the file and what to do) a checkpoint folder whose DeepSpeed files
+        are not exactly the ones this engine, precision and world size would write; DeepSpeed itself
+        would fail with an assertion, a FileNotFoundError or, worse, load a mismatched state."""
+        folder = Path(folder)
+        world = _world_size()
+        ds = folder / TAG
+        present = sorted(f"{TAG}/{n}" for n in os.listdir(ds)) if ds.is_dir() else []
+        expected = self.expected_files()
+        if not (folder / SCHEDULER_FILE).is_file():
+            raise ValueError(f"{folder / SCHEDULER_FILE}: missing from the checkpoint")
+        extra_ranks = sorted({_file_owner(f) for f in present if _RANK_FILE_RE.search(f) and _file_owner(f) >= world})
+        missing = [f for f in expected if f not in present]
+        if not missing and not extra_ranks:
+            return
+        what = f"engine {self.setup.parallel.engine}, mixed_precision {self.setup.mixed_precision}, {world} ranks"
+        if not present:
+            raise ValueError(
+                f"{ds}: no DeepSpeed checkpoint files (not written by a zero2/zero3 run?); this run ({what}) "
+                "cannot resume from it"
+            )
+        if extra_ranks:
+            raise ValueError(
+                f"{ds}: holds files of rank {extra_ranks[-1]} (zero_pp_rank_{extra_ranks[-1]}_*), so it was saved by "
+                f"more than the {world} ranks of this run: ZeRO checkpoints are tied to the world size. Resume with "
+                "the world size that saved it, or export the weights (tools/zero_to_bf16.py) and start a new run"
+            )
+        layout = "zero3" if any(f.endswith("_model_states.pt") and "zero_pp_rank_" in f for f in present) else "zero2"
+        saved_bf16 = any(Path(f).name.startswith("bf16_") for f in present)
+        if layout != self.setup.parallel.engine or saved_bf16 != (self.dtype == torch.bfloat16):
+            raise ValueError(
+                f"{ds}: saved by a {layout} run with mixed_precision {'bf16' if saved_bf16 else 'fp32'}; this run is "
+                f"{what}. Resume with the same engine and precision, or export the weights (tools/zero_to_bf16.py) "
+                "and start a new run from them"
+            )
+        raise ValueError(
+            f"{folder / missing[0]}: missing from the checkpoint (missing: {', '.join(missing)}). Either the save "
+            f"was incomplete or the folder was copied partially (resume from another checkpoint), or it was saved "
+            f"by fewer than the {world} ranks of this run (resume with that world size)"
+        )
+
+    # ------------------------------------------------------------------------------------------------
+    def full_state(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Collective (every rank must iterate to the end, in the same order): (official name, full CPU
+        tensor) for every parameter and persistent buffer, in state_dict order. Trainable parameters
+        come as the float32 master weights, frozen ones as the module holds them (bf16 under bf16);
+        under zero3 one module is gathered at a time."""
+        import deepspeed
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        for prefix, mod in self.module.named_modules():
+            own = list(mod.named_parameters(recurse=False))
+            out: list[tuple[str, torch.Tensor]] = []
+            frozen = [p for _, p in own if not p.requires_grad]
+            # Gather only the frozen ones (trainable ones come from the fp32 partitions), and leave the
+            # context before yielding: a consumer that stops early must not leave ranks mid-collective.
+            with deepspeed.zero.GatheredParameters(frozen, enabled=self.stage == 3 and bool(frozen)):
+                for name, param in own:
+                    if param.requires_grad:
+                        full = safe_get_full_fp32_param(param)
+                        if full is None:
+                            raise RuntimeError(f"DeepSpeed holds no fp32 master weight for {_join(prefix, name)}")
+                        out.append((_join(prefix, name), full.detach().to("cpu", copy=True)))
+                    else:
+                        out.append((_join(prefix, name), param.detach().to("cpu", copy=True)))
+            for name, buf in mod.named_buffers(recurse=False):
+                if name not in mod._non_persistent_buffers_set:
+                    out.append((_join(prefix, name), buf.detach().to("cpu", copy=True)))
+            yield from out
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Collective: the full float32 master weights of the trainable parameters, on every rank (for
+        tests and small models: everything is held at once)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out = {}
+        for name, param in self.module.named_parameters():
+            if param.requires_grad:
+                out[name] = safe_get_full_fp32_param(param).detach().to("cpu", copy=True)
+        return out
+
+    def model_state_bytes(self) -> dict[str, int]:
+        """This rank's bytes of model state, measured from the tensors it holds (each storage once):
+
+        params     the module's parameters: whole under zero2, this rank's partitions (plus any gathered
+                   or persistent whole ones) under zero3
+        grads      gradients / gradient partitions, as held at the last step() (0 before the first)
+        master     the fp32 master weight partitions (DeepSpeed keeps them apart from the module's
+                   parameters even in fp32, where DDP's parameters are their own master weights)
+        optimizer  the AdamW state of those partitions (exp_avg, exp_avg_sq)
+        buffers    DeepSpeed's gradient reduce bucket as held at the last step(): zero3 keeps one of
+                   reduce_bucket_size elements (fp32 with bf16: communication in fp32) for the whole
+                   run; zero2 allocates its buckets (two with overlap_comm) in each backward and frees
+                   them at its end, so they never show here. Not model state, but memory it needs."""
+        params: list[torch.Tensor] = []
+        for p in self.module.parameters():
+            params.append(p.data)
+            if hasattr(p, "ds_tensor"):
+                params.append(p.ds_tensor)
+        state = [t for s in self.torch_optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim()]
+        return {
+            "params": held_bytes(params),
+            "grads": self._step_bytes["grads"],
+            "master": held_bytes(self._master_partitions()),
+            "optimizer": held_bytes(state),
+            "buffers": self._step_bytes["buffers"],
+        }
+
+    def _master_partitions(self) -> list[torch.Tensor]:
+        attr = "fp32_partitioned_groups_flat" if self.stage == 3 else "single_partition_of_fp32_groups"
+        return list(getattr(self.optimizer, attr, []))
+
+    def _held_step_bytes(self) -> dict[str, int]:
+        """Bytes of the gradients (partitions) held now, as model_state_bytes() reports them: module
+        .grad tensors, ZeRO-2's reduced partitions, ZeRO-3's preallocated partition buffer, the fp32
+        gradients of offloaded partitions; and of the gradient reduce buckets."""
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        if self.stage == 3:
+            flat = getattr(self.optimizer, "grad_partitions_flat_buffer", None)
+            grads += [flat] if flat is not None else []
+        else:
+            for group in getattr(self.optimizer, "averaged_gradients", {}).values():
+                grads += [g for g in group or [] if g is not None]
+        grads += [m.grad for m in self._master_partitions() if m.grad is not None]
+        buffers: list[torch.Tensor] = []
+        for bucket in getattr(self.optimizer, "ipg_buckets", {}).values():
+            held = getattr(bucket, "buffer", None)
+            buffers += held if isinstance(held, list) else [held] if held is not None else []
+        return {"grads": held_bytes(grads), "buffers": held_bytes(buffers)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Helpers
+
+
+class _SkipInitWeights:
+    """Makes WanModel.init_weights a no-op while constructing inside zero.Init (restored on exit)."""
+
+    def __enter__(self) -> None:
+        self._saved = WanModel.__dict__["init_weights"]
+        WanModel.init_weights = lambda self: None
+
+    def __exit__(self, *exc) -> None:
+        WanModel.init_weights = self._saved
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _file_owner(name: str) -> int:
+    """The rank a DeepSpeed checkpoint file belongs to: r for zero_pp_rank_{r}_*, else rank 0."""
+    match = _RANK_FILE_RE.search(name)
+    return int(match.group(1)) if match else 0
+
+
+def check_rope_tables(model: nn.Module) -> None:
+    """The RoPE cos/sin tables must be float32 (a cast or zero.Init would make them bf16)."""
+    for name, buf in model.named_buffers():
+        if name.endswith(("rope.cos", "rope.sin")) and buf.dtype != torch.float32:
+            raise RuntimeError(f"{name} is {buf.dtype}, expected float32 RoPE tables")
