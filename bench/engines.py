@@ -73,7 +73,7 @@ def worker(args: argparse.Namespace) -> None:
     def recipe() -> DiTRecipe:
         return DiTRecipe(config=config, weights=DiTWeights(args.release, config, 0), gradient_checkpointing=True)
 
-    parallel = ParallelConfig(engine=args.engine)
+    parallel = ParallelConfig(engine=args.engine, reduce_bucket_size=args.bucket, allgather_bucket_size=args.bucket)
     setup = EngineSetup(
         parallel=parallel, optim=OptimConfig(), mixed_precision=args.precision, micro_batch_size=1,
         accumulation_steps=1, total_steps=1000, device=device,
@@ -89,6 +89,7 @@ def worker(args: argparse.Namespace) -> None:
     engine = build_engine(recipe(), setup)
     load_s = time.perf_counter() - t0
     load_peak = rss_bytes("VmHWM") - base
+    load_kept = rss_bytes("VmRSS") - base  # what the engine holds once built; the rest was transient
 
     g = torch.Generator().manual_seed(rank)
     f, h, w = args.frames, args.size, args.size
@@ -124,7 +125,7 @@ def worker(args: argparse.Namespace) -> None:
     reload_s = time.perf_counter() - t0
 
     result = {
-        "engine": args.engine, "load_s": load_s, "load_peak": load_peak, "step_s": statistics.median(times[args.warmup:]),
+        "engine": args.engine, "load_s": load_s, "load_peak": load_peak, "load_kept": load_kept, "step_s": statistics.median(times[args.warmup:]),
         "states": states, "save_s": save_s, "reload_s": reload_s,
     }  # fmt: skip
     every = [None] * dist.get_world_size()
@@ -144,7 +145,7 @@ def run_engine(engine: str, args: argparse.Namespace, release: Path, out: Path) 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
            "--worker", engine, "--release", str(release), "--out", str(out)]  # fmt: skip
     cmd += [f"--{k}={v}" for k, v in vars(args).items() if k in ("dim", "ffn", "heads", "layers", "text_dim",
-                                                                  "frames", "size", "steps", "warmup", "precision")]  # fmt: skip
+                                                                  "frames", "size", "steps", "warmup", "precision", "bucket")]  # fmt: skip
     env = {**MEMORY_ENV, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
@@ -184,6 +185,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--bucket", type=int, default=500_000_000, help="DeepSpeed reduce/allgather bucket elements")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--no-merge", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -216,6 +218,7 @@ def main() -> None:
                 "engine": engine,
                 "load_s": max(r["load_s"] for r in ranks),
                 "load_peak_of_full": max(r["load_peak"] for r in ranks) / full_bytes,
+                "load_transient_of_full": max(r["load_peak"] - r["load_kept"] for r in ranks) / full_bytes,
                 "step_s": max(r["step_s"] for r in ranks),
                 "state_mib": max(sum(r["states"].values()) for r in ranks) / MIB,
                 "optim_mib": max(r["states"]["optimizer"] for r in ranks) / MIB,
@@ -236,9 +239,9 @@ def main() -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    heads = ["engine", "load s", "load peak / fp32 copy", "step s", "model states MiB/rank", "optim MiB/rank",
+    heads = ["engine", "load s", "load peak / fp32 copy", "of it transient", "step s", "model states MiB/rank", "optim MiB/rank",
              "save s", "load ckpt s", "ckpt MiB", "merge s", "merge peak MiB"]  # fmt: skip
-    keys = ["engine", "load_s", "load_peak_of_full", "step_s", "state_mib", "optim_mib", "save_s", "reload_s",
+    keys = ["engine", "load_s", "load_peak_of_full", "load_transient_of_full", "step_s", "state_mib", "optim_mib", "save_s", "reload_s",
             "ckpt_mib", "merge_s", "merge_peak_mib"]  # fmt: skip
     print("| " + " | ".join(heads) + " |")
     print("|" + "---|" * len(heads))

@@ -4,6 +4,7 @@ a SIGKILL in the middle of a save, ddp and fsdp checkpoints resume on 1 rank at 
 a checkpoint missing one rank's file is refused naming it, and two torchrun agents acting as two nodes
 train and checkpoint with zero3. The shipped configs parse and resolve as documented."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -197,3 +198,24 @@ def test_each_shipped_config_trains_on_the_debug_preset(data, tmp_path, path):
     run = torchrun(data, tmp_path, *io, *extra, nproc=2, base=False)  # bf16, as shipped
     assert sorted(losses(tmp_path)) == [1, 2], run.stdout[-2000:]
     assert read_marker(find_latest(tmp_path))["engine"] == load_config(["--cfg", str(path), *DATA_ARGS]).parallel.engine
+
+
+@pytest.mark.slow
+def test_sharded_engines_load_a_release_folder_without_a_whole_copy(tmp_path):
+    """bench/engines.py on a mid-size DiT (width 1024, 8 blocks, 148 M parameters) saved as a release
+    folder, bf16, 2 ranks. While a rank builds the DiT and reads the weights its resident memory peaks at
+    what the engine keeps (its shards: under zero3 the bf16 parameter, bf16 gradient and fp32 master
+    partitions) plus a transient that, under zero3 and fsdp, stays far below one fp32 copy of the model
+    (one module or tensor at a time); DDP's rank holds the whole model. Model states per rank (after a
+    step, AdamW included) are about half of DDP's."""
+    out = tmp_path / "rows.json"
+    cmd = [sys.executable, "bench/engines.py", "--engines=ddp,zero3,fsdp", "--layers=8", "--steps=1", "--warmup=0",
+           "--no-merge", "--precision=bf16", "--bucket=10000000", f"--json={out}"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {row["engine"]: row for row in json.loads(out.read_text())["rows"]}
+    assert rows["ddp"]["load_peak_of_full"] > 1.0  # the measurement sees a whole copy where there is one
+    assert rows["fsdp"]["load_peak_of_full"] < 0.75  # half the model in fp32 shards, plus one tensor
+    for engine in ("zero3", "fsdp"):
+        assert rows[engine]["load_transient_of_full"] < 0.35, (engine, rows[engine])
+        assert rows[engine]["state_mib"] < 0.55 * rows["ddp"]["state_mib"], (engine, rows[engine])
