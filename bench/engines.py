@@ -220,7 +220,9 @@ def main() -> None:
                 "load_peak_of_full": max(r["load_peak"] for r in ranks) / full_bytes,
                 "load_transient_of_full": max(r["load_peak"] - r["load_kept"] for r in ranks) / full_bytes,
                 "step_s": max(r["step_s"] for r in ranks),
-                "state_mib": max(sum(r["states"].values()) for r in ranks) / MIB,
+                # Parameters, gradients, master weights and optimizer state; DeepSpeed's reduce buckets apart.
+                "state_mib": max(sum(v for k, v in r["states"].items() if k != "buffers") for r in ranks) / MIB,
+                "buffer_mib": max(r["states"].get("buffers", 0) for r in ranks) / MIB,
                 "optim_mib": max(r["states"]["optimizer"] for r in ranks) / MIB,
                 "save_s": max(r["save_s"] for r in ranks),
                 "reload_s": max(r["reload_s"] for r in ranks),
@@ -239,9 +241,9 @@ def main() -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    heads = ["engine", "load s", "load peak / fp32 copy", "of it transient", "step s", "model states MiB/rank", "optim MiB/rank",
-             "save s", "load ckpt s", "ckpt MiB", "merge s", "merge peak MiB"]  # fmt: skip
-    keys = ["engine", "load_s", "load_peak_of_full", "load_transient_of_full", "step_s", "state_mib", "optim_mib", "save_s", "reload_s",
+    heads = ["engine", "load s", "load peak / fp32 copy", "of it transient", "step s", "model states MiB/rank", "buckets MiB/rank", "optim MiB/rank",
+             "save s", "load ckpt s", "ckpt MiB", "merge s", "merge process peak RSS MiB"]  # fmt: skip
+    keys = ["engine", "load_s", "load_peak_of_full", "load_transient_of_full", "step_s", "state_mib", "buffer_mib", "optim_mib", "save_s", "reload_s",
             "ckpt_mib", "merge_s", "merge_peak_mib"]  # fmt: skip
     print("| " + " | ".join(heads) + " |")
     print("|" + "---|" * len(heads))
