@@ -4,12 +4,14 @@ scenario once per engine; the tests below check what it measured)."""
 
 import json
 import os
+import pickle
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from deepspeed_engine_worker import LR, STEPS, setup
 
 from train.engine_deepspeed import deepspeed_config, generated_config
@@ -321,3 +323,30 @@ def test_precision_and_full_state(run):
         names = names or res["full_state_names"]
         assert res["full_state_names"] == names  # every rank iterates alike
     assert len(names) == len(set(names)) and "head.head.weight" in names and STEPS == 6
+
+
+class _Exploit:
+    """A pickle that would run code when loaded without restrictions."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_resume_never_unpickles_blindly(tmp_path):
+    """DeepSpeed's own loader would run this file's code; the engine's replacement refuses it, and still
+    reads what DeepSpeed really writes (tensors and its three data classes)."""
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from train.engine_deepspeed import load_weights_only
+
+    marker = tmp_path / "ran"
+    torch.save({"optimizer_state_dict": _Exploit(str(marker))}, tmp_path / "evil.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        load_weights_only(str(tmp_path / "evil.pt"))
+    assert not marker.exists()
+    torch.save({"zero_stage": ZeroStageEnum(3), "partition": torch.arange(4.0)}, tmp_path / "good.pt")
+    loaded = load_weights_only(str(tmp_path / "good.pt"))
+    assert loaded["zero_stage"] == ZeroStageEnum(3) and torch.equal(loaded["partition"], torch.arange(4.0))

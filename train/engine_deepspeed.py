@@ -28,6 +28,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -197,6 +198,18 @@ def _init_distributed(device: torch.device) -> None:
             os.environ.setdefault(key, value)
         os.environ.setdefault("MASTER_PORT", "29500")
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+
+
+def load_weights_only(path: str, map_location=None) -> Any:
+    """torch.load(weights_only=True) of a DeepSpeed checkpoint file: tensors, containers and plain
+    values, plus the three data classes DeepSpeed pickles into its optimizer files (a loss-scaler
+    record, the ZeRO stage enum, fragment addresses); anything else is refused, never run."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 class DeepSpeedEngine:
@@ -382,21 +395,22 @@ class DeepSpeedEngine:
         else is refused with a ValueError naming the file). Call it on a freshly built engine: DeepSpeed
         loads a ZeRO-3 checkpoint only into a model that has not run yet.
 
-        DeepSpeed 0.19.8 reads its files with torch.load(weights_only=False), i.e. it unpickles them
-        (checkpoint_engine/torch_checkpoint_engine.py, zero/stage3.py): only ever point this at a
-        checkpoint folder our own run wrote. The trainer hands in only folders whose COMPLETE marker
-        lists every file with its size; we add no unpickling of our own."""
+        DeepSpeed 0.19.8 reads its files with torch.load(weights_only=False), a blanket unpickle
+        (checkpoint_engine/torch_checkpoint_engine.py). Every file of this load path goes through the
+        engine's checkpoint_engine.load, which we replace by a weights_only=True load that allows just the
+        three DeepSpeed data classes its files hold (see `load_weights_only`)."""
         from deepspeed.runtime.zero.utils import ZeRORuntimeException
 
         from train.checkpoint import read_json
 
         folder = Path(folder)
         self.check_checkpoint(folder)
+        self.engine.checkpoint_engine.load = load_weights_only
         try:
             path, _ = self.engine.load_checkpoint(
                 str(folder), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
             )
-        except (AssertionError, FileNotFoundError, RuntimeError, ZeRORuntimeException) as err:
+        except (AssertionError, FileNotFoundError, RuntimeError, ZeRORuntimeException, pickle.UnpicklingError) as err:
             raise ValueError(f"{folder / TAG}: DeepSpeed could not load this checkpoint: {err}") from err
         if path is None:
             raise ValueError(f"{folder / TAG}: DeepSpeed found no checkpoint to load")
