@@ -15,8 +15,9 @@ A save goes into `checkpoint-N.tmp/`, every file fsynced, and the folder is rena
 `checkpoint-N` only after rank 0 has written COMPLETE (after a barrier), so a crash at any point
 leaves the previous checkpoint as the newest complete one. A folder counts as a checkpoint only when
 COMPLETE lists files that all exist with their sizes. No state is gathered to one rank. Our own files
-are safetensors or JSON; DeepSpeed's are pickles, read only by DeepSpeed from checkpoints this run
-verified. All ranks must see the same output_dir (a shared filesystem).
+are safetensors or JSON; DeepSpeed's and DCP's are pickles, read back with torch.load(weights_only=True)
+(DeepSpeed: three of its data classes allowed) or DCP's own reader, never a blanket unpickle. All
+ranks must see the same output_dir (a shared filesystem).
 """
 
 import json
