@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from worker_exit import quick_exit
 
 from train.config import OptimConfig, ParallelConfig
 from train.engine import DDPEngine, EngineSetup
@@ -318,6 +319,7 @@ def main() -> None:
         os._exit(1)  # a peer may be stuck in a collective: do not wait for it
     dist.barrier()
     dist.destroy_process_group()
+    quick_exit()
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from worker_exit import quick_exit
 
 from train.checkpoint import write_safetensors
 from train.config import OptimConfig, ParallelConfig
@@ -195,6 +196,7 @@ def two(out: Path, rank: int, port: int) -> None:
     (out / f"two_rank{rank}.json").write_text(json.dumps(res, indent=1))
     dist.barrier()
     dist.destroy_process_group()
+    quick_exit()
 
 
 def one(out: Path) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
+from worker_exit import quick_exit
 
 from train.models import apply_trainable_modules
 from wan import WanModel
@@ -203,7 +204,8 @@ def main() -> None:
         save_file(reference, str(ckpt.parent / "reference.safetensors"))
     dist.barrier()
     dist.destroy_process_group()
-    print(f"rank {rank} ok")
+    print(f"rank {rank} ok", flush=True)
+    quick_exit()
 
 
 if __name__ == "__main__":
