@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from worker_exit import quick_exit
+from ranks import quick_exit
 
 from train.config import OptimConfig, ParallelConfig
 from train.engine import DDPEngine, EngineSetup

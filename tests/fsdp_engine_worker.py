@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from worker_exit import quick_exit
+from ranks import quick_exit
 
 from train.checkpoint import write_safetensors
 from train.config import OptimConfig, ParallelConfig

@@ -5,7 +5,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from checkpoint_worker import RankFiles, Value, build, shard, trainer_state
+from ranks import free_port, outputs, run_ranks
 from safetensors import safe_open
 
 from train.checkpoint import (
@@ -372,28 +372,10 @@ def test_sigkill_mid_save_loses_nothing(tmp_path):
     assert load(tmp_path / "checkpoint-2")["trainer_state"].value == trainer_state(2)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_ranks_save_one_checkpoint(tmp_path):
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), "dist", str(tmp_path), str(r), "2", str(port)],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in (0, 1)
-    ]
-    outputs = [p.communicate(timeout=120)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
+    procs = run_ranks(lambda r: [str(WORKER), "dist", str(tmp_path), str(r), "2", str(port)], timeout=120)
+    assert [p.returncode for p in procs] == [0, 0], outputs(procs)
     # Saved steps 1 and 2 with total_limit=1: one checkpoint, one marker listing both ranks' files.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
     path = tmp_path / "checkpoint-2"

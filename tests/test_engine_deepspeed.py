@@ -5,14 +5,12 @@ scenario once per engine; the tests below check what it measured)."""
 import json
 import os
 import pickle
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from deepspeed_engine_worker import LR, STEPS, setup
+from ranks import free_port, outputs, run_ranks
 
 from train.engine_deepspeed import deepspeed_config, generated_config
 
@@ -118,42 +116,19 @@ def test_deepspeed_config_file_refused(tmp_path, content, message):
 # Two gloo ranks
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module", params=["zero2", "zero3"])
 def run(request, tmp_path_factory) -> tuple[str, list[dict], Path]:
     """Both ranks' measurements for one engine (the worker runs once per engine, ~10 s)."""
     engine = request.param
     out = tmp_path_factory.mktemp(engine)
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(out), engine, str(r), "2", str(port)],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in (0, 1)
-    ]
-    try:
-        outputs = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    procs = run_ranks(lambda r: [str(WORKER), str(out), engine, str(r), "2", str(port)])
     results = [
         json.loads((out / f"rank_{r}.json").read_text()) if (out / f"rank_{r}.json").exists() else {} for r in (0, 1)
     ]
     errors = [r.get("error") for r in results if r.get("error")]
     if [p.returncode for p in procs] != [0, 0] or errors:
-        pytest.fail("\n".join(errors) or "\n".join(o[-3000:] for o in outputs))
+        pytest.fail("\n".join(errors) or outputs(procs))
     return engine, results, out
 
 

@@ -6,16 +6,13 @@ resumes its checkpoint on a single rank (~5 s); the tests below check what they 
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from fsdp_engine_worker import SUBSET, Weights
+from ranks import free_port, outputs, run_ranks
 
 from train.checkpoint import read_safetensors
 from train.engine_fsdp import check_dcp_folder
@@ -26,35 +23,17 @@ REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("fsdp_engine_worker.py")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run(*args: str) -> list[subprocess.Popen]:
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, str(WORKER), *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def wait(procs: list[subprocess.Popen]) -> None:
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0] * len(procs), "\n".join(outputs)
+def run(args, world_size: int) -> None:
+    procs = run_ranks(lambda r: [str(WORKER), *args(r)], world_size)
+    assert [p.returncode for p in procs] == [0] * world_size, outputs(procs)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("fsdp")
     port = str(free_port())
-    wait([run("two", str(out), str(r), port) for r in (0, 1)])
-    wait([run("one", str(out))])
+    run(lambda r: ["two", str(out), str(r), port], 2)
+    run(lambda r: ["one", str(out)], 1)
     return {
         "out": out,
         "two": [json.loads((out / f"two_rank{r}.json").read_text()) for r in (0, 1)],

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from ranks import free_port
 from safetensors.torch import load_file
-from train_runs import REPO, base_args, data, free_port, losses, torchrun
+from train_runs import REPO, base_args, data, losses, torchrun
 
 from tools.zero_to_bf16 import merge
 from train.checkpoint import KILL_ENV, find_latest, read_marker

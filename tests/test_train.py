@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from ranks import free_port
 from safetensors.torch import load_file
-from train_runs import REPO, assert_close_runs, base_args, data, final_weights, free_port, losses, torchrun
+from train_runs import REPO, assert_close_runs, base_args, data, final_weights, losses, torchrun
 
 from train.checkpoint import KILL_ENV, find_latest
 from train.config import load_config

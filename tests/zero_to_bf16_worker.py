@@ -18,15 +18,13 @@ holds it after the last step (frozen bf16 parameters upcast exactly).
 
 import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from ranks import free_port, outputs, quick_exit, run_ranks
 from safetensors.torch import save_file
-from worker_exit import quick_exit
 
 from train.models import apply_trainable_modules
 from wan import WanModel
@@ -34,39 +32,15 @@ from wan import WanModel
 REPO = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train_checkpoint(ckpt: Path, engine: str, spec: dict, world_size: int = 2, timeout: int = 600) -> Path:
     """Run this worker on `world_size` gloo ranks (OMP_NUM_THREADS=1), then write config.toml and
     COMPLETE. Returns the checkpoint folder; the reference weights are in ckpt.parent."""
     ckpt.mkdir(parents=True)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     port = str(free_port())
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, engine, str(ckpt), str(r), str(world_size), port, json.dumps(spec)],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for r in range(world_size)
-    ]
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=timeout)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    procs = run_ranks(lambda r: [__file__, engine, str(ckpt), str(r), str(world_size), port, json.dumps(spec)],
+                      world_size, timeout)  # fmt: skip
     if any(p.returncode for p in procs):
-        raise RuntimeError(f"{engine} worker failed:\n" + "\n".join(o[-3000:] for o in outputs))
+        raise RuntimeError(f"{engine} worker failed:\n" + outputs(procs))
     write_marker(ckpt, engine, spec, world_size)
     return ckpt
 

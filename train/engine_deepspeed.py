@@ -41,7 +41,7 @@ import torch.nn as nn
 from train.engine import SCHEDULER_FILE, EngineSetup, StepResult, build_optimizer, build_schedule, held_bytes
 from train.models import DiTRecipe
 from wan import WanModel
-from wan.modules.state_dict_io import assign_tensor, prepare_tensor
+from wan.modules.state_dict_io import assign_tensor, prepare_tensor, read_json_object
 
 TAG = "deepspeed"
 """Sub-folder (DeepSpeed's checkpoint tag) holding DeepSpeed's files inside a checkpoint folder."""
@@ -128,12 +128,9 @@ def read_override(path: str) -> dict:
     if not file.is_file():
         raise ValueError(f"deepspeed_config {path}: no such file")
     try:
-        value = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"deepspeed_config {path}: not valid JSON: {err}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"deepspeed_config {path}: expected a JSON object, got {type(value).__name__}")
-    return value
+        return read_json_object(file)
+    except ValueError as err:
+        raise ValueError(f"deepspeed_config {err}") from None
 
 
 def merge_override(ours: dict, theirs: dict, source: str, prefix: tuple[str, ...] = ()) -> list[str]:
