@@ -106,8 +106,9 @@ class DiTRecipe:
     gradient_checkpointing_every: int = 1
 
     def build(self) -> WanModel:
-        """The DiT in float32 on the current default device (meta, or inside deepspeed.zero.Init),
-        trainable parameters chosen and checkpointing set. Nothing is initialised: load `weights`."""
+        """The DiT on the meta device, its folder's weights checked against it, trainable parameters
+        chosen and checkpointing set: the engine places it (materialize, fully_shard) and loads
+        `weights` into it (ZeRO-3 builds its own inside zero.Init and copies these choices)."""
         with torch.device("meta"):
             model = WanModel(**self.config)
         self.weights.check(model)
