@@ -38,7 +38,15 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from train.engine import SCHEDULER_FILE, EngineSetup, StepResult, build_optimizer, build_schedule, held_bytes
+from train.engine import (
+    SCHEDULER_FILE,
+    EngineSetup,
+    StepResult,
+    advance_schedule,
+    build_optimizer,
+    build_schedule,
+    held_bytes,
+)
 from train.models import DiTRecipe
 from wan import WanModel
 from wan.modules.state_dict_io import assign_tensor, prepare_tensor, read_json_object
@@ -353,7 +361,7 @@ class DeepSpeedEngine:
         norm = math.nan if norm is None else float(norm)
         if not updated and math.isfinite(norm):
             norm = math.inf  # DeepSpeed reports inf for a skipped step; keep the contract if it changes
-        self.scheduler.step()
+        advance_schedule(self.scheduler)
         return StepResult(norm, updated, lr)
 
     # ------------------------------------------------------------------------------------------------

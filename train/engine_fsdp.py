@@ -39,7 +39,15 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
-from train.engine import SCHEDULER_FILE, EngineSetup, StepResult, build_optimizer, build_schedule, held_bytes
+from train.engine import (
+    SCHEDULER_FILE,
+    EngineSetup,
+    StepResult,
+    advance_schedule,
+    build_optimizer,
+    build_schedule,
+    held_bytes,
+)
 from train.models import DiTRecipe
 
 DCP_DIR = "dcp"
@@ -166,7 +174,7 @@ class FSDPEngine:
         if updated:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()  # a skipped update still advances the schedule (the step count is the clock)
+        advance_schedule(self.scheduler)
         return StepResult(norm, updated, lr)
 
     # ----------------------------------------------------------------------------------------------
