@@ -21,11 +21,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from zero_to_bf16_worker import REPO, list_files, train_checkpoint, write_marker
 
-from tools.zero_to_bf16 import load_torch_zip, merge, official_to_diffusers_key
+from tools.zero_to_bf16 import load_torch_zip, merge
 from train.checkpoint import write_safetensors
 from train.models import apply_trainable_modules
 from wan import WanModel, dit_preset
-from wan.modules.dit_weights import diffusers_to_official_key
+from wan.modules.dit_weights import diffusers_to_official_key, official_to_diffusers_key
 
 DEBUG = dit_preset("debug")
 FROZEN_SUBSET = ["blocks.0", "head"]  # trainable: block 0 and the head; the rest frozen

@@ -142,6 +142,50 @@ def _official_config(cfg: dict, path: Path) -> dict:
     return {k: cfg[k] for k in OFFICIAL_CONFIG_KEYS if k in cfg}
 
 
+def official_to_diffusers_key(name: str) -> str:
+    """The diffusers name of an official parameter name: the inverse of diffusers_to_official_key."""
+    top = {official: diffusers for diffusers, official in _DIFFUSERS_TOP.items()}
+    block = {official: diffusers for diffusers, official in _DIFFUSERS_BLOCK.items()}
+    if name.startswith("blocks."):
+        index, _, rest = name[len("blocks.") :].partition(".")
+        mapped = _map_prefix(rest, block)
+        return name if mapped is None else f"blocks.{index}.{mapped}"
+    mapped = _map_prefix(name, top)
+    return name if mapped is None else mapped
+
+
+def diffusers_config(model: nn.Module) -> dict:
+    """WanTransformer3DModel's config for `model` (refused when diffusers cannot express it)."""
+    c = model.config
+    if c["text_len"] != 512:
+        raise ValueError(f"--format diffusers: text_len {c['text_len']} cannot be expressed (diffusers fixes 512)")
+    i2v = c["model_type"] == "i2v"
+    cfg = {
+        "_class_name": "WanTransformer3DModel",
+        "patch_size": list(c["patch_size"]),
+        "num_attention_heads": c["num_heads"],
+        "attention_head_dim": c["dim"] // c["num_heads"],
+        "in_channels": c["in_dim"],
+        "out_channels": c["out_dim"],
+        "text_dim": c["text_dim"],
+        "freq_dim": c["freq_dim"],
+        "ffn_dim": c["ffn_dim"],
+        "num_layers": c["num_layers"],
+        "cross_attn_norm": True,
+        "qk_norm": "rms_norm_across_heads",
+        "eps": c["eps"],
+        "image_dim": model.image_dim if i2v else None,
+        "added_kv_proj_dim": c["dim"] if i2v else None,
+        "rope_max_seq_len": 1024,
+        "pos_embed_seq_len": None,
+    }
+    with torch.device("meta"):
+        back = type(model)(**_diffusers_config_to_official(cfg, Path(CONFIG_NAME))).config
+    if back != c:  # the reader of this folder must build the same model
+        raise ValueError(f"--format diffusers: the config does not round-trip ({c} -> {back})")
+    return cfg
+
+
 def read_dit_folder(folder: str | Path) -> tuple[Path, dict, str]:
     """-> (the folder holding the weights, WanModel keyword arguments, 'official' or 'diffusers')."""
     folder = Path(folder)
