@@ -400,7 +400,7 @@ class DeepSpeedEngine:
         else is refused with a ValueError naming the file). Call it on a freshly built engine: DeepSpeed
         loads a ZeRO-3 checkpoint only into a model that has not run yet.
 
-        DeepSpeed 0.19.8 reads its files with torch.load(weights_only=False), a blanket unpickle
+        DeepSpeed 0.19.8 reads its files with a blanket unpickle (weights_only off)
         (checkpoint_engine/torch_checkpoint_engine.py). Every file of this load path goes through the
         engine's checkpoint_engine.load, which we replace by a weights_only=True load that allows just the
         three DeepSpeed data classes its files hold (see `load_weights_only`)."""
