@@ -259,3 +259,21 @@ def test_round_trip(tmp_path):
     assert config_to_toml(load_config(["--cfg", write(tmp_path, config_to_toml(RunConfig()), "d.toml"), DATA])) == (
         config_to_toml(load_config([DATA]))
     )
+
+
+def test_list_flags_take_videox_fun_spelling():
+    """--trainable_modules blocks head (argparse nargs="+") as VideoX-Fun's train.sh writes it; the
+    comma and TOML-array spellings keep working, and the values stop at the next flag."""
+    for argv in (["--trainable_modules", "blocks", "head"], ["--trainable_modules", "blocks,head"],
+                 ["--trainable_modules=blocks,head"], ["--trainable_modules", '["blocks", "head"]'],
+                 ["--trainable_modules", "blocks", "head,", "--seed", "3"]):  # fmt: skip
+        assert load_config([DATA, *argv]).model.trainable_modules == ["blocks", "head"], argv
+    assert load_config([DATA, "--trainable_modules", "blocks", "head", "--seed", "3"]).train.seed == 3
+
+
+def test_did_you_mean_only_for_close_spellings():
+    assert has(problems_of([DATA, "--learning_rat=1"]), "did you mean learning_rate")
+    assert has(problems_of([DATA, "--modle.preset=debug"]), "did you mean model")
+    for far in ("--logging_dir=logs", "--validation_prompts=a"):  # VideoX-Fun options with no close key here
+        (problem,) = [p for p in problems_of([DATA, far]) if far.split("=")[0] in p]
+        assert "did you mean" not in problem, problem

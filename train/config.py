@@ -292,7 +292,9 @@ def _docs(cls: type) -> dict[str, str]:
 
 
 def _hint(name: str, known: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(known), n=1)
+    # 0.7, not difflib's 0.6: close misspellings only (learning_rat, modle, optimizer -> optim), not
+    # unrelated keys that share a prefix (logging_dir -> logit_std at 0.6).
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.7)
     return f" (did you mean {close[0]}?)" if close else ""
 
 
@@ -411,6 +413,12 @@ def load_config(argv: list[str]) -> RunConfig:
                 if loc or name == "cfg":
                     cli_problems.append(f"{flag} needs a value")
                 continue
+            elif loc and _types(SECTIONS[loc[0]])[loc[1]] == list[str]:
+                # VideoX-Fun's spelling of a list: --trainable_modules blocks head (argparse nargs="+").
+                values = list(itertools.takewhile(lambda t: not t.startswith("--"), argv[i:]))
+                parts = [part.strip() for value in values for part in value.split(",") if part.strip()]
+                text = values[0] if len(values) == 1 else json.dumps(parts)  # one value: a,b or ["a", "b"]
+                i += len(values)
             else:
                 text, i = nxt, i + 1  # consumed even for an unknown option, so it is not reported twice
         if name == "cfg":
@@ -471,7 +479,7 @@ def help_text() -> str:
         "usage: torchrun --nproc_per_node N -m train.main --cfg FILE [--section.key=value ...]",
         "",
         "Values come from the TOML file's [section] tables, then from the command line (which wins).",
-        'A key that lives in one section also works flat: --learning_rate=2e-05. Lists: a,b or ["a", "b"].',
+        'A key that lives in one section also works flat: --learning_rate=2e-05. Lists: a b, a,b or ["a", "b"].',
     ]
     defaults = RunConfig()
     for section in fields(RunConfig):
