@@ -199,7 +199,7 @@ def test_section_checks():
     assert load_config([DATA, "--train_mode=i2v", "--pretrained_model_name_or_path=/wan"]).model.preset == "debug"
     assert has(problems_of([DATA, "--num_train_epochs=0"]), "[train] num_train_epochs must be >= 1")
     assert load_config([DATA, "--num_train_epochs=0", "--max_train_steps=10"]).train.max_train_steps == 10
-    assert has(problems_of([DATA, "--mixed_precision=fp16"]), "[train] mixed_precision must be one of bf16, fp32")
+    assert has(problems_of([DATA, "--mixed_precision=fp8"]), "[train] mixed_precision must be one of bf16, fp16, fp32")
 
 
 def test_help_lists_every_field(capsys):

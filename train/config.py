@@ -26,9 +26,11 @@ from train.data.loader import DataConfig
 from wan.configs import DIT_PRESETS
 
 TRAIN_MODES = ("normal", "i2v")
-WEIGHTING_SCHEMES = ("logit_normal", "uniform")
-MIXED_PRECISIONS = ("bf16", "fp32")
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+# "none" is VideoX-Fun's name for "uniform"; sigma_sqrt and cosmap draw uniformly and weight the loss.
+WEIGHTING_SCHEMES = ("logit_normal", "uniform", "none", "mode", "sigma_sqrt", "cosmap")
+MIXED_PRECISIONS = ("bf16", "fp16", "fp32")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+REPORT_TO = ("tensorboard",)
 ENGINES = ("ddp", "zero2", "zero3", "fsdp")
 BACKENDS = ("auto", "nccl", "gloo")
 
@@ -49,12 +51,22 @@ class ModelConfig:
     transformer_path: str = ""
     """A DiT folder whose weights replace the release's (VideoX-Fun's name): e.g. the output of
     tools/zero_to_bf16.py, to continue on another engine or number of GPUs. Empty: the release's DiT."""
+    vae_path: str = ""
+    """A VAE weights file (.pth or .safetensors) that replaces the release's Wan2.1_VAE.pth."""
+    config_path: str = ""
+    """VideoX-Fun's model YAML (e.g. config/wan2.1/wan_civitai.yaml): its file names are used and its
+    scheduler shift, text length and encoder sizes checked against the release; conflicts are errors."""
+    tokenizer_max_length: int = 512
+    """Text tokens per prompt (longer prompts are truncated); Wan2.1 was trained with 512."""
     preset: str = "debug"
     """Sizes of the random-weight models when there is no pretrained path: debug, debug-i2v, 1.3B, 14B, i2v-14B."""
     train_mode: str = "normal"
     """"normal" (text-to-video) or "i2v" (first-frame conditioning)."""
     trainable_modules: list[str] = field(default_factory=lambda: ["."])
     """Parameter name substrings: a parameter trains if any matches; "." trains all."""
+    trainable_modules_low_learning_rate: list[str] = field(default_factory=list)
+    """Parameter name substrings that train at half the learning rate (when trainable_modules does
+    not already match them)."""
     gradient_checkpointing: bool = False
     """Recompute DiT block activations in the backward pass (less memory, ~30% more compute)."""
     gradient_checkpointing_every: int = 1
@@ -68,7 +80,7 @@ class ModelConfig:
         out = _choice("train_mode", self.train_mode, TRAIN_MODES) + _choice("preset", self.preset, tuple(DIT_PRESETS))
         if not self.trainable_modules:
             out.append('trainable_modules is empty: nothing would train ("." trains all)')
-        out += _at_least(self, 1, "gradient_checkpointing_every", "vae_mini_batch")
+        out += _at_least(self, 1, "gradient_checkpointing_every", "vae_mini_batch", "tokenizer_max_length")
         # A random-weight DiT's input width (16 t2v, 36 i2v) must match the mode's latents.
         if not self.pretrained_model_name_or_path and self.preset in DIT_PRESETS:
             model_type = DIT_PRESETS[self.preset]["model_type"]
@@ -92,15 +104,27 @@ class TrainConfig:
     seed: int = 42
     """Seed of the data order, timesteps, noise and random init."""
     mixed_precision: str = "bf16"
-    """"bf16" (bf16 autocast with fp32 master weights) or "fp32"."""
+    """"bf16" (bf16 autocast with fp32 master weights), "fp16" (fp16 autocast with loss scaling; CUDA
+    only) or "fp32". VideoX-Fun's "no" means fp32."""
+    allow_tf32: bool = False
+    """Let CUDA matmuls and convolutions of fp32 work use TF32 (faster on Ampere and later, ~10 bits of
+    mantissa); no effect on the CPU or on bf16/fp16 work."""
     uniform_sampling: bool = False
     """Stratify timesteps over the global batch so it covers [0, 1000)."""
     weighting_scheme: str = "logit_normal"
-    """Density of training timesteps when uniform_sampling is off: "logit_normal" or "uniform"."""
+    """Timestep density when uniform_sampling is off, and loss weighting, as diffusers' SD3 helpers:
+    "logit_normal", "mode" (mode_scale) or "uniform" ("none") draw t with weight 1; "sigma_sqrt"
+    (weight sigma^-2) and "cosmap" draw t uniformly and weight the loss."""
     logit_mean: float = 0.0
     """Mean of the logit-normal timestep density."""
     logit_std: float = 1.0
     """Standard deviation of the logit-normal timestep density."""
+    mode_scale: float = 1.29
+    """Scale of the "mode" timestep density."""
+    motion_sub_loss: bool = False
+    """Add the MSE between frame-to-frame differences of prediction and target (motion)."""
+    motion_sub_loss_ratio: float = 0.25
+    """Loss = (1 - r) * MSE + r * motion MSE when motion_sub_loss is on."""
     shift: float = 5.0
     """Training sigma shift: 5.0 for T2V, 3.0 for I2V 480p."""
     max_nonfinite_steps: int = 5
@@ -119,6 +143,8 @@ class TrainConfig:
             out.append("output_dir must not be empty")
         # `not x > 0` also refuses NaN.
         out += [f"{n} must be > 0, got {getattr(self, n)}" for n in ("shift", "logit_std") if not getattr(self, n) > 0]
+        if not 0 <= self.motion_sub_loss_ratio <= 1:
+            out.append(f"motion_sub_loss_ratio must be in [0, 1], got {self.motion_sub_loss_ratio}")
         return out
 
 
@@ -127,7 +153,10 @@ class OptimConfig:
     learning_rate: float = 2e-5
     """Peak AdamW learning rate."""
     lr_scheduler: str = "constant"
-    """constant, constant_with_warmup, linear or cosine (the last two decay to 0 at the last step)."""
+    """constant, constant_with_warmup, linear, cosine, cosine_with_restarts (one cycle, as diffusers'
+    default) or polynomial (linear decay to 1e-7, diffusers' defaults); the decays end at the last step."""
+    scale_lr: bool = False
+    """Multiply learning_rate by train_batch_size x gradient_accumulation_steps x ranks (the global batch)."""
     lr_warmup_steps: int = 0
     """Optimizer steps of linear warmup from 0."""
     adam_beta1: float = 0.9
@@ -182,9 +211,20 @@ class LoggingConfig:
     """EMA factor of the smoothed loss shown and logged (0: no smoothing)."""
     timestep_bins: int = 10
     """Bins of the loss-by-timestep curves in TensorBoard."""
+    logging_dir: str = "tensorboard"
+    """TensorBoard folder, relative to output_dir (VideoX-Fun's name; an absolute path is used as is)."""
+    report_to: str = "tensorboard"
+    """Where curves go: "tensorboard" (the only built-in tracker; wandb can sync its folder)."""
 
     def problems(self) -> list[str]:
         out = _at_least(self, 1, "log_every", "timestep_bins")
+        if self.report_to not in REPORT_TO:
+            out.append(
+                f"report_to {self.report_to!r} is not built in: curves go to TensorBoard only; use "
+                "report_to = tensorboard (wandb can mirror it: wandb sync --sync-tensorboard <logging_dir>)"
+            )
+        if not self.logging_dir:
+            out.append("logging_dir must not be empty")
         if not 0 <= self.loss_smoothing < 1:
             out.append(f"loss_smoothing must be in [0, 1), got {self.loss_smoothing}")
         return out
@@ -199,6 +239,8 @@ class ParallelConfig:
     """torch.distributed backend: "auto" (nccl with GPUs, gloo without), "nccl" or "gloo"."""
     use_deepspeed: bool = False
     """VideoX-Fun's flag: a DeepSpeed engine, zero2 unless engine says zero3."""
+    use_fsdp: bool = False
+    """VideoX-Fun's flag: the fsdp engine."""
     deepspeed_config: str = ""
     """Optional DeepSpeed JSON file for experts: its values win over the generated ones (printed)."""
     offload_optimizer: bool = False
@@ -227,6 +269,9 @@ class ParallelConfig:
         out = _choice("engine", self.engine, ENGINES) + _choice("backend", self.backend, BACKENDS)
         if self.use_deepspeed and self.engine not in ("ddp", "zero2", "zero3"):
             out.append(f"use_deepspeed asks for a DeepSpeed engine, but engine = {self.engine!r}")
+        if self.use_fsdp and (self.engine not in ("ddp", "fsdp") or self.use_deepspeed):
+            out.append(f"use_fsdp asks for the fsdp engine, but engine = {self.engine!r}"
+                       + (" and use_deepspeed is set" if self.use_deepspeed else ""))  # fmt: skip
         if self.deepspeed_config and self.engine not in ("zero2", "zero3") and not self.use_deepspeed:
             out.append(f"deepspeed_config is set, but engine {self.engine!r} is not a DeepSpeed engine")
         if self.offload_param and self.engine in ("ddp", "zero2"):
@@ -242,6 +287,8 @@ class ParallelConfig:
         """VideoX-Fun's --use_deepspeed means a DeepSpeed engine: zero2 unless zero3 was chosen."""
         if self.use_deepspeed and self.engine == "ddp":
             self.engine = "zero2"
+        if self.use_fsdp:
+            self.engine = "fsdp"
 
 
 @dataclass

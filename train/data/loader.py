@@ -46,7 +46,9 @@ class DataConfig:
     random_frame_crop: bool = False
     """Sometimes train on a shorter 4k+1 frame count (the full count most often)."""
     video_repeat: int = 1
-    """Times each video is listed per epoch (images once)."""
+    """Times each video is listed per epoch (images once); 0 means 1, as in VideoX-Fun."""
+    max_train_samples: int = 0
+    """Train on the first N entries of the metadata only (for debugging); 0: all."""
     caption_dropout: float = 0.1
     """Probability that a caption is replaced by "" (for classifier-free guidance)."""
     dataloader_num_workers: int = 2
@@ -64,7 +66,7 @@ class DataConfig:
         """Every invalid value, for a config check before any work starts."""
         out = []
         for name in ("video_sample_n_frames", "video_sample_stride", "video_sample_size", "image_sample_size",
-                     "token_sample_size", "video_repeat", "prefetch_factor"):  # fmt: skip
+                     "token_sample_size", "prefetch_factor"):  # fmt: skip
             if getattr(self, name) < 1:
                 out.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if (self.video_sample_n_frames - 1) % 4:
@@ -72,6 +74,8 @@ class DataConfig:
         for name in ("video_sample_size", "image_sample_size", "token_sample_size"):
             if getattr(self, name) % 16:
                 out.append(f"{name} must be a multiple of 16, got {getattr(self, name)}")
+        if self.video_repeat < 0 or self.max_train_samples < 0:
+            out.append("video_repeat and max_train_samples must be >= 0")
         if not 0 <= self.caption_dropout <= 1:
             out.append(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
         if not 0 <= self.max_bad_fraction <= 1:
@@ -135,7 +139,7 @@ def build_dataloader(
     )  # fmt: skip
     sampler = DistributedBucketBatchSampler(
         keys, batch_size, rank=rank, world_size=world_size, seed=seed,
-        repeats=[config.video_repeat if s.kind == "video" else 1 for s in kept], choose=make_choose(options),
+        repeats=[max(config.video_repeat, 1) if s.kind == "video" else 1 for s in kept], choose=make_choose(options),
         accumulation_steps=accumulation_steps,
     )  # fmt: skip
     workers = config.dataloader_num_workers
