@@ -221,27 +221,31 @@ def test_help_lists_every_field(capsys):
 NON_DEFAULT = {
     "model": dict(pretrained_model_name_or_path='C:\\wan "2.1"\ttü/🎬\x7f\n', preset="debug-i2v", train_mode="i2v",
                   trainable_modules=["blocks.0.", 'he"ad\\', "ü"], gradient_checkpointing=True,
-                  gradient_checkpointing_every=2, low_vram=True, vae_mini_batch=4, transformer_path="/merged"),
+                  gradient_checkpointing_every=2, low_vram=True, vae_mini_batch=4, transformer_path="/merged",
+                  vae_path="/vae.pth", config_path="wan.yaml", tokenizer_max_length=226,
+                  trainable_modules_low_learning_rate=["head"]),
     "data": dict(train_data_dir="/data/ü", train_data_meta="meta.jsonl", video_sample_n_frames=81,
                  video_sample_stride=3, video_sample_size=768, image_sample_size=1024, token_sample_size=256,
                  enable_bucket=False, random_hw_adapt=True, random_frame_crop=True, video_repeat=2,
                  caption_dropout=0.1 + 0.2, dataloader_num_workers=0, prefetch_factor=4, max_bad_fraction=0.5,
-                 max_retries=1, decode_timeout=1e16),
+                 max_retries=1, decode_timeout=1e16, max_train_samples=7),
     "train": dict(output_dir="out dir", max_train_steps=100, num_train_epochs=3, train_batch_size=2,
                   gradient_accumulation_steps=4, seed=0, mixed_precision="fp32", uniform_sampling=True,
-                  weighting_scheme="uniform", logit_mean=-0.5, logit_std=1.5, shift=3.0, max_nonfinite_steps=1),
+                  weighting_scheme="uniform", logit_mean=-0.5, logit_std=1.5, shift=3.0, max_nonfinite_steps=1,
+                  allow_tf32=True, mode_scale=1.0, motion_sub_loss=True, motion_sub_loss_ratio=0.5),
     "optim": dict(learning_rate=3e-05, lr_scheduler="cosine", lr_warmup_steps=10, adam_beta1=0.8, adam_beta2=0.95,
-                  adam_weight_decay=0.0, adam_epsilon=1e-15, max_grad_norm=float("inf")),
+                  adam_weight_decay=0.0, adam_epsilon=1e-15, max_grad_norm=float("inf"), scale_lr=True),
     "checkpoint": dict(checkpointing_steps=0, checkpoints_total_limit=3, resume_from_checkpoint="latest",
                        save_consolidated_weights=True),
-    "logging": dict(log_every=10, progress_bar=False, loss_smoothing=0.1, timestep_bins=20),
+    "logging": dict(log_every=10, progress_bar=False, loss_smoothing=0.1, timestep_bins=20, logging_dir="/tb"),
     "parallel": dict(engine="zero3", backend="gloo", use_deepspeed=True, deepspeed_config="ds.json",
                      offload_optimizer=True, offload_param=True, reduce_bucket_size=1, allgather_bucket_size=2,
                      overlap_comm=False, stage3_prefetch_bucket_size=3, stage3_param_persistence_threshold=0,
                      stage3_max_live_parameters=5, reshard_after_forward=False, reduce_every_micro_step=False),
 }  # fmt: skip
-# Fields left at their default: one of a pair that may not both be on.
-LEFT_DEFAULT = {"training_with_video_token_length"}
+# Fields left at their default: one of a pair that may not both be on (use_fsdp with use_deepspeed), or
+# a field with one allowed value (report_to).
+LEFT_DEFAULT = {"training_with_video_token_length", "use_fsdp", "report_to"}
 
 
 def test_round_trip(tmp_path):
@@ -274,6 +278,6 @@ def test_list_flags_take_videox_fun_spelling():
 def test_did_you_mean_only_for_close_spellings():
     assert has(problems_of([DATA, "--learning_rat=1"]), "did you mean learning_rate")
     assert has(problems_of([DATA, "--modle.preset=debug"]), "did you mean model")
-    for far in ("--logging_dir=logs", "--validation_prompts=a"):  # VideoX-Fun options with no close key here
+    for far in ("--wandb_entity=me", "--push_to_wandb=1"):  # no close key here
         (problem,) = [p for p in problems_of([DATA, far]) if far.split("=")[0] in p]
         assert "did you mean" not in problem, problem
