@@ -226,7 +226,8 @@ NON_DEFAULT = {
                   trainable_modules_low_learning_rate=["head"]),
     "data": dict(train_data_dir="/data/ü", train_data_meta="meta.jsonl", video_sample_n_frames=81,
                  video_sample_stride=3, video_sample_size=768, image_sample_size=1024, token_sample_size=256,
-                 enable_bucket=False, random_hw_adapt=True, random_frame_crop=True, video_repeat=2,
+                 enable_bucket=False, random_hw_adapt=True, training_with_video_token_length=True, random_frame_crop=True,
+                 video_repeat=2,
                  caption_dropout=0.1 + 0.2, dataloader_num_workers=0, prefetch_factor=4, max_bad_fraction=0.5,
                  max_retries=1, decode_timeout=1e16, max_train_samples=7),
     "train": dict(output_dir="out dir", max_train_steps=100, num_train_epochs=3, train_batch_size=2,
@@ -243,12 +244,13 @@ NON_DEFAULT = {
                      overlap_comm=False, stage3_prefetch_bucket_size=3, stage3_param_persistence_threshold=0,
                      stage3_max_live_parameters=5, reshard_after_forward=False, reduce_every_micro_step=False),
 }  # fmt: skip
-# Fields left at their default: one of a pair that may not both be on (use_fsdp with use_deepspeed), or
-# a field with one allowed value (report_to).
-LEFT_DEFAULT = {"training_with_video_token_length", "use_fsdp", "report_to"}
+# Fields left at their default: use_fsdp (not with use_deepspeed), report_to (one allowed value).
+LEFT_DEFAULT = {"use_fsdp", "report_to"}
 
 
-def test_round_trip(tmp_path):
+def test_round_trip(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "wan.yaml").write_text("format: civitai\n")  # config_path is read
     cfg = RunConfig(**{name: dataclasses.replace(getattr(RunConfig(), name), **v) for name, v in NON_DEFAULT.items()})
     defaults = RunConfig()
     for name in config.SECTIONS:

@@ -86,18 +86,19 @@ def test_workers_give_the_same_batches(samples):
 
 
 def test_token_length_rule_in_the_step_choice():
+    """With random_hw_adapt the token length sets size and frames (1024 x 1024 clips allow every size)."""
     options = SizeOptions(
-        video_sample_size=512, image_sample_size=1024, video_sample_n_frames=49,
+        video_sample_size=512, image_sample_size=1024, video_sample_n_frames=49, random_hw_adapt=True,
         training_with_video_token_length=True, token_sample_size=512,
     )  # fmt: skip
-    choose = make_choose(options)
+    choose = make_choose(options, [(1024, 1024)])
     seen = {}
     for step in range(200):
-        extras = choose(random.Random(step), ("video", 1.0))
+        extras = choose(random.Random(step), ("video", 1.0), [0])
         seen[extras["size"]] = extras["num_frames"]
     assert set(seen) == {512, 640, 768, 896, 1024}
-    assert seen[512] == 49 and seen[768] == 21 and seen[1024] == 9
-    assert choose(random.Random(0), ("image", 1.0))["num_frames"] == 1
+    assert seen[512] == 49 and seen[768] == 21 and seen[1024] == 13
+    assert choose(random.Random(0), ("image", 1.0), [0])["num_frames"] == 1
 
 
 def test_samples_without_sizes_are_listed():

@@ -88,9 +88,8 @@ def test_workers_match_the_training_process(demo):
 
 
 def test_every_config_problem_is_listed():
-    cfg = DataConfig(video_sample_n_frames=10, video_sample_size=500, caption_dropout=2.0, random_hw_adapt=True,
-                     training_with_video_token_length=True)  # fmt: skip
+    cfg = DataConfig(video_sample_n_frames=10, video_sample_size=500, caption_dropout=2.0, video_repeat=-1)
     problems = cfg.problems()
-    assert len(problems) == 5
+    assert len(problems) == 5  # frames not 4k+1, size not a multiple of 16, dropout, repeat, no data
     with pytest.raises(ValueError, match=r"invalid data config:(\n  .*){5}"):
         build_dataloader(cfg, batch_size=1)

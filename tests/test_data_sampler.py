@@ -23,7 +23,7 @@ def make_keys(seed: int = 0) -> list[tuple]:
     return keys
 
 
-def choose(rng: random.Random, key) -> dict:
+def choose(rng: random.Random, key, indices=()) -> dict:
     size = rng.choice([512, 640, 768, 896, 1024])
     return {"size": size, "num_frames": 1 if key[0] == "image" else max(4 * (13312 * 64 // size**2 // 4) + 1, 1)}
 
@@ -251,7 +251,7 @@ def test_choose_identical_on_all_ranks():
     keys = make_keys()
     calls = []
 
-    def recording_choose(rng, key):
+    def recording_choose(rng, key, indices):
         calls.append(key)
         return choose(rng, key)
 
@@ -286,10 +286,10 @@ def test_bad_keys_and_choose_results():
     with pytest.raises(ValueError, match="hashable"):
         DistributedBucketBatchSampler([("a",), ["b"]], 1)
     with pytest.raises(ValueError, match="dict"):
-        list(DistributedBucketBatchSampler(make_keys(), 1, choose=lambda rng, key: 3))
+        list(DistributedBucketBatchSampler(make_keys(), 1, choose=lambda rng, key, indices: 3))
     for reserved in ("bucket", "epoch", "step"):
         with pytest.raises(ValueError, match=reserved):
-            list(DistributedBucketBatchSampler(make_keys(), 1, choose=lambda rng, key, r=reserved: {r: 1}))
+            list(DistributedBucketBatchSampler(make_keys(), 1, choose=lambda rng, key, indices, r=reserved: {r: 1}))
     with pytest.raises(ValueError, match="epoch"):
         DistributedBucketBatchSampler(make_keys(), 1).set_epoch(-1)
 

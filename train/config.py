@@ -11,10 +11,12 @@ import functools
 import inspect
 import itertools
 import json
+import math
 import sys
 import textwrap
 import typing
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 try:
@@ -23,13 +25,13 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from train.data.loader import DataConfig
+from train.flow import WEIGHTING_SCHEMES
+from train.lr import LR_SCHEDULERS
+from train.videox_fun import FLAG, OPTIONS, VALUE_ALIASES, VALUES, apply_model_yaml
 from wan.configs import DIT_PRESETS
 
 TRAIN_MODES = ("normal", "i2v")
-# "none" is VideoX-Fun's name for "uniform"; sigma_sqrt and cosmap draw uniformly and weight the loss.
-WEIGHTING_SCHEMES = ("logit_normal", "uniform", "none", "mode", "sigma_sqrt", "cosmap")
 MIXED_PRECISIONS = ("bf16", "fp16", "fp32")
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 REPORT_TO = ("tensorboard",)
 ENGINES = ("ddp", "zero2", "zero3", "fsdp")
 BACKENDS = ("auto", "nccl", "gloo")
@@ -128,7 +130,8 @@ class TrainConfig:
     shift: float = 5.0
     """Training sigma shift: 5.0 for T2V, 3.0 for I2V 480p."""
     max_nonfinite_steps: int = 5
-    """NaN/inf losses in a row before the run stops."""
+    """Skipped updates (NaN/inf loss or gradient) in a row before the run stops; fp16 runs allow 16 more
+    for loss-scale overflows (a finite loss)."""
 
     def problems(self) -> list[str]:
         out = _choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
@@ -143,6 +146,10 @@ class TrainConfig:
             out.append("output_dir must not be empty")
         # `not x > 0` also refuses NaN.
         out += [f"{n} must be > 0, got {getattr(self, n)}" for n in ("shift", "logit_std") if not getattr(self, n) > 0]
+        if self.weighting_scheme == "mode" and not -1 <= self.mode_scale <= 2 / (math.pi - 2):
+            out.append(
+                f"mode_scale must be in [-1, {2 / (math.pi - 2):.3f}] (a density on [0, 1]), got {self.mode_scale}"
+            )
         if not 0 <= self.motion_sub_loss_ratio <= 1:
             out.append(f"motion_sub_loss_ratio must be in [0, 1], got {self.motion_sub_loss_ratio}")
         return out
@@ -267,9 +274,10 @@ class ParallelConfig:
 
     def problems(self) -> list[str]:
         out = _choice("engine", self.engine, ENGINES) + _choice("backend", self.backend, BACKENDS)
-        if self.use_deepspeed and self.engine not in ("ddp", "zero2", "zero3"):
+        # After resolve(): use_deepspeed / use_fsdp have set the engine unless another was chosen.
+        if self.use_deepspeed and self.engine not in ("zero2", "zero3"):
             out.append(f"use_deepspeed asks for a DeepSpeed engine, but engine = {self.engine!r}")
-        if self.use_fsdp and (self.engine not in ("ddp", "fsdp") or self.use_deepspeed):
+        if self.use_fsdp and (self.engine != "fsdp" or self.use_deepspeed):
             out.append(f"use_fsdp asks for the fsdp engine, but engine = {self.engine!r}"
                        + (" and use_deepspeed is set" if self.use_deepspeed else ""))  # fmt: skip
         if self.deepspeed_config and self.engine not in ("zero2", "zero3") and not self.use_deepspeed:
@@ -287,7 +295,7 @@ class ParallelConfig:
         """VideoX-Fun's --use_deepspeed means a DeepSpeed engine: zero2 unless zero3 was chosen."""
         if self.use_deepspeed and self.engine == "ddp":
             self.engine = "zero2"
-        if self.use_fsdp:
+        if self.use_fsdp and self.engine == "ddp" and not self.use_deepspeed:
             self.engine = "fsdp"
 
 
@@ -400,7 +408,7 @@ def _locate(name: str, flag: str, problems: list[str]) -> tuple[str, str] | None
     return None
 
 
-def _apply_toml(cfg: RunConfig, path: str, problems: list[str]) -> None:
+def _apply_toml(cfg: RunConfig, path: str, problems: list[str], explicit: set[str]) -> None:
     try:
         with open(path, "rb") as f:
             doc = tomllib.load(f)
@@ -429,38 +437,108 @@ def _apply_toml(cfg: RunConfig, path: str, problems: list[str]) -> None:
                 continue
             try:
                 setattr(getattr(cfg, top), key, _from_toml(value, types[key]))
+                explicit.add(f"{top}.{key}")
             except ValueError:
                 problems.append(f"{path}: [{top}] {key} must be {_TYPE_NAMES[types[key]]}, got {value!r}")
 
 
-def load_config(argv: list[str]) -> RunConfig:
+def _their_option(name: str, text: str, flag: str, problems: list[str], notes: list[str]) -> list[tuple]:
+    """A VideoX-Fun option that is not a key of ours (train/videox_fun.py): the overrides it stands for,
+    as (flag, section, key, text); its note or refusal recorded."""
+    opt = OPTIONS[name]
+    if opt.status == "ignored":
+        notes.append(f"{flag}: no effect here: {opt.note}")
+        return []
+    if opt.status == "refused":
+        problems.append(f"{flag} is not supported: {opt.note}")
+        return []
+    if name == "train_sampling_steps":
+        if text.strip() != "1000":
+            problems.append(f"{flag}={text}: {opt.note}")
+        return []
+    if name == "selective_ac":
+        try:
+            fraction = float(text)
+        except ValueError:
+            problems.append(f"{flag}: expected a number, got {text!r}")
+            return []
+        if not 0 <= fraction <= 1:
+            problems.append(f"{flag} must be in [0, 1], got {text}")
+            return []
+        return [(flag, "selective_ac", "", str(fraction))] if fraction > 0 else []  # settled after the rest
+    value = text
+    if opt.values is not None:
+        if text.strip() not in opt.values:
+            problems.append(f"{flag} must be one of {', '.join(opt.values)}, got {text!r}")
+            return []
+        value = opt.values[text.strip()]
+    section, key = opt.target.split(".")
+    return [(flag, section, key, value)]
+
+
+def _settle_videox_fun(cfg: RunConfig, selective: float | None, explicit: set[str], notes: list[str]) -> None:
+    """Values that follow from others: VideoX-Fun's spellings of our values, selective_ac, and the engine
+    a --deepspeed_config_file's zero stage asks for."""
+    for (section, key), aliases in VALUE_ALIASES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value in aliases:
+            setattr(getattr(cfg, section), key, aliases[value])
+            notes.append(f"{key} {value!r} is {aliases[value]!r} here")
+    if selective is not None:
+        if cfg.model.gradient_checkpointing:
+            notes.append("--selective_ac: no effect: gradient_checkpointing already recomputes every block")
+        else:
+            every = max(1, round(1 / selective))
+            cfg.model.gradient_checkpointing, cfg.model.gradient_checkpointing_every = True, every
+            notes.append(f"--selective_ac={selective:g}: one DiT block in {every} is recomputed in backward")
+    source = cfg.parallel.deepspeed_config
+    if source and "parallel.engine" not in explicit and cfg.parallel.engine in ("ddp", "zero2"):
+        try:
+            with open(source, encoding="utf-8") as f:
+                stage = json.load(f).get("zero_optimization", {}).get("stage")
+        except (OSError, ValueError, AttributeError):
+            return  # the engine reports an unreadable file, naming it
+        if stage in (2, 3) and cfg.parallel.engine != f"zero{stage}":
+            cfg.parallel.engine = f"zero{stage}"
+            notes.append(f"deepspeed_config {source}: zero_optimization.stage {stage} -> engine zero{stage}")
+
+
+def load_config(argv: list[str], notes: list[str] | None = None) -> RunConfig:
     """The run config from `--cfg FILE` (TOML) and `--section.key=value` / `--key value` overrides (CLI wins).
 
-    Raises ConfigError listing every problem; prints help_text() and exits 0 on -h/--help."""
+    VideoX-Fun's options are understood as train/videox_fun.py says; what they do here (or why they do
+    nothing) is appended to `notes`, for the caller to print once. Raises ConfigError listing every
+    problem; prints help_text() and exits 0 on -h/--help."""
     if "-h" in argv or "--help" in argv:
         print(help_text())
         raise SystemExit(0)
+    notes = [] if notes is None else notes
     paths: list[str] = []
     overrides: list[tuple[str, str, str, str]] = []  # (flag, section, key, text)
     cli_problems: list[str] = []
     i = 0
     while i < len(argv):
         token, i = argv[i], i + 1
+        if token.endswith(".py") and not token.startswith("-"):
+            notes.append(f"{token}: no effect here: the script of an accelerate command line is train.main")
+            continue
         if not token.startswith("--") or token == "--":
             cli_problems.append(f"unexpected argument {token!r} (options look like --section.key=value)")
             continue
         name, eq, text = token[2:].partition("=")
         flag = f"--{name}"
-        loc = None if name == "cfg" else _locate(name, flag, cli_problems)
+        theirs = OPTIONS.get(name) if name != "cfg" and "." not in name and not _owners(name) else None
+        loc = None if name == "cfg" or theirs else _locate(name, flag, cli_problems)
+        typ = _types(SECTIONS[loc[0]])[loc[1]] if loc else None
         if not eq:
             nxt = argv[i] if i < len(argv) else None
-            if loc and _types(SECTIONS[loc[0]])[loc[1]] is bool and (nxt is None or nxt.startswith("--")):
+            if (typ is bool or (theirs and theirs.takes == FLAG)) and (nxt is None or nxt.startswith("--")):
                 text = "true"  # a bare boolean flag
             elif nxt is None or nxt.startswith("--"):
-                if loc or name == "cfg":
+                if loc or theirs or name == "cfg":
                     cli_problems.append(f"{flag} needs a value")
                 continue
-            elif loc and _types(SECTIONS[loc[0]])[loc[1]] == list[str]:
+            elif typ == list[str] or (theirs and theirs.takes == VALUES):
                 # VideoX-Fun's spelling of a list: --trainable_modules blocks head (argparse nargs="+").
                 values = list(itertools.takewhile(lambda t: not t.startswith("--"), argv[i:]))
                 parts = [part.strip() for value in values for part in value.split(",") if part.strip()]
@@ -470,26 +548,81 @@ def load_config(argv: list[str]) -> RunConfig:
                 text, i = nxt, i + 1  # consumed even for an unknown option, so it is not reported twice
         if name == "cfg":
             paths.append(text)
+        elif theirs:
+            overrides += _their_option(name, text, flag, cli_problems, notes)
         elif loc:
             overrides.append((flag, *loc, text))
 
     cfg = RunConfig()
     problems: list[str] = []
+    explicit: set[str] = set()
     for path in paths:  # several files apply in order: a base config, then an experiment's
-        _apply_toml(cfg, path, problems)
+        _apply_toml(cfg, path, problems, explicit)
     problems += cli_problems
+    selective = None
     for flag, section, key, text in overrides:
+        if section == "selective_ac":
+            selective = float(text)
+            continue
         typ = _types(SECTIONS[section])[key]
         try:
             setattr(getattr(cfg, section), key, _from_cli(text, typ))
+            explicit.add(f"{section}.{key}")
         except ValueError:
             problems.append(f"{flag}: expected {_TYPE_NAMES[typ]}, got {text!r}")
+    _settle_videox_fun(cfg, selective, explicit, notes)
+    yaml_problems, yaml_notes = apply_model_yaml(cfg, explicit)
+    problems += yaml_problems
+    notes += yaml_notes
+    cfg.parallel.resolve()
     problems += cfg.problems()
-    if not problems:
-        cfg.parallel.resolve()
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def check_paths(cfg: RunConfig) -> list[str]:
+    """Every file or folder the run reads that is missing, one line each: the release folder's files,
+    transformer_path, vae_path, deepspeed_config and the data. Run before any data or model is read."""
+    from train.models import check_mode, release_files  # the release layout is the model loader's
+    from wan.modules.dit_weights import read_dit_folder
+
+    out = []
+
+    def need(path: str, what: str, kind: str) -> bool:
+        p = Path(path).expanduser()
+        ok = p.is_file() if kind == "file" else p.is_dir() if kind == "folder" else p.exists()
+        if not ok:
+            out.append(f"{what} {path}: no such {kind}")
+        return ok
+
+    m = cfg.model
+    if m.pretrained_model_name_or_path and need(m.pretrained_model_name_or_path, "pretrained_model_name_or_path",
+                                                "folder"):  # fmt: skip
+        root = Path(m.pretrained_model_name_or_path).expanduser()
+        merged = Path(m.transformer_path).expanduser() if m.transformer_path else None
+        dit_folder = merged if merged is not None and merged.is_dir() else root  # a file replaces some tensors
+        try:  # a DiT of the other mode first: it explains a missing CLIP file better than the file list
+            _, dit, _ = read_dit_folder(dit_folder)
+            check_mode(dit.get("model_type", "t2v"), dit.get("in_dim", 16), m.train_mode, str(dit_folder))
+        except (ValueError, OSError) as err:
+            out.append(str(err))
+        try:
+            release_files(root, m.train_mode == "i2v")
+        except ValueError as err:
+            out.append(str(err))
+    if m.transformer_path:
+        need(m.transformer_path, "transformer_path", "file or folder")
+    if m.vae_path:
+        need(m.vae_path, "vae_path", "file")
+    if cfg.parallel.deepspeed_config:
+        need(cfg.parallel.deepspeed_config, "deepspeed_config", "file")
+    d = cfg.data
+    if d.train_data_meta:
+        need(d.train_data_meta, "train_data_meta", "file or folder")
+    if d.train_data_dir:
+        need(d.train_data_dir, "train_data_dir", "folder")
+    return out
 
 
 def _toml_value(value: Any) -> str:
@@ -538,8 +671,15 @@ def help_text() -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m train.config --cfg FILE ...: check a config, print it resolved
+if __name__ == "__main__":  # python -m train.config --cfg FILE ...: check a config and its paths, print it resolved
+    notes: list[str] = []
     try:
-        print(config_to_toml(load_config(sys.argv[1:])), end="")
+        cfg = load_config(sys.argv[1:], notes)
+        missing = check_paths(cfg)
+        if missing:
+            raise ConfigError(missing)
     except ConfigError as e:
+        print("\n".join(notes), file=sys.stderr)
         sys.exit(str(e))
+    print("\n".join(notes), file=sys.stderr)
+    print(config_to_toml(cfg), end="")

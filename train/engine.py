@@ -18,10 +18,12 @@ name for consolidated saves.
 """
 
 import contextlib
+import functools
 import inspect
+import logging
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -39,6 +41,10 @@ from wan import WanModel
 DDP_MODEL_FILE = "model.safetensors"
 DDP_OPTIMIZER_FILE = "optimizer.safetensors"
 SCHEDULER_FILE = "scheduler.json"
+GRAD_SCALER_FILE = "grad_scaler.json"
+"""fp16 under ddp and fsdp: torch.amp.GradScaler's state (loss scale, growth tracker), rank 0."""
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,7 +55,8 @@ class EngineSetup:
     parallel: ParallelConfig
     optim: OptimConfig
     mixed_precision: str
-    """"bf16" (bf16 compute, fp32 master weights, fp32 gradient reduction) or "fp32"."""
+    """"bf16" (bf16 compute, fp32 master weights, fp32 gradient reduction), "fp16" (the same in fp16,
+    with dynamic loss scaling; see check_mixed_precision for where) or "fp32"."""
     micro_batch_size: int
     accumulation_steps: int
     total_steps: int
@@ -101,21 +108,110 @@ def held_bytes(tensors: list[torch.Tensor]) -> int:
     return sum(storages.values())
 
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def precision_context(setup: EngineSetup) -> contextlib.AbstractContextManager:
-    """bf16 autocast for fp32 master weights; nothing for fp32 training."""
-    if setup.mixed_precision == "bf16":
-        return torch.autocast(setup.device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """bf16 or fp16 autocast for fp32 master weights; nothing for fp32 training."""
+    dtype = AUTOCAST_DTYPES.get(setup.mixed_precision)
+    return torch.autocast(setup.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-def build_optimizer(params: list[torch.nn.Parameter], optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with the [optim] values: fused on CUDA, foreach on CPU (the same arithmetic)."""
+@functools.cache
+def autocast_supports(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether autocast on `device_type` really computes in `dtype`: torch versions without it warn and
+    turn autocast off (CPU fp16 before torch 2.4), which would silently train in fp32."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            a = torch.ones(2, 2, device=device_type)
+            with torch.autocast(device_type, dtype=dtype):
+                return (a @ a).dtype == dtype
+        except (AssertionError, RuntimeError, ValueError):  # torch asserts on a device it was not built for
+            return False
+
+
+def check_mixed_precision(mixed_precision: str, engine: str, device: torch.device) -> None:
+    """Refuse (ValueError) a [train] mixed_precision that `engine` cannot run on `device`, before any model
+    is built. fp16 (fp16 compute on fp32 master weights, dynamic loss scaling) runs under ddp and fsdp
+    (torch.amp.GradScaler) wherever autocast computes in fp16, and under zero2 / zero3 (DeepSpeed's own
+    fp16 loss scaler) on CUDA only."""
+    if mixed_precision != "fp16":
+        return
+    where = f"[train] mixed_precision = 'fp16' with [parallel] engine = {engine!r} on {device}"
+    if engine in ("zero2", "zero3") and device.type != "cuda":
+        raise ValueError(
+            f"{where}: DeepSpeed's CPU accelerator has no fp16 training (it reports fp16 unsupported on CPUs "
+            "without oneDNN fp16 kernels, and its fp16 optimizer with loss scaling is a GPU path); use "
+            "mixed_precision = 'bf16' (or 'fp32'), or engine 'ddp' / 'fsdp', which run fp16 on the CPU"
+        )
+    if not autocast_supports(device.type, torch.float16):
+        raise ValueError(
+            f"{where}: torch {torch.__version__} has no fp16 autocast on {device.type}; use mixed_precision = "
+            "'bf16' (or 'fp32')"
+        )
+
+
+def build_optimizer(
+    named_params: list[tuple[str, torch.nn.Parameter]],
+    optim: OptimConfig,
+    device: torch.device,
+    is_low_lr: Callable[[str], bool] = lambda name: False,
+) -> torch.optim.AdamW:
+    """AdamW with the [optim] values: fused on CUDA, foreach on CPU (the same arithmetic). Two param
+    groups (VideoX-Fun's): the parameters at learning_rate, then those `is_low_lr` names at half of it
+    (trainable_modules_low_learning_rate); an empty group is left out. The lr schedule scales each
+    group's own base lr, so the low group stays at half all along."""
+    full = [p for name, p in named_params if not is_low_lr(name)]
+    low = [p for name, p in named_params if is_low_lr(name)]
+    lr = optim.learning_rate
+    groups = [{"params": ps, "lr": group_lr} for ps, group_lr in ((full, lr), (low, lr / 2)) if ps]
+    if low:
+        # ZeRO-3 parameters are empty outside a gather: count their full size.
+        count = [sum(getattr(p, "ds_numel", p.numel()) for p in ps) for ps in (full, low)]
+        log.info(
+            f"optimizer param groups: {count[0]:,} parameters at lr {lr:g}, {count[1]:,} at lr {lr / 2:g} "
+            "(trainable_modules_low_learning_rate)"
+        )
     fused = device.type == "cuda"
     return torch.optim.AdamW(
-        params, lr=optim.learning_rate, betas=(optim.adam_beta1, optim.adam_beta2),
+        groups, lr=lr, betas=(optim.adam_beta1, optim.adam_beta2),
         weight_decay=optim.adam_weight_decay, eps=optim.adam_epsilon, fused=fused or None,
         foreach=None if fused else True,
     )  # fmt: skip
+
+
+def build_grad_scaler(setup: EngineSetup) -> torch.amp.GradScaler | None:
+    """fp16: dynamic loss scaling (torch's defaults: scale 2**16, halved on inf/nan, doubled after 2000
+    finite steps); None otherwise."""
+    return torch.amp.GradScaler(setup.device.type) if setup.mixed_precision == "fp16" else None
+
+
+def save_grad_scaler(scaler: torch.amp.GradScaler | None, folder: Path) -> list[str]:
+    """Rank 0's part of a save: the scaler state (replicated: every rank decides skips alike)."""
+    from train.checkpoint import write_json
+
+    if scaler is None:
+        return []
+    write_json(folder / GRAD_SCALER_FILE, scaler.state_dict())
+    return [GRAD_SCALER_FILE]
+
+
+def load_grad_scaler(scaler: torch.amp.GradScaler | None, folder: Path) -> None:
+    """Restore the loss scale saved by save_grad_scaler. A checkpoint of a bf16 or fp32 run has none: an
+    fp16 run continuing it starts from a fresh scale, as a new fp16 run would."""
+    from train.checkpoint import read_json
+
+    path = folder / GRAD_SCALER_FILE
+    if scaler is None:
+        return
+    if not path.is_file():
+        log.warning(f"{path}: not in the checkpoint (saved without fp16): the loss scale starts afresh")
+        return
+    state = read_json(path)
+    if not isinstance(state, dict) or "scale" not in state:
+        raise ValueError(f"{path}: not a GradScaler state (no 'scale')")
+    scaler.load_state_dict(state)
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, setup: EngineSetup) -> torch.optim.lr_scheduler.LambdaLR:
@@ -150,9 +246,12 @@ class DDPEngine:
             )
         else:
             self.model = self.module
-        self.optimizer = build_optimizer(list(self.named_trainable.values()), setup.optim, setup.device)
+        self.optimizer = build_optimizer(
+            list(self.named_trainable.items()), setup.optim, setup.device, recipe.is_low_lr
+        )
         self.scheduler = build_schedule(self.optimizer, setup)
         self.precision = precision_context(setup)
+        self.scaler = build_grad_scaler(setup)
         self._grad_bytes = 0
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
@@ -168,11 +267,14 @@ class DDPEngine:
             yield
 
     def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.setup.accumulation_steps).backward()
+        loss = loss / self.setup.accumulation_steps
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def step(self) -> StepResult:
         self._grad_bytes = held_bytes([p.grad for p in self.named_trainable.values() if p.grad is not None])
-        return optimizer_step(self.named_trainable.values(), self.optimizer, self.scheduler, self.setup.optim)
+        return optimizer_step(
+            self.named_trainable.values(), self.optimizer, self.scheduler, self.setup.optim, self.scaler
+        )
 
     def model_state_bytes(self) -> dict[str, int]:
         """This rank's bytes of parameters, gradients (as held at the last step) and AdamW state."""
@@ -190,7 +292,7 @@ class DDPEngine:
         write_safetensors(folder / DDP_MODEL_FILE, weights, {"format": "pt"})
         write_safetensors(folder / DDP_OPTIMIZER_FILE, tensors, meta)
         write_json(folder / SCHEDULER_FILE, self.scheduler.state_dict())
-        return [DDP_MODEL_FILE, DDP_OPTIMIZER_FILE, SCHEDULER_FILE]
+        return [DDP_MODEL_FILE, DDP_OPTIMIZER_FILE, SCHEDULER_FILE, *save_grad_scaler(self.scaler, folder)]
 
     @torch.no_grad()
     def load(self, folder: Path) -> None:
@@ -205,25 +307,46 @@ class DDPEngine:
             self.optimizer, self.names_by_param, optim_tensors, meta, folder / DDP_OPTIMIZER_FILE
         )
         self.scheduler.load_state_dict(read_json(folder / SCHEDULER_FILE))
+        load_grad_scaler(self.scaler, folder)
 
     def full_state(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, tensor in self.module.state_dict().items():
             yield name, tensor.detach()
 
 
-def optimizer_step(params, optimizer: torch.optim.Optimizer, scheduler, optim: OptimConfig) -> StepResult:
+def optimizer_step(
+    params, optimizer: torch.optim.Optimizer, scheduler, optim: OptimConfig, scaler: torch.amp.GradScaler | None = None
+) -> StepResult:
     """Clip (max_grad_norm > 0), update unless the norm is not finite, advance the schedule, zero
-    the gradients. The norm is computed from the reduced gradients, so every rank decides alike."""
+    the gradients. The norm is computed from the reduced gradients, so every rank decides alike.
+    With a GradScaler (fp16) the gradients are unscaled before the norm and the scaler decides."""
     params = list(params)
+    scaler = scaler if any(p.grad is not None for p in params) else None  # it refuses to step without any
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     limit = optim.max_grad_norm if optim.max_grad_norm > 0 else math.inf
     norm = float(torch.nn.utils.clip_grad_norm_(params, limit))
-    updated = math.isfinite(norm)
     lr = scheduler.get_last_lr()[0]
-    if updated:
-        optimizer.step()
+    updated = scaler_step(scaler, optimizer, norm)
     optimizer.zero_grad(set_to_none=True)
     advance_schedule(scheduler)
     return StepResult(norm, updated, lr)
+
+
+def scaler_step(scaler: torch.amp.GradScaler | None, optimizer: torch.optim.Optimizer, norm: float) -> bool:
+    """Update unless the gradients are not finite; returns whether it did. Without a scaler the global
+    norm decides; with one (fp16, gradients already unscaled) the scaler does: it skips the update when
+    unscale_ found an inf or nan and then halves the scale, else keeps or grows it. So the scale going
+    down is exactly the scaler's skip (its found-inf record is private)."""
+    if scaler is None:
+        if math.isfinite(norm):
+            optimizer.step()
+            return True
+        return False
+    before = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    return scaler.get_scale() >= before
 
 
 def advance_schedule(scheduler) -> None:

@@ -12,7 +12,11 @@ param_groups are the ones ZeRO's update reads the lr from, so DeepSpeed gets no 
 Precision: with bf16 the module (and so every forward) is bf16 and WanModel opens autocast itself;
 DeepSpeed keeps fp32 master partitions, which we set to the float32 starting weights (DeepSpeed would
 derive them from the bf16 copy), and reduces gradients in fp32 (communication_data_type); gradient
-partitions are bf16 (DeepSpeed's default grad_accum_dtype). With fp32 everything is fp32.
+partitions are bf16 (DeepSpeed's default grad_accum_dtype). With fp32 everything is fp32. fp16 (CUDA
+only: DeepSpeed's CPU accelerator has no fp16, see train.engine.check_mixed_precision) is bf16's layout
+in fp16 plus DeepSpeed's dynamic loss scaler, set to torch GradScaler's rule as the ddp and fsdp
+engines use it (start 2**16, halve on every overflow, double after 2000 clean steps), so an overflow
+skips the step on every engine alike.
 
 Checkpoints are DeepSpeed's own files (pickles) under `folder/deepspeed/`, plus `folder/scheduler.json`:
 
@@ -45,6 +49,7 @@ from train.engine import (
     advance_schedule,
     build_optimizer,
     build_schedule,
+    check_mixed_precision,
     held_bytes,
 )
 from train.models import DiTRecipe
@@ -68,7 +73,7 @@ _FIXED_KEYS = {
     ("train_batch_size",): "[train] train_batch_size and gradient_accumulation_steps",
     ("zero_optimization", "stage"): "[parallel] engine (zero2 or zero3)",
     ("bf16", "enabled"): "[train] mixed_precision",
-    ("fp16", "enabled"): "[train] mixed_precision = bf16 (fp16 is not supported)",
+    ("fp16", "enabled"): "[train] mixed_precision",
 }
 # The optimizer and lr schedule are ours (built from [optim]); DeepSpeed's would be a second one.
 _REFUSED_KEYS = {"optimizer": "[optim]", "scheduler": "[optim] lr_scheduler"}
@@ -83,10 +88,13 @@ def generated_config(setup: EngineSetup, world_size: int) -> dict:
     p, o = setup.parallel, setup.optim
     if p.engine not in ("zero2", "zero3"):
         raise ValueError(f"[parallel] engine {p.engine!r} is not a DeepSpeed engine (zero2 or zero3)")
-    if setup.mixed_precision not in ("bf16", "fp32"):
-        raise ValueError(f"mixed_precision must be 'bf16' or 'fp32' for DeepSpeed, got {setup.mixed_precision!r}")
+    if setup.mixed_precision not in ("bf16", "fp16", "fp32"):
+        raise ValueError(
+            f"mixed_precision must be 'bf16', 'fp16' or 'fp32' for DeepSpeed, got {setup.mixed_precision!r}"
+        )
+    check_mixed_precision(setup.mixed_precision, p.engine, setup.device)
     stage = 3 if p.engine == "zero3" else 2
-    bf16 = setup.mixed_precision == "bf16"
+    bf16, fp16 = setup.mixed_precision == "bf16", setup.mixed_precision == "fp16"
     zero: dict[str, Any] = {
         "stage": stage,
         "reduce_bucket_size": p.reduce_bucket_size,
@@ -124,8 +132,15 @@ def generated_config(setup: EngineSetup, world_size: int) -> dict:
         "steps_per_print": 2**62,  # we log ourselves
         "wall_clock_breakdown": False,
     }
-    if bf16:
-        # Gradients are reduced across ranks in fp32 (as the other engines do) rather than in bf16.
+    if fp16:
+        # Dynamic loss scaling with GradScaler's rule (loss_scale 0 = dynamic; hysteresis 1: halve on the
+        # first overflow; DeepSpeed's default would wait for a second one).
+        config["fp16"] = {
+            "enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 2000,
+            "hysteresis": 1, "consecutive_hysteresis": False, "min_loss_scale": 1,
+        }  # fmt: skip
+    if bf16 or fp16:
+        # Gradients are reduced across ranks in fp32 (as the other engines do) rather than in bf16 / fp16.
         config["communication_data_type"] = "fp32"
     return config
 
@@ -148,6 +163,8 @@ def merge_override(ours: dict, theirs: dict, source: str, prefix: tuple[str, ...
     for key, value in theirs.items():
         path = (*prefix, key)
         dotted = ".".join(path)
+        if value == "auto":  # accelerate's placeholder (VideoX-Fun's JSON files): the run's own value
+            continue
         if not prefix and key in _REFUSED_KEYS:
             raise ValueError(
                 f"deepspeed_config {source}: {dotted!r} is not supported; set {_REFUSED_KEYS[key]} instead"
@@ -207,13 +224,14 @@ def _init_distributed(device: torch.device) -> None:
 
 def load_weights_only(path: str, map_location=None) -> Any:
     """torch.load(weights_only=True) of a DeepSpeed checkpoint file: tensors, containers and plain
-    values, plus the three data classes DeepSpeed pickles into its optimizer files (a loss-scaler
-    record, the ZeRO stage enum, fragment addresses); anything else is refused, never run."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    values, plus the few data classes DeepSpeed pickles into its optimizer files (a loss-scaler record,
+    static or, under fp16, dynamic; the ZeRO stage enum; fragment addresses); anything else is refused,
+    never run."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+    with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
         return torch.load(path, map_location=map_location, weights_only=True)
 
 
@@ -230,13 +248,16 @@ class DeepSpeedEngine:
         self.config = deepspeed_config(
             setup, world, report=(lambda line: print(line, flush=True)) if rank == 0 else None
         )
-        self.dtype = torch.bfloat16 if self.config["bf16"].get("enabled") else torch.float32
+        fp16 = self.config["fp16"].get("enabled")
+        self.dtype = torch.bfloat16 if self.config["bf16"].get("enabled") else torch.float16 if fp16 else torch.float32
 
         module = self._build_zero3(recipe) if self.stage == 3 else self._build_whole(recipe)
-        params = [p for p in module.parameters() if p.requires_grad]
+        params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         # With offload_optimizer the fp32 partitions the AdamW steps live on the host: a CPU optimizer.
         offload = "offload_optimizer" in self.config["zero_optimization"]
-        self.torch_optimizer = build_optimizer(params, setup.optim, torch.device("cpu") if offload else setup.device)
+        self.torch_optimizer = build_optimizer(
+            params, setup.optim, torch.device("cpu") if offload else setup.device, recipe.is_low_lr
+        )
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=self.torch_optimizer, lr_scheduler=None, config=self.config
         )
@@ -261,8 +282,8 @@ class DeepSpeedEngine:
 
     @torch.no_grad()
     def _set_fp32_master(self, recipe: DiTRecipe) -> None:
-        """bf16: DeepSpeed derives its fp32 master partitions from the bf16 parameters, i.e. from the
-        starting weights rounded to bf16. Set them to the float32 starting weights (as DDP and FSDP
+        """bf16 / fp16: DeepSpeed derives its fp32 master partitions from the low-precision parameters,
+        i.e. from the starting weights rounded. Set them to the float32 starting weights (as DDP and FSDP
         start): rank 0 reads each trainable tensor and broadcasts it, each rank keeps its partition."""
         from deepspeed.utils import safe_set_full_fp32_param
 
@@ -466,7 +487,7 @@ class DeepSpeedEngine:
         saved_bf16 = any(Path(f).name.startswith("bf16_") for f in present)
         if layout != self.setup.parallel.engine or saved_bf16 != (self.dtype == torch.bfloat16):
             raise ValueError(
-                f"{ds}: saved by a {layout} run with mixed_precision {'bf16' if saved_bf16 else 'fp32'}; this run is "
+                f"{ds}: saved by a {layout} run with mixed_precision {'bf16' if saved_bf16 else 'fp32 or fp16'}; this run is "
                 f"{what}. Resume with the same engine and precision, or export the weights (tools/zero_to_bf16.py) "
                 "and start a new run from them"
             )

@@ -2,7 +2,10 @@
 
 Each transformer block is one FSDP unit (all-gathered for its forward and backward, resharded after),
 the root unit holds the embeddings and the head. With bf16 mixed precision the all-gathered copies
-are bf16 while the sharded master weights, the reduce-scatter and the optimizer stay float32.
+are bf16 while the sharded master weights, the reduce-scatter and the optimizer stay float32. fp16 is
+the same with fp16 copies plus torch.amp.GradScaler (dynamic loss scaling), which works on FSDP2's
+DTensor gradient shards (torch 2.13, checked with gloo): unscale_ reduces its inf/nan check over the
+shards, so an inf in one rank's shard makes every rank skip and halve the scale alike.
 
 Checkpoints are torch.distributed.checkpoint (DCP) folders under `folder/dcp`, keyed by official
 parameter names, which any world size can load (DCP reshards):
@@ -10,6 +13,7 @@ parameter names, which any world size can load (DCP reshards):
     dcp/__{rank}_0.distcp   this rank's shards of the model (frozen parameters too) and optimizer state
     dcp/.metadata           DCP's index of every shard (rank 0)
     scheduler.json          the lr scheduler state (rank 0)
+    grad_scaler.json        fp16 only: the loss scale (rank 0)
     fsdp.json               the saving world size and whether the optimizer had stepped (rank 0)
 
 DCP keys: "model.{official name}" and, flattened per parameter, "optimizer.state.{name}.{exp_avg,
@@ -40,13 +44,18 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from train.engine import (
+    AUTOCAST_DTYPES,
     SCHEDULER_FILE,
     EngineSetup,
     StepResult,
     advance_schedule,
+    build_grad_scaler,
     build_optimizer,
     build_schedule,
     held_bytes,
+    load_grad_scaler,
+    save_grad_scaler,
+    scaler_step,
 )
 from train.models import DiTRecipe
 
@@ -65,9 +74,9 @@ class FSDPEngine:
     trainable ones in the same units; only trainable ones get gradients and optimizer state."""
 
     def __init__(self, recipe: DiTRecipe, setup: EngineSetup):
-        if setup.mixed_precision not in ("bf16", "fp32"):
+        if setup.mixed_precision not in ("bf16", "fp16", "fp32"):
             raise ValueError(
-                f"[train] mixed_precision must be 'bf16' or 'fp32' for engine fsdp, got {setup.mixed_precision!r}"
+                f"[train] mixed_precision must be 'bf16', 'fp16' or 'fp32' for engine fsdp, got {setup.mixed_precision!r}"
             )
         self.setup = setup
         self.device = setup.device
@@ -82,12 +91,13 @@ class FSDPEngine:
         offload: OffloadPolicy = (
             CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if self.offload else OffloadPolicy()
         )
-        if setup.mixed_precision == "bf16":
+        low = AUTOCAST_DTYPES.get(setup.mixed_precision)
+        if low is not None:
             # cast_forward_inputs=False: FSDP would otherwise cast every floating input of every unit to
             # bf16, the timesteps (bf16 steps of 4 near 1000) and the float32 residual stream between
-            # blocks included. The model autocasts itself when its gathered weights are bf16
+            # blocks included. The model autocasts itself when its gathered weights are bf16 / fp16
             # (wan/modules/precision.py), which keeps its float32 regions float32.
-            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+            mp = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32, cast_forward_inputs=False)
         else:
             mp = MixedPrecisionPolicy()
         shard = dict(
@@ -110,8 +120,11 @@ class FSDPEngine:
 
         self.named_trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         # AdamW runs where the shards are: fused on CUDA, foreach on the CPU (offloaded or CPU runs).
-        self.optimizer = build_optimizer(list(self.named_trainable.values()), setup.optim, self.param_device)
+        self.optimizer = build_optimizer(
+            list(self.named_trainable.items()), setup.optim, self.param_device, recipe.is_low_lr
+        )
         self.scheduler = build_schedule(self.optimizer, setup)
+        self.scaler = build_grad_scaler(setup)
         self._grad_bytes = 0
 
     @torch.no_grad()
@@ -148,15 +161,19 @@ class FSDPEngine:
         yield
 
     def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.setup.accumulation_steps).backward()
+        loss = loss / self.setup.accumulation_steps
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def step(self) -> StepResult:
         """Clip (max_grad_norm > 0) by the global norm over every rank's gradient shards, update unless
         it is not finite (the norm is all-reduced, so every rank decides alike), advance the schedule,
-        free the gradients."""
+        free the gradients. fp16: the gradients are unscaled first and the GradScaler decides."""
         params = [p for p in self.named_trainable.values() if p.grad is not None]
         grads = [p.grad for p in params]
         self._grad_bytes = held_bytes(grads)
+        scaler = self.scaler if grads else None  # GradScaler refuses to step an optimizer without gradients
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
         limit = self.setup.optim.max_grad_norm if self.setup.optim.max_grad_norm > 0 else math.inf
         if grads:
             total = get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False, foreach=True)
@@ -169,10 +186,8 @@ class FSDPEngine:
             norm = float(total)
         else:
             norm = 0.0
-        updated = math.isfinite(norm)
         lr = self.scheduler.get_last_lr()[0]
-        if updated:
-            self.optimizer.step()
+        updated = scaler_step(scaler, self.optimizer, norm)
         self.optimizer.zero_grad(set_to_none=True)
         advance_schedule(self.scheduler)
         return StepResult(norm, updated, lr)
@@ -203,6 +218,7 @@ class FSDPEngine:
             write_json(folder / SCHEDULER_FILE, self.scheduler.state_dict())
             write_json(folder / FSDP_STATE_FILE, {"world_size": self.world_size, "optimizer_stepped": stepped})
             files += [f"{DCP_DIR}/{METADATA_FILE}", SCHEDULER_FILE, FSDP_STATE_FILE]
+            files += save_grad_scaler(self.scaler, folder)
         return files
 
     def load(self, folder: Path) -> None:
@@ -232,6 +248,7 @@ class FSDPEngine:
         if not info.get("optimizer_stepped", True):
             self.optimizer.state.clear()  # saved before the first update: no AdamW state yet
         self.scheduler.load_state_dict(scheduler_state)
+        load_grad_scaler(self.scaler, folder)
 
     # ----------------------------------------------------------------------------------------------
     # Consolidated weights and memory

@@ -11,6 +11,9 @@ micro-steps draw the same noise and timesteps for the same position, and resume 
 Draws are made on the CPU because CPU generators give the same numbers on every machine; CUDA
 generators do not promise that across devices or torch versions.
 
+Timestep densities and loss weights are those of diffusers' SD3 helpers, which VideoX-Fun uses
+(compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3); see `FlowMatching`.
+
 Shapes: B samples, C latent channels, F/H/W latent frames/height/width.
 """
 
@@ -23,7 +26,11 @@ import torch
 
 from train.data.sampler import derive_seed
 
-WEIGHTING_SCHEMES = ("logit_normal", "uniform")
+# Must equal train/config.py's list (tests/test_flow.py checks it). "none" is VideoX-Fun's "uniform".
+WEIGHTING_SCHEMES = ("logit_normal", "uniform", "none", "mode", "sigma_sqrt", "cosmap")
+# The "mode" density's map v -> u is a monotone bijection of [0, 1] only for scales in this range
+# (SD3 paper, eq. 20); outside it u leaves [0, 1] and the draw is no longer a density on sigmas.
+MODE_SCALE_RANGE = (-1.0, 2 / (math.pi - 2))
 # Shifted sigmas are clamped into [SIGMA_EPS, 1 - SIGMA_EPS] so t = sigma * 1000 stays strictly below
 # 1000 in float32 even for a large shift (shift(1 - eps) -> 1 as shift grows and would round to 1.0),
 # and never hits exactly 0. The clamp moves a draw only with probability ~1e-5 at shift 5.
@@ -81,12 +88,21 @@ def _generator(*parts: object) -> torch.Generator:
 class FlowMatching:
     """Timestep and noise sampling, noising, target and loss. Pure: all state is in the arguments.
 
-    weighting_scheme is the density of the unshifted sigma u: "logit_normal" = sigmoid(N(logit_mean,
-    logit_std)) (SD3), "uniform" = U(0, 1). uniform_sampling=True overrides it with stratified uniform
-    sampling: position p of a global batch of G draws u in [p / G, (p + 1) / G). The reference
-    stratifies by rank; one stratum per global position is finer (every sample of the global batch,
-    not every rank, gets its own slice of [0, 1)) and does not depend on the world size or on how the
-    batch is split into micro-steps.
+    weighting_scheme sets the density of the unshifted sigma u and the loss weight, as diffusers:
+    - "logit_normal": u = sigmoid(N(logit_mean, logit_std)) (SD3), weight 1;
+    - "mode": v ~ U(0, 1), u = 1 - v - mode_scale * (cos(pi v / 2)^2 - 1 + v), weight 1;
+    - "uniform" and "none" (the same): u ~ U(0, 1), weight 1;
+    - "sigma_sqrt": u ~ U(0, 1), weight sigma^-2 (huge at low noise: 1e4 at sigma 0.01, as in diffusers);
+    - "cosmap": u ~ U(0, 1), weight 2 / (pi (1 - 2 sigma + 2 sigma^2)).
+    Weights use the shifted sigma the sample was noised with, as VideoX-Fun's.
+
+    uniform_sampling=True replaces the density (not the weight) with stratified uniform sampling:
+    position p of a global batch of G draws u in [p / G, (p + 1) / G). The reference stratifies by
+    rank; one stratum per global position is finer (every sample of the global batch, not every rank,
+    gets its own slice of [0, 1)) and does not depend on the world size or on how the batch is split
+    into micro-steps.
+
+    motion_sub_loss adds, with ratio r, the MSE of the frame-to-frame differences (see `loss`).
     """
 
     shift: float = 5.0
@@ -95,6 +111,9 @@ class FlowMatching:
     logit_std: float = 1.0
     uniform_sampling: bool = False
     num_train_timesteps: int = 1000
+    mode_scale: float = 1.29
+    motion_sub_loss: bool = False
+    motion_sub_loss_ratio: float = 0.25
 
     def __post_init__(self):
         if self.weighting_scheme not in WEIGHTING_SCHEMES:
@@ -109,6 +128,14 @@ class FlowMatching:
             raise ValueError(f"num_train_timesteps must be an int, got {self.num_train_timesteps!r}")
         if self.num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps must be >= 1, got {self.num_train_timesteps}")
+        lo, hi = MODE_SCALE_RANGE
+        # Checked only when used, so an unused value never stops a run.
+        if self.weighting_scheme == "mode" and not lo <= self.mode_scale <= hi:
+            raise ValueError(
+                f"mode_scale must be in [{lo}, {hi:.4f}] for the mode density to stay in [0, 1], got {self.mode_scale}"
+            )
+        if not 0 <= self.motion_sub_loss_ratio <= 1:
+            raise ValueError(f"motion_sub_loss_ratio must be in [0, 1], got {self.motion_sub_loss_ratio}")
 
     def sample_sigmas(
         self, seed: int, step: int, positions: Positions, global_size: int, device: torch.device | str | None = None
@@ -123,11 +150,14 @@ class FlowMatching:
             g = _generator("flow.sigma", seed, step, p)
             if self.uniform_sampling:
                 u[i] = (p + torch.rand((), generator=g, dtype=torch.float64)) / global_size
-            elif self.weighting_scheme == "uniform":
-                u[i] = torch.rand((), generator=g, dtype=torch.float64)
-            else:
+            elif self.weighting_scheme == "logit_normal":
                 z = torch.randn((), generator=g, dtype=torch.float64)
                 u[i] = torch.sigmoid(self.logit_mean + self.logit_std * z)
+            elif self.weighting_scheme == "mode":
+                v = torch.rand((), generator=g, dtype=torch.float64)
+                u[i] = 1 - v - self.mode_scale * (torch.cos(math.pi * v / 2) ** 2 - 1 + v)
+            else:  # uniform, none, sigma_sqrt, cosmap
+                u[i] = torch.rand((), generator=g, dtype=torch.float64)
         sigmas = shift_sigma(u, self.shift).clamp(SIGMA_EPS, 1 - SIGMA_EPS)  # float64 until here
         return sigmas.float().to(device)
 
@@ -165,16 +195,45 @@ class FlowMatching:
             raise ValueError(f"x0 {tuple(x0.shape)} and noise {tuple(noise.shape)} must have the same shape")
         return noise.float() - x0.float()
 
-    def loss(self, pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean MSE scalar float32, per-sample MSE [B] float32 detached for loss-by-timestep logs).
+    def loss_weights(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """Loss weight [B] float32 of each sample from its shifted sigma [B] (compute_loss_weighting_for_sd3)."""
+        s = sigmas.double()  # float64 then rounded once: at least as exact as diffusers' float32
+        if self.weighting_scheme == "sigma_sqrt":
+            return (s**-2.0).float()
+        if self.weighting_scheme == "cosmap":
+            return (2 / (math.pi * (1 - 2 * s + 2 * s**2))).float()
+        return torch.ones_like(s, dtype=torch.float32)
 
-        pred is upcast before the difference: a bf16 difference of two close velocities loses most of
-        its bits. All samples of a batch have one shape, so the mean of per-sample means is the MSE.
+    def loss(self, pred: torch.Tensor, target: torch.Tensor, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss scalar float32 to backpropagate, per-sample MSE [B] float32 detached).
+
+        loss = mean over samples of weight(sigma) * per-sample MSE (weight 1 except for sigma_sqrt and
+        cosmap); all samples of a batch have one shape, so this is VideoX-Fun's mean of the weighted
+        elementwise squared error. With motion_sub_loss and F > 1 latent frames it becomes
+        (1 - r) * loss + r * MSE(pred[:, :, 1:] - pred[:, :, :-1], target[:, :, 1:] - target[:, :, :-1]),
+        the motion term unweighted as in VideoX-Fun; an image batch (F = 1) keeps the plain loss.
+        The per-sample MSE is the plain one (no weight, no motion term), for loss-by-timestep logs.
+
+        pred [B, C, F, H, W] is upcast before the difference: a bf16 difference of two close velocities
+        loses most of its bits. sigmas [B] are the shifted sigmas the samples were noised with.
         """
         if pred.shape != target.shape:
             raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must have the same shape")
-        per_sample = (pred.float() - target.float()).square().flatten(1).mean(1)  # [B]
-        return per_sample.mean(), per_sample.detach()
+        if sigmas.shape != pred.shape[:1]:
+            raise ValueError(f"sigmas must have shape [B] = ({pred.shape[0]},), got {tuple(sigmas.shape)}")
+        diff = pred.float() - target.float()
+        per_sample = diff.square().flatten(1).mean(1)  # [B]
+        loss = (self.loss_weights(sigmas).to(per_sample.device) * per_sample).mean()
+        if self.motion_sub_loss:
+            if pred.ndim != 5:
+                raise ValueError(f"motion_sub_loss needs pred as [B, C, F, H, W], got shape {tuple(pred.shape)}")
+            # VideoX-Fun differences dim 1 of [B, C, F, H, W] (channels, despite the name) when it has
+            # more than 2 entries; motion is across latent frames, so we difference dim 2 whenever there
+            # are at least two frames. diff(pred - target) = diff(pred) - diff(target), one subtraction less.
+            if pred.shape[2] > 1:
+                r = self.motion_sub_loss_ratio
+                loss = (1 - r) * loss + r * diff.diff(dim=2).square().mean()
+        return loss, per_sample.detach()
 
 
 def _check_batch(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> None:

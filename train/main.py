@@ -8,6 +8,7 @@ derived from (seed, step, position in the global batch), so a resumed run repeat
 and the result does not depend on how the global batch is split over ranks and micro-steps.
 """
 
+import dataclasses
 import datetime
 import gc
 import itertools
@@ -24,10 +25,11 @@ import torch
 import torch.distributed as dist
 
 from train.checkpoint import MERGE_ADVICE, Checkpointer, RNGState, read_json, read_marker, resolve_resume
-from train.config import ConfigError, RunConfig, config_to_toml, load_config
+from train.config import ConfigError, RunConfig, check_paths, config_to_toml, load_config
+from train.data.buckets import token_length_repeats
 from train.data.dataset import BadSampleTracker, pixels_to_model
 from train.data.loader import build_dataloader
-from train.engine import ConsolidatedWeights, EngineSetup, StepResult, build_engine
+from train.engine import ConsolidatedWeights, EngineSetup, StepResult, build_engine, check_mixed_precision
 from train.flow import FlowMatching, batch_positions
 from train.metrics import StepStats, StepTimer, build_metrics
 from train.models import Models, build_dit_recipe, build_models
@@ -135,6 +137,20 @@ class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.rank, self.world_size, self.device = init_distributed(cfg.parallel.backend)
+        # Checks that need no model come first: precision, every path, the DeepSpeed file, the objective;
+        # the data and the checkpoint to resume follow, still before any model is built.
+        check_mixed_precision(cfg.train.mixed_precision, cfg.parallel.engine, self.device)
+        missing = check_paths(cfg)
+        if missing:
+            raise ValueError("missing files:\n  " + "\n  ".join(missing))
+        t = cfg.train
+        self.flow = FlowMatching(
+            shift=t.shift, weighting_scheme=t.weighting_scheme, logit_mean=t.logit_mean, logit_std=t.logit_std,
+            uniform_sampling=t.uniform_sampling, mode_scale=t.mode_scale, motion_sub_loss=t.motion_sub_loss,
+            motion_sub_loss_ratio=t.motion_sub_loss_ratio,
+        )  # fmt: skip
+        if self.device.type == "cuda":  # TF32 for fp32 matmuls and convolutions only when asked (torch's default)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.allow_tf32
         if self.rank != 0:  # console logs from rank 0 only; other ranks' bad files reach it at the end
             logging.getLogger().setLevel(logging.ERROR)
         # The global RNGs only seed what is not derived per step (nothing in the loop draws from them);
@@ -146,36 +162,38 @@ class Trainer:
             (self.out / "config.toml").write_text(config_to_toml(cfg))
         barrier()
 
-        t, m = cfg.train, cfg.model
+        m = cfg.model
         self.accumulation = t.gradient_accumulation_steps
         self.loader, self.sampler, self.tracker = build_dataloader(
             cfg.data, t.train_batch_size, self.rank, self.world_size, t.seed,
-            pin_memory=self.device.type == "cuda", accumulation_steps=self.accumulation,
+            pin_memory=self.device.type == "cuda", accumulation_steps=self.accumulation, cache_dir=self.out,
         )  # fmt: skip
         self.total_steps = count_steps(self.sampler, cfg)
         resume = resolve_resume(self.out, cfg.checkpoint.resume_from_checkpoint)
         if resume is not None:
             self.check_resumable(resume)  # before minutes of model building
-        recipe = build_dit_recipe(m, t.seed)
-        self.models: Models = build_models(
-            m.pretrained_model_name_or_path, m.preset, m.train_mode, self.device, t.seed, m.low_vram
-        )
+        optim = cfg.optim
+        if optim.scale_lr:  # VideoX-Fun's: the lr grows with the global batch (the config keeps the base lr)
+            factor = t.train_batch_size * self.accumulation * self.world_size
+            optim = dataclasses.replace(optim, learning_rate=optim.learning_rate * factor)
+            self.log(f"scale_lr: learning_rate {cfg.optim.learning_rate:g} x {factor} = {optim.learning_rate:g}")
         setup = EngineSetup(
-            parallel=cfg.parallel, optim=cfg.optim, mixed_precision=t.mixed_precision,
+            parallel=cfg.parallel, optim=optim, mixed_precision=t.mixed_precision,
             micro_batch_size=t.train_batch_size, accumulation_steps=self.accumulation,
             total_steps=self.total_steps, device=self.device,
         )  # fmt: skip
+        if cfg.parallel.engine in ("zero2", "zero3"):  # a deepspeed_config file that conflicts fails here
+            from train.engine_deepspeed import deepspeed_config
+
+            deepspeed_config(setup, self.world_size)
+        recipe = build_dit_recipe(m, t.seed)
+        self.models: Models = build_models(m, self.device, t.seed)
         self.engine = build_engine(recipe, setup)
         trainable, total = recipe.parameter_counts()
         self.log(
             f"DiT on the {cfg.parallel.engine} engine: {trainable:,} of {total:,} parameters train "
             f"({100 * trainable / total:.1f}%)"
         )
-        self.flow = FlowMatching(
-            shift=t.shift, weighting_scheme=t.weighting_scheme, logit_mean=t.logit_mean, logit_std=t.logit_std,
-            uniform_sampling=t.uniform_sampling,
-        )  # fmt: skip
-
         self.state = TrainerState(tracker=self.tracker)
         self.checkpointer = Checkpointer(
             self.out, rank=self.rank, world_size=self.world_size,
@@ -197,6 +215,7 @@ class Trainer:
             self.out, rank=self.rank, total_steps=self.total_steps, start_step=self.state.step,
             log_every=cfg.logging.log_every, progress_bar=cfg.logging.progress_bar,
             loss_smoothing=cfg.logging.loss_smoothing, timestep_bins=cfg.logging.timestep_bins,
+            log_dir=cfg.logging.logging_dir,
         )  # fmt: skip
         self.timer = StepTimer(self.device)
 
@@ -260,15 +279,32 @@ class Trainer:
             inputs.update(y=y, clip_fea=clip_fea)
         return inputs
 
+    def copies(self, pixels_shape: torch.Size) -> int:
+        """Times a micro-batch trains at once: training_with_video_token_length repeats batches far below
+        its token budget 2x or 4x (VideoX-Fun's rule), each copy with its own noise and timestep. Every
+        rank of a step has the same shape, so every rank repeats alike."""
+        d = self.cfg.data
+        if not d.training_with_video_token_length:
+            return 1
+        _, f, h, w, _ = pixels_shape  # [B, F, H, W, 3] as decoded
+        return token_length_repeats(f, h, w, d.token_sample_size, d.video_sample_n_frames)
+
     def micro_step(self, batch: dict, micro: int) -> MicroStats:
         self.tracker.update(batch)
+        copies = self.copies(batch["pixels"].shape)
         with self.timer.section("encode"):
             inputs = self.encode(batch)
-        x0 = inputs["x0"]
-        b = x0.shape[0]
-        # Position of each sample in the global batch: (micro-step, rank, index), as the sampler lays it out.
+        b = inputs["x0"].shape[0]
+        # Position of each sample in the global batch: (micro-step, rank, index), as the sampler lays it out;
+        # copy c of a sample sits at its position + c x the global batch.
         positions = batch_positions(micro, self.rank, self.world_size, b)
         global_size = self.accumulation * self.world_size * b
+        if copies > 1:
+            inputs = {k: torch.cat([v] * copies) for k, v in inputs.items()}
+            positions = [p + c * global_size for c in range(copies) for p in positions]
+            global_size *= copies
+        x0 = inputs["x0"]
+        b = x0.shape[0]
         seed, step = self.cfg.train.seed, self.state.step
         sigmas = self.flow.sample_sigmas(seed, step, positions, global_size).to(self.device)
         noise = self.flow.sample_noise(seed, step, positions, tuple(x0.shape[1:])).to(self.device)
@@ -280,7 +316,7 @@ class Trainer:
                 pred = self.engine.forward(
                     x_t, t, inputs["context"], clip_fea=inputs.get("clip_fea"), y=inputs.get("y")
                 )
-                loss, per_sample = self.flow.loss(pred, target)
+                loss, per_sample = self.flow.loss(pred, target, sigmas)
             with self.timer.section("backward"):
                 self.engine.backward(loss)
         _, f, h, w = x0.shape[1:]
@@ -312,7 +348,7 @@ class Trainer:
                 f"smoothed loss: first {first:.4f}, last {last:.4f}: it {trend} "
                 f"({s.step} steps, {time.perf_counter() - t0:.0f} s)"
             )
-        self.log(f"TensorBoard: tensorboard --logdir {self.out / 'tensorboard'}")
+        self.log(f"TensorBoard: tensorboard --logdir {self.out / cfg.logging.logging_dir}")
 
     def log_bad_samples(self) -> None:
         """Every rank's bad files and counts, summed on rank 0."""
@@ -349,10 +385,12 @@ class Trainer:
         )  # fmt: skip
         self.metrics.log_step(s.step, stats)
         if skipped:
-            self.metrics.log_text(
-                f"step {s.step}: non-finite loss {loss} / grad norm {result.grad_norm}: update skipped"
-            )
-            if s.nonfinite_in_row >= cfg.train.max_nonfinite_steps:
+            # fp16: a finite loss with an overflowing gradient is the loss scaler at work (it halves its
+            # scale and skips); from 2^16 it may take up to 16 such steps to reach a scale that fits.
+            overflow = cfg.train.mixed_precision == "fp16" and math.isfinite(loss)
+            what = "loss scale overflow" if overflow else f"non-finite loss {loss} / grad norm {result.grad_norm}"
+            self.metrics.log_text(f"step {s.step}: {what}: update skipped")
+            if s.nonfinite_in_row >= cfg.train.max_nonfinite_steps + (16 if overflow else 0):
                 raise RuntimeError(
                     f"{s.nonfinite_in_row} steps in a row had a non-finite loss or gradient (max_nonfinite_steps="
                     f"{cfg.train.max_nonfinite_steps}); lower the learning rate or check the data and resume "
@@ -365,11 +403,15 @@ class Trainer:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    notes: list[str] = []
     try:
-        cfg = load_config(sys.argv[1:] if argv is None else argv)
+        cfg = load_config(sys.argv[1:] if argv is None else argv, notes)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print("\n".join([*notes, f"error: {err}"]), file=sys.stderr)
         raise SystemExit(2) from None
+    if notes and int(os.environ.get("RANK", 0)) == 0:  # what VideoX-Fun options do here, said once
+        print("\n".join(notes), flush=True)
     try:
         trainer = Trainer(cfg)
     except ValueError as err:  # a user error found during setup (data, weights, checkpoint): no traceback

@@ -178,6 +178,7 @@ class Metrics:
         timestep_bins: int = 10,
         stream: TextIO | None = None,
         device: torch.device | str | None = None,
+        log_dir: str = "tensorboard",
     ) -> None:
         if rank != 0:
             raise ValueError(f"Metrics writes files and is for rank 0 only (got rank {rank}); use build_metrics")
@@ -197,7 +198,7 @@ class Metrics:
         self.stream = stream if stream is not None else sys.stdout
         # None: the current CUDA device once CUDA is in use, else the process RSS (see peak_memory_bytes).
         self.device = torch.device(device) if device is not None else None
-        self.log_dir = Path(output_dir) / "tensorboard"
+        self.log_dir = Path(output_dir) / log_dir  # an absolute log_dir is used as is
         self.log_dir.mkdir(parents=True, exist_ok=True)
         # purge_step=T hides every event with step >= T from earlier files of this folder; the first
         # step this run writes is start_step + 1. flush_secs below the default 120 s so a crash loses

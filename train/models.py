@@ -54,10 +54,11 @@ class DiTWeights:
     init of WanModel, built once on the CPU (one full copy: fine for the debug presets the tests
     and demo use; benchmarks of the release sizes pay one host copy per rank)."""
 
-    def __init__(self, folder: str, config: dict, seed: int):
-        self.folder, self.config, self.seed = folder, config, seed
+    def __init__(self, folder: str, config: dict, seed: int, override: str = ""):
+        self.folder, self.config, self.seed, self.override = folder, config, seed, override
         self._entries: dict[str, tuple[Path, dict, int]] = {}
         self._random: dict[str, torch.Tensor] | None = None
+        self._override: dict[str, tuple[Path, dict, int] | torch.Tensor] = {}
         if folder:
             weights_folder, _, layout = read_dit_folder(folder)
             rename = diffusers_to_official_key if layout == "diffusers" else (lambda key: key)
@@ -67,10 +68,17 @@ class DiTWeights:
                     name = rename(key)
                     if name is not None:
                         self._entries[name] = (path, info, data_start)
+        if override:
+            self._override = read_override_file(Path(override))
 
     def check(self, model: torch.nn.Module) -> None:
         """Refuse, listing every problem, unless the folder holds each of `model`'s tensors once with
         its shape (model may be on the meta device)."""
+        if self.override:  # VideoX-Fun's load_state_dict(strict=False): a subset, but nothing unknown
+            entries = [(Path(self.override).name, name, name, _shape(value)) for name, value in self._override.items()]
+            expected = model.state_dict(keep_vars=True)
+            kept = [("(kept)", n, n, list(t.shape)) for n, t in expected.items() if n not in self._override]
+            check_entries(model, entries + kept, self.override)
         if not self.folder:
             return
         entries = [(p.name, name, name, info["shape"]) for name, (p, info, _) in self._entries.items()]
@@ -78,6 +86,14 @@ class DiTWeights:
 
     def read(self, name: str) -> torch.Tensor:
         """The full tensor `name` in float32 on the CPU (a fresh tensor the caller may keep)."""
+        if name in self._override:
+            value = self._override[name]
+            if isinstance(value, torch.Tensor):
+                return value.float() if value.is_floating_point() else value.clone()
+            path, info, data_start = value
+            with open(path, "rb") as f:
+                tensor = read_tensor(f, info, data_start)
+            return tensor.float() if tensor.is_floating_point() else tensor
         if not self.folder:
             if self._random is None:
                 torch.manual_seed(self.seed)  # the same random weights on every rank and engine
@@ -93,6 +109,34 @@ class DiTWeights:
         self._random = None
 
 
+def _shape(value: tuple[Path, dict, int] | torch.Tensor) -> list[int]:
+    return list(value.shape) if isinstance(value, torch.Tensor) else value[1]["shape"]
+
+
+def read_override_file(path: Path) -> dict[str, tuple[Path, dict, int] | torch.Tensor]:
+    """A DiT state-dict file (VideoX-Fun's transformer_path: .safetensors, or a .pth/.bin/.pt saved by
+    torch, optionally under "state_dict"), by official name (diffusers names are mapped): safetensors
+    entries are read lazily, torch files memory-mapped, never unpickled beyond tensors."""
+    if path.suffix == ".safetensors":
+        header, data_start = read_header(path)
+        items = {key: (path, info, data_start) for key, info in header.items()}
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # a corrupt or non-torch file: name it
+            raise ValueError(f"transformer_path {path}: not a torch state-dict file ({err})") from None
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"transformer_path {path}: expected a dict of tensors (a state dict)")
+        items = dict(state)
+    out = {}
+    for key, value in items.items():
+        name = diffusers_to_official_key(key)
+        if name is not None:
+            out[name] = value
+    return out
+
+
 @dataclass
 class DiTRecipe:
     """How to build the DiT being trained; the engine decides where it lives (meta, zero.Init, sharded)
@@ -102,6 +146,8 @@ class DiTRecipe:
     """WanModel keyword arguments (a preset's, or the folder's config.json)."""
     weights: DiTWeights
     trainable_modules: list[str] = field(default_factory=lambda: ["."])
+    trainable_modules_low_learning_rate: list[str] = field(default_factory=list)
+    """Substrings of parameters that also train, at half the learning rate (trainable_modules wins)."""
     gradient_checkpointing: bool = False
     gradient_checkpointing_every: int = 1
 
@@ -112,7 +158,7 @@ class DiTRecipe:
         with torch.device("meta"):
             model = WanModel(**self.config)
         self.weights.check(model)
-        apply_trainable_modules(model, self.trainable_modules)
+        apply_trainable_modules(model, self.trainable_modules, self.trainable_modules_low_learning_rate)
         if self.gradient_checkpointing:
             model.set_gradient_checkpointing(True, every=self.gradient_checkpointing_every)
         return model
@@ -121,7 +167,12 @@ class DiTRecipe:
         """(trainable, total) parameters, counted on a meta-device build."""
         with torch.device("meta"):
             model = WanModel(**self.config)
-        return apply_trainable_modules(model, self.trainable_modules)
+        return apply_trainable_modules(model, self.trainable_modules, self.trainable_modules_low_learning_rate)
+
+    def is_low_lr(self, name: str) -> bool:
+        """Whether the trainable parameter `name` trains at half the learning rate: it matches
+        trainable_modules_low_learning_rate and not trainable_modules (VideoX-Fun: the first list wins)."""
+        return is_low_lr(name, self.trainable_modules, self.trainable_modules_low_learning_rate)
 
     def named_tensors(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, full float32 CPU tensor) for each of model's parameters and persistent buffers."""
@@ -140,9 +191,11 @@ class DiTRecipe:
 
 def build_dit_recipe(model_cfg, seed: int) -> DiTRecipe:
     """From the [model] section: the DiT of transformer_path (a merged folder) or of the release folder
-    (checked against train_mode before anything loads), or a preset's, with random weights."""
+    (checked against train_mode before anything loads), or a preset's, with random weights. A
+    transformer_path that is one file (VideoX-Fun's) replaces the tensors it holds and keeps the rest."""
     m = model_cfg
-    folder = m.transformer_path or m.pretrained_model_name_or_path
+    override = m.transformer_path if m.transformer_path and Path(m.transformer_path).is_file() else ""
+    folder = (m.transformer_path if not override else "") or m.pretrained_model_name_or_path
     if folder:
         _, config, _ = read_dit_folder(folder)
         source = folder
@@ -150,7 +203,8 @@ def build_dit_recipe(model_cfg, seed: int) -> DiTRecipe:
         config, source = dit_preset(m.preset), f"preset {m.preset}"
     check_mode(config.get("model_type", "t2v"), config.get("in_dim", 16), m.train_mode, source)
     return DiTRecipe(
-        config=config, weights=DiTWeights(folder, config, seed), trainable_modules=m.trainable_modules,
+        config=config, weights=DiTWeights(folder, config, seed, override), trainable_modules=m.trainable_modules,
+        trainable_modules_low_learning_rate=m.trainable_modules_low_learning_rate,
         gradient_checkpointing=m.gradient_checkpointing, gradient_checkpointing_every=m.gradient_checkpointing_every,
     )  # fmt: skip
 
@@ -166,32 +220,34 @@ def release_files(root: Path, i2v: bool) -> dict[str, Path]:
     return files
 
 
-def build_models(
-    pretrained: str, preset: str, train_mode: str, device: torch.device, seed: int, low_vram: bool = False
-) -> Models:
-    """The frozen encoders in their own precision (umT5 stays bf16 as released), offloaded to the CPU
-    when `low_vram`. The umT5 (11 GB at release size) is replicated on every rank under every engine:
-    it is frozen, so no engine shards it."""
-    i2v = train_mode == "i2v"
-    home = torch.device("cpu") if low_vram else device
-    if pretrained:
-        files = release_files(Path(pretrained), i2v)
-        vae = WanVAE.from_pretrained(files["vae"], dtype=torch.float32, device=home)
+def build_models(model_cfg, device: torch.device, seed: int) -> Models:
+    """The frozen encoders of the [model] section in their own precision (umT5 stays bf16 as released),
+    offloaded to the CPU when `low_vram`; `vae_path` replaces the release's VAE. The umT5 (11 GB at
+    release size) is replicated on every rank under every engine: it is frozen, so no engine shards it."""
+    m = model_cfg
+    i2v = m.train_mode == "i2v"
+    home = torch.device("cpu") if m.low_vram else device
+    if m.pretrained_model_name_or_path:
+        files = release_files(Path(m.pretrained_model_name_or_path), i2v)
+        vae = WanVAE.from_pretrained(m.vae_path or files["vae"], dtype=torch.float32, device=home)
         t5 = UMT5Encoder.from_pretrained(files["t5"], device=home)
-        tokenizer = WanTokenizer(files["tokenizer"])
+        tokenizer = WanTokenizer(files["tokenizer"], max_length=m.tokenizer_max_length)
         clip = CLIPVision.from_pretrained(files["clip"], device=home) if i2v else None
     else:
-        debug = preset.startswith("debug")
+        debug = m.preset.startswith("debug")
         torch.manual_seed(seed + 1)  # the same random encoders on every rank
-        vae = WanVAE(**vae_preset("debug" if debug else "wan2.1")).to(home)
+        if m.vae_path:
+            vae = WanVAE.from_pretrained(m.vae_path, dtype=torch.float32, device=home)
+        else:
+            vae = WanVAE(**vae_preset("debug" if debug else "wan2.1")).to(home)
         t5 = UMT5Encoder(**T5_PRESETS["debug" if debug else "umt5-xxl"]).to(home)
         # Random weights need no real vocabulary: the debug tokenizer's ids fit any umT5 vocabulary.
-        tokenizer = WanTokenizer.debug()
+        tokenizer = WanTokenizer.debug(max_length=m.tokenizer_max_length)
         clip = CLIPVision(**CLIP_PRESETS["debug" if debug else "vit-h-14"]).to(home) if i2v else None
     for frozen in (vae, t5, clip):
         if frozen is not None:
             frozen.eval().requires_grad_(False)
-    return Models(vae, TextEncoder(tokenizer, t5, device=device, offload=low_vram), clip)
+    return Models(vae, TextEncoder(tokenizer, t5, device=device, offload=m.low_vram), clip)
 
 
 def check_mode(model_type: str, in_dim: int, train_mode: str, source: str) -> None:
@@ -205,15 +261,24 @@ def check_mode(model_type: str, in_dim: int, train_mode: str, source: str) -> No
         )
 
 
-def apply_trainable_modules(dit: WanModel, patterns: list[str]) -> tuple[int, int]:
-    """Freeze every parameter whose name matches none of the substrings ("." matches all names).
-    Returns (trainable, total) parameter counts; no match at all is an error."""
+def apply_trainable_modules(dit: WanModel, patterns: list[str], low_lr_patterns: list[str] = ()) -> tuple[int, int]:
+    """Freeze every parameter whose name matches none of the substrings of `patterns` or of
+    `low_lr_patterns` ("." matches all names). Returns (trainable, total) parameter counts; no match at
+    all is an error."""
     trainable = total = 0
     for name, param in dit.named_parameters():
-        keep = any(p in name for p in patterns)
+        keep = any(p in name for p in patterns) or any(p in name for p in low_lr_patterns)
         param.requires_grad_(keep)
         total += param.numel()
         trainable += param.numel() if keep else 0
     if trainable == 0:
-        raise ValueError(f"trainable_modules {patterns} matches no DiT parameter (names look like blocks.0.ffn.0)")
+        lists = f"trainable_modules {patterns}" + (
+            f" and trainable_modules_low_learning_rate {list(low_lr_patterns)} match" if low_lr_patterns else " matches"
+        )
+        raise ValueError(f"{lists} no DiT parameter (names look like blocks.0.ffn.0)")
     return trainable, total
+
+
+def is_low_lr(name: str, patterns: list[str], low_lr_patterns: list[str]) -> bool:
+    """A parameter trains at half the lr when only the low-lr list matches it (the first list wins)."""
+    return not any(p in name for p in patterns) and any(p in name for p in low_lr_patterns)

@@ -3,7 +3,7 @@
 Everything a sampler needs to decide a sample's shape before any file is opened: the bucket of a
 (height, width) at a training size, how many frames a size may have under a token budget, which
 source frames a clip contributes, and the random draws behind `random_hw_adapt`,
-`training_with_video_token_length` and `random_frame_crop`. Randomness comes from a caller-owned
+`training_with_video_token_length` and `random_frame_crop`, as VideoX-Fun's code draws them. Randomness comes from a caller-owned
 `random.Random`, so a data loader worker can seed it per rank, epoch and sample and replay it.
 
 Frame counts fed to the Wan VAE must be 4k+1: its encoder keeps the first frame alone and compresses
@@ -71,17 +71,20 @@ def _check_positive(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def bucket_table(size: int) -> dict[float, tuple[int, int]]:
+def bucket_table(size: int | float) -> dict[float, tuple[int, int]]:
     """The 512-base table scaled to training size `size`, each side floored to a multiple of 16.
 
     Flooring (not rounding) keeps every bucket at or under size*size pixels, so a larger bucket never
-    costs more memory than the square one the size was chosen for.
+    costs more memory than the square one the size was chosen for. `size` may be fractional
+    (random_hw_adapt's 1024 / 1.5); a side that is a whole multiple of 16 in exact arithmetic stays one
+    despite float rounding.
     """
-    _check_positive("size", size)
+    if isinstance(size, bool) or not isinstance(size, int | float) or not size > 0:
+        raise ValueError(f"size must be a positive number, got {size!r}")
     table: dict[float, tuple[int, int]] = {}
     for ratio, (h, w) in ASPECT_RATIOS_512.items():
-        bh = h * size // (512 * SIDE_MULTIPLE) * SIDE_MULTIPLE
-        bw = w * size // (512 * SIDE_MULTIPLE) * SIDE_MULTIPLE
+        bh = int(h * size / (512 * SIDE_MULTIPLE) + 1e-9) * SIDE_MULTIPLE
+        bw = int(w * size / (512 * SIDE_MULTIPLE) + 1e-9) * SIDE_MULTIPLE
         if bh < SIDE_MULTIPLE or bw < SIDE_MULTIPLE:
             raise ValueError(
                 f"size {size} is too small for the aspect buckets: ratio {ratio} would be {bh}x{bw} "
@@ -117,18 +120,16 @@ def frames_for_token_budget(size: int, budget_size: int, n_frames: int) -> int:
     """Frames a video of side `size` may have under `training_with_video_token_length`.
 
     The budget is the video of budget_size^2 x n_frames (token_sample_size, video_sample_n_frames),
-    measured in pixel volume: frames(S) = min(floor(budget_size^2 * n_frames / S^2), n_frames), then
-    rounded down to 4k+1. Pixel volume is the DiT token count up to the VAE's lone first latent frame
-    ((S/16)^2 tokens per 4 frames), and it is the measure that reproduces the spec's worked numbers:
-    budget 512x512x49 gives 512 -> 49, 768 -> floor(21.8) = 21, 1024 -> floor(12.25) -> 9. Counting
-    exact latent tokens instead ((S/16)^2 * (1 + (F-1)/4) <= 13,312) would give 768 -> 17.
-    At least 1 frame is returned: a size too large for even one frame still trains as a still.
+    measured in pixel volume, and the count is VideoX-Fun's code's: x = min(budget / S^2, n_frames),
+    frames = floor(x / 4) * 4 + 1 (exact integer arithmetic here). Budget 512x512x49 gives 512 -> 49,
+    768 -> 21 (x = 21.8), 1024 -> 13 (x = 12.25: one frame over the budget, as VideoX-Fun trains it;
+    its README says 9). n_frames is 4k+1, so the result never exceeds it; at least 1 frame.
     """
     _check_positive("size", size)
     _check_positive("budget_size", budget_size)
     _check_positive("n_frames", n_frames)
-    frames = min(budget_size * budget_size * n_frames // (size * size), n_frames)
-    return valid_frame_count(max(frames, 1))
+    groups = min(budget_size * budget_size * n_frames // (4 * size * size), n_frames // 4)
+    return groups * 4 + 1
 
 
 def frame_indices(
@@ -186,32 +187,75 @@ def random_frame_crop(n: int, rng: random.Random, p_full: float = 0.9, min_frame
     return rng.choice(shorter)
 
 
-def hw_adapt_range(video_sample_size: int, image_sample_size: int) -> tuple[int, int]:
-    """(min, max) training size under `random_hw_adapt`: min(video_sample_size, 512) up to image_sample_size.
+def downsample_choices(base_size: int, image_ratio: float | None = None) -> tuple[list[float], list[float]]:
+    """`random_hw_adapt`'s draw, as VideoX-Fun's get_random_downsample_ratio: (ratios, probabilities);
+    a step trains at base_size / ratio.
 
-    The same range serves images and videos, so both see every resolution of the run.
+    The ratios grow with the base size: from 1536 up 1, 1.25, 1.5, 2, 2.5, 3; from 1024 1, 1.25, 1.5,
+    2; from 768 1, 1.25, 1.5; from 512 1; below 512 only 1. `image_ratio` (for images:
+    image_sample_size / video_sample_size, so images also train at the video size) is one more choice
+    from 512 up. Ratio 1 has probability 0.75 and the others share 0.25 equally.
     """
+    _check_positive("base_size", base_size)
+    if base_size >= 1536:
+        ratios = [1, 1.25, 1.5, 2, 2.5, 3]
+    elif base_size >= 1024:
+        ratios = [1, 1.25, 1.5, 2]
+    elif base_size >= 768:
+        ratios = [1, 1.25, 1.5]
+    else:
+        ratios = [1]
+    if image_ratio is not None and base_size >= 512:
+        ratios.append(image_ratio)
+    if len(ratios) == 1:
+        return [1.0], [1.0]
+    return [float(r) for r in ratios], [0.75] + [0.25 / (len(ratios) - 1)] * (len(ratios) - 1)
+
+
+def downsampled_size(base_size: int, ratio: float) -> int | float:
+    """base_size / ratio: an int when whole, so logs and bucket sizes read as the sizes they are."""
+    size = base_size / ratio
+    return int(size) if size == int(size) else size
+
+
+def token_length_sizes(video_sample_size: int, image_sample_size: int) -> list[int]:
+    """The sizes `training_with_video_token_length` (with `random_hw_adapt`) draws from, as VideoX-Fun:
+    video_sample_size up to image_sample_size in steps of 128, image_sample_size always included; only
+    image_sample_size when it is not above video_sample_size."""
     _check_positive("video_sample_size", video_sample_size)
     _check_positive("image_sample_size", image_sample_size)
-    low = min(video_sample_size, 512)
-    if low > image_sample_size:
-        raise ValueError(
-            f"random_hw_adapt: image_sample_size {image_sample_size} is below the minimum size {low} "
-            f"(min(video_sample_size={video_sample_size}, 512))"
-        )
-    return low, image_sample_size
+    if image_sample_size <= video_sample_size:
+        return [image_sample_size]
+    sizes = list(range(video_sample_size, image_sample_size + 1, 128))
+    if sizes[-1] != image_sample_size:
+        sizes.append(image_sample_size)
+    return sizes
 
 
-def sample_hw_size(rng: random.Random, min_size: int, max_size: int, step: int = SIDE_MULTIPLE) -> int:
-    """A training size drawn uniformly from min_size, min_size+step, ... <= max_size.
+def decoded_mean_side(height: int, width: int, cap: int) -> float:
+    """The mean of a clip's sides as VideoX-Fun's loader hands it over: frames whose short side exceeds
+    `cap` (the larger of image_sample_size and video_sample_size) are shrunk to a short side of `cap`."""
+    short, long = min(height, width), max(height, width)
+    if short > cap:
+        short, long = cap, int(cap * long / short)
+    return (short + long) / 2
 
-    random_hw_adapt draws per batch in steps of 16 (bucket sides stay multiples of 16);
-    training_with_video_token_length draws from video_sample_size to image_sample_size in steps of 128.
-    max_size is drawn only when it lies on the grid.
-    """
-    _check_positive("min_size", min_size)
-    _check_positive("max_size", max_size)
-    _check_positive("step", step)
-    if min_size > max_size:
-        raise ValueError(f"min_size {min_size} is larger than max_size {max_size}")
-    return min_size + step * rng.randint(0, (max_size - min_size) // step)
+
+def token_length_choices(sizes: list[int], mean_sides: list[float]) -> list[int]:
+    """The sizes a step of clips may train at: those below 1.25 x the smallest clip's mean side (never
+    far above the clips' own resolution), or every size when none is."""
+    smallest = min(mean_sides)
+    return [s for s in sizes if s < smallest * 1.25] or list(sizes)
+
+
+def token_length_repeats(num_frames: int, height: int, width: int, budget_size: int, n_frames: int) -> int:
+    """Copies of a batch `training_with_video_token_length` trains at once (VideoX-Fun: "increase the
+    batch size when the latent sequence is small"): 4 when the step's pixel volume (frames x height x
+    width) is at most 1/16 of the budget (budget_size^2 x n_frames), 2 when at most 1/4, else 1."""
+    budget = n_frames * budget_size * budget_size
+    volume = num_frames * height * width
+    if budget // 16 >= volume:
+        return 4
+    if budget // 4 >= volume:
+        return 2
+    return 1

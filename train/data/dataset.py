@@ -17,7 +17,7 @@ import logging
 import random
 import signal
 import threading
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,11 +25,14 @@ from torch.utils.data import Dataset
 
 from train.data.buckets import (
     bucket_table,
+    decoded_mean_side,
+    downsample_choices,
+    downsampled_size,
     frames_for_token_budget,
-    hw_adapt_range,
     nearest_ratio,
     random_frame_crop,
-    sample_hw_size,
+    token_length_choices,
+    token_length_sizes,
 )
 from train.data.metadata import Sample
 from train.data.sampler import derive_seed
@@ -65,22 +68,43 @@ def bucket_keys(samples: list[Sample]) -> list[tuple[str, float]]:
     return [(s.kind, nearest_ratio(s.height, s.width)) for s in samples]
 
 
-def make_choose(options: SizeOptions) -> Callable[[random.Random, Hashable], dict]:
-    """The sampler's per-step choice: {"size": S, "num_frames": F} for a bucket (kind, ratio)."""
+def make_choose(
+    options: SizeOptions, sizes: Sequence[tuple[int, int]] = ()
+) -> Callable[[random.Random, Hashable, Sequence[int]], dict]:
+    """The sampler's per-step choice {"size": S, "num_frames": F} for a bucket (kind, ratio) and the
+    step's sample indices; `sizes` holds each sample's (height, width).
 
-    def choose(rng: random.Random, key: Hashable) -> dict:
-        kind = key[0]
-        n_frames = options.video_sample_n_frames
-        if options.training_with_video_token_length:
-            size = sample_hw_size(rng, options.video_sample_size, options.image_sample_size, step=128)
-            n_frames = frames_for_token_budget(size, options.token_sample_size, n_frames)
-        elif options.random_hw_adapt:
-            size = sample_hw_size(rng, *hw_adapt_range(options.video_sample_size, options.image_sample_size))
-        else:
-            size = options.video_sample_size if kind == "video" else options.image_sample_size
-        if kind == "image":
+    VideoX-Fun's rule (its collate_fn), per global step here rather than per rank's batch, so every
+    rank trains one shape:
+    - images: image_sample_size, divided with random_hw_adapt by a ratio drawn from
+      downsample_choices(image_sample_size, image_sample_size / video_sample_size); 1 frame.
+    - videos, random_hw_adapt with training_with_video_token_length: a size drawn uniformly from
+      token_length_sizes() below 1.25 x the smallest clip's mean side, frames from the token budget.
+    - videos, random_hw_adapt alone: video_sample_size divided by a ratio drawn from
+      downsample_choices(video_sample_size); video_sample_n_frames.
+    - otherwise (training_with_video_token_length alone too): video_sample_size, video_sample_n_frames.
+      The token length alone repeats small batches instead (token_length_repeats, in the loop).
+    random_frame_crop then shortens the clip (pixel frames, see random_frame_crop).
+    """
+    o = options
+    cap = max(o.image_sample_size, o.video_sample_size)
+
+    def choose(rng: random.Random, key: Hashable, indices: Sequence[int] = ()) -> dict:
+        if key[0] == "image":
+            size = o.image_sample_size
+            if o.random_hw_adapt:
+                ratios, probs = downsample_choices(o.image_sample_size, o.image_sample_size / o.video_sample_size)
+                size = downsampled_size(o.image_sample_size, rng.choices(ratios, probs)[0])
             return {"size": size, "num_frames": 1}
-        if options.random_frame_crop:
+        size, n_frames = o.video_sample_size, o.video_sample_n_frames
+        if o.random_hw_adapt and o.training_with_video_token_length:
+            means = [decoded_mean_side(*sizes[i], cap) for i in indices] if sizes else [float(cap)]
+            size = rng.choice(token_length_choices(token_length_sizes(o.video_sample_size, o.image_sample_size), means))
+            n_frames = frames_for_token_budget(size, o.token_sample_size, n_frames)
+        elif o.random_hw_adapt:
+            ratios, probs = downsample_choices(o.video_sample_size)
+            size = downsampled_size(o.video_sample_size, rng.choices(ratios, probs)[0])
+        if o.random_frame_crop:
             n_frames = random_frame_crop(n_frames, rng)
         return {"size": size, "num_frames": n_frames}
 

@@ -6,11 +6,13 @@ Field names are VideoX-Fun's, so a user's old flags carry over.
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch.utils.data import DataLoader
 
 from train.data.dataset import BadSampleTracker, SizeOptions, VideoDataset, bucket_keys, collate, make_choose
 from train.data.metadata import Sample, load_metadata
+from train.data.probe import fill_sizes
 from train.data.sampler import DistributedBucketBatchSampler
 from train.data.transfer import TransferPool
 
@@ -40,9 +42,13 @@ class DataConfig:
     enable_bucket: bool = True
     """Group samples by aspect ratio; off: every sample is centre-cropped to a square."""
     random_hw_adapt: bool = False
-    """Draw each step's size from min(video_sample_size, 512) to image_sample_size (steps of 16)."""
+    """Train each step at a lower size now and then, as VideoX-Fun: videos at video_sample_size / r and
+    images at image_sample_size / r, r drawn from 1 (75%) and ratios that grow with the size; with
+    training_with_video_token_length, videos instead draw video_sample_size..image_sample_size (steps
+    of 128, not above 1.25x the clips' own size) with frames from the token budget."""
     training_with_video_token_length: bool = False
-    """Draw each step's size from video_sample_size to image_sample_size (steps of 128), frames from the budget."""
+    """Token budget token_sample_size^2 x video_sample_n_frames: with random_hw_adapt it sets size and
+    frames; alone (as in VideoX-Fun) it trains batches far below the budget 2x or 4x repeated."""
     random_frame_crop: bool = False
     """Sometimes train on a shorter 4k+1 frame count (the full count most often)."""
     video_repeat: int = 1
@@ -82,8 +88,6 @@ class DataConfig:
             out.append(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
         if self.dataloader_num_workers < 0 or self.max_retries < 0 or self.decode_timeout < 0:
             out.append("dataloader_num_workers, max_retries and decode_timeout must be >= 0")
-        if self.random_hw_adapt and self.training_with_video_token_length:
-            out.append("random_hw_adapt and training_with_video_token_length both choose the size: pick one")
         if not self.train_data_meta and not self.train_data_dir:
             out.append("give train_data_meta or train_data_dir")
         return out
@@ -108,16 +112,26 @@ def build_dataloader(
     seed: int = 0,
     pin_memory: bool = False,
     accumulation_steps: int = 1,
+    cache_dir: Path | None = None,
 ) -> tuple[DataLoader, DistributedBucketBatchSampler, BadSampleTracker]:
     """The run's DataLoader (accumulation_steps micro-batches of batch_size per optimizer step), its
     sampler (set_epoch / state_dict for resume) and the tracker that counts bad samples; samples
-    refused up front (absurd sizes, unreadable captions) are already counted and listed in the
-    tracker (`refused`, `bad`)."""
+    refused up front (absurd sizes, unreadable captions, unreadable files) are already counted and
+    listed in the tracker (`refused`, `bad`).
+
+    Sizes the metadata leaves out are read from the files' headers (train/data/probe.py: spread over
+    the ranks, so under torch.distributed every rank must call this) and kept in
+    `cache_dir/metadata_cache/` when cache_dir is given (the run's output_dir), so a restart reads none."""
     problems = config.problems()
     if problems:
         raise ValueError("invalid data config:\n  " + "\n  ".join(problems))
     skipped: list[tuple[str, str]] = []
     samples = load_metadata(config.train_data_meta or None, config.train_data_dir or None, skipped)
+    if config.max_train_samples:
+        samples = samples[: config.max_train_samples]
+    samples = fill_sizes(
+        samples, config.train_data_meta or None, config.train_data_dir or None, cache_dir, skipped, rank=rank
+    )
     kept = []
     for sample in samples:
         reason = plausible(sample)
@@ -137,9 +151,10 @@ def build_dataloader(
         training_with_video_token_length=config.training_with_video_token_length,
         token_sample_size=config.token_sample_size, random_frame_crop=config.random_frame_crop,
     )  # fmt: skip
+    choose = make_choose(options, [(s.height, s.width) for s in kept])
     sampler = DistributedBucketBatchSampler(
         keys, batch_size, rank=rank, world_size=world_size, seed=seed,
-        repeats=[max(config.video_repeat, 1) if s.kind == "video" else 1 for s in kept], choose=make_choose(options),
+        repeats=[max(config.video_repeat, 1) if s.kind == "video" else 1 for s in kept], choose=choose,
         accumulation_steps=accumulation_steps,
     )  # fmt: skip
     workers = config.dataloader_num_workers

@@ -40,8 +40,8 @@ looks inside a key. Design choices:
 
 Example ``choose`` for ``training_with_video_token_length`` (helpers from ``train.data.buckets``)::
 
-    def choose(rng, key):
-        size = sample_hw_size(rng, 512, 1024, step=128)
+    def choose(rng, key, indices):
+        size = rng.choice([512, 640, 768, 896, 1024])
         return {"size": size, "num_frames": 1 if key[0] == "image" else frames_for_token_budget(size, 512, 49)}
 """
 
@@ -57,7 +57,7 @@ STATE_VERSION = 1
 REMAINDER_POLICIES = ("carry", "drop")
 
 Item = tuple[int, dict[str, Any]]  # (sample_index, extras), one per sample of a rank's batch
-ChooseFn = Callable[[random.Random, Hashable], dict[str, Any]]
+ChooseFn = Callable[[random.Random, Hashable, list[int]], dict[str, Any]]
 
 
 def derive_seed(*parts: object) -> int:
@@ -101,8 +101,9 @@ class DistributedBucketBatchSampler(Sampler[list[Item]]):
             epoch; "drop" discards them (like ``drop_last``), which loses different samples each epoch.
         repeats: entries per sample per epoch, an int for all or one int per sample (``video_repeat``
             for videos, 1 for images); 0 leaves a sample out.
-        choose: per-step random choices, ``choose(rng, bucket_key) -> dict`` (e.g. ``random_hw_adapt``
-            size and ``training_with_video_token_length`` frame count). It runs in the sampler with a
+        choose: per-step random choices, ``choose(rng, bucket_key, indices) -> dict`` (e.g. ``random_hw_adapt``
+            size and ``training_with_video_token_length`` frame count; `indices` are the global batch's
+            sample indices, for choices that depend on the clips' own sizes). It runs in the sampler with a
             ``random.Random`` seeded by (seed, epoch, global batch index); it must be deterministic
             given that RNG. It may not set the reserved keys "bucket", "epoch" and "step".
     """
@@ -256,7 +257,8 @@ class DistributedBucketBatchSampler(Sampler[list[Item]]):
         key = self._buckets[plan[step][0]]
         extras: dict[str, Any] = {"bucket": key, "epoch": self._epoch, "step": step}
         if self.choose is not None:
-            chosen = self.choose(random.Random(derive_seed("choose", self.seed, self._epoch, step)), key)
+            rng = random.Random(derive_seed("choose", self.seed, self._epoch, step))
+            chosen = self.choose(rng, key, list(plan[step][1]))
             if not isinstance(chosen, dict):
                 raise ValueError(f"choose must return a dict, got {type(chosen).__name__} {chosen!r}")
             reserved = sorted(set(chosen) & set(extras))

@@ -1,0 +1,308 @@
+"""VideoX-Fun's command line, as its users paste it.
+
+A user of VideoX-Fun's `scripts/wan2.1/train.py` runs ours with the same flags:
+`torchrun --nproc_per_node 8 -m train.main --cfg configs/1.3b_ddp.toml <their flags>`, and may keep the
+`accelerate launch` options of VideoX-Fun's documented command lines too. Every option has one status:
+
+- same: a key of ours with that name and meaning (found in the config sections, not listed here);
+- mapped: another key of ours, or another value of it (`--zero_stage 3` -> engine = "zero3");
+- ignored: accepted with one printed line saying why it has no effect here;
+- refused: an error giving the reason and what to use instead.
+
+`THEIR_DEFAULTS` records where VideoX-Fun's default differs from ours (only the README's table shows
+it: a pasted line sets what it needs). The README's table is `markdown_table()`; a test keeps them equal.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+FLAG, VALUE, VALUES = "flag", "value", "values"  # argparse store_true, one value, nargs="+"
+STATUSES = ("same", "mapped", "ignored", "refused")
+
+
+@dataclass(frozen=True)
+class Option:
+    status: str  # mapped, ignored or refused
+    note: str  # why (ignored, refused) or how (mapped); printed or raised as is
+    takes: str = VALUE
+    target: str = ""  # mapped: "section.key"
+    values: Mapping[str, str] | None = None  # mapped: their value -> ours (None: passed as given)
+    launcher: bool = False  # an `accelerate launch` option, not one of train.py's
+
+
+def _ignored(note: str, takes: str = VALUE, launcher: bool = False) -> Option:
+    return Option("ignored", note, takes, launcher=launcher)
+
+
+def _refused(note: str, takes: str = FLAG) -> Option:
+    return Option("refused", note, takes)
+
+
+_TORCHRUN = "torchrun sets it (--nnodes, --node_rank, --nproc_per_node, --master_addr, --master_port; see launch/)"
+_VALIDATION = "validation sampling during training is not built yet; sample afterwards from a checkpoint"
+
+OPTIONS: dict[str, Option] = {
+    # --- scripts/wan2.1/train.py ---------------------------------------------------------------------
+    "input_perturbation": _ignored("VideoX-Fun's Wan2.1 script defines it but never uses it"),
+    "revision": _ignored("weights are read from the local pretrained_model_name_or_path folder (no Hub download)"),
+    "variant": _ignored("weights are read from the local pretrained_model_name_or_path folder (no Hub download)"),
+    "cache_dir": _ignored("nothing is downloaded, so there is nothing to cache"),
+    "non_ema_revision": _ignored("weights are read from the local folder (no Hub download)"),
+    "validation_prompts": _ignored(_VALIDATION, VALUES),
+    "validation_paths": _ignored(_VALIDATION, VALUES),
+    "validation_epochs": _ignored(_VALIDATION),
+    "validation_steps": _ignored(_VALIDATION),
+    "random_flip": _ignored("VideoX-Fun's Wan2.1 script defines it but never flips", FLAG),
+    "multi_stream": _ignored("the VAE encodes on the training stream; results are the same", FLAG),
+    "push_to_hub": _ignored("VideoX-Fun never pushes either; upload the tools/zero_to_bf16.py folder yourself", FLAG),
+    "hub_token": _ignored("nothing is uploaded (the token is not stored or printed)"),
+    "hub_model_id": _ignored("nothing is uploaded"),
+    "prediction_type": _ignored("flow matching always predicts the velocity (VideoX-Fun ignores it too)"),
+    "report_model_info": _ignored(
+        "per-parameter gradient norms are not logged; the global gradient norm is, every step", FLAG
+    ),
+    "local_rank": _ignored("torchrun passes LOCAL_RANK in the environment, which is what is read"),
+    "noise_offset": _ignored("VideoX-Fun's Wan2.1 script defines it but never uses it"),
+    "tracker_project_name": _ignored("TensorBoard events go straight to logging_dir"),
+    "snr_loss": _ignored("VideoX-Fun's Wan2.1 script defines it but never uses it", FLAG),
+    "enable_text_encoder_in_dataloader": _ignored(
+        "umT5 encodes in the training process (a copy per loader worker would cost 11 GB each)", FLAG
+    ),
+    "keep_all_node_same_token_length": _ignored(
+        "every rank already trains the same shape at every step (one bucket, size and frame count per "
+        "global step), which is what the option is for",
+        FLAG,
+    ),
+    "abnormal_norm_clip_start": _ignored(
+        "max_grad_norm clips on every engine from step 0; VideoX-Fun's ramp from initial_grad_norm_ratio x "
+        "max_grad_norm over the first abnormal_norm_clip_start steps (DDP runs only) is not reproduced"
+    ),
+    "initial_grad_norm_ratio": _ignored(
+        "max_grad_norm clips on every engine from step 0; VideoX-Fun's ramp (DDP runs only) is not reproduced"
+    ),
+    "train_sampling_steps": Option(
+        "mapped", "1000 only: timesteps span the scheduler's 1000 training steps", target="", values={"1000": ""}
+    ),
+    "selective_ac": Option(
+        "mapped",
+        "a fraction p of DiT blocks recomputed in backward: gradient_checkpointing_every = round(1/p) "
+        "(ignored when gradient_checkpointing is on, as in VideoX-Fun)",
+        target="model.gradient_checkpointing_every",
+    ),
+    "use_came": _refused(
+        "the CAME optimizer needs came_pytorch, which is not a dependency; AdamW trains every engine "
+        "(for memory use offload_optimizer or engine zero2/zero3/fsdp)"
+    ),
+    "use_8bit_adam": _refused(
+        "8-bit AdamW needs bitsandbytes (CUDA only), which is not a dependency; to save optimizer memory use "
+        "engine zero2/zero3/fsdp (sharded AdamW) or offload_optimizer"
+    ),
+    "use_ema": _refused("EMA weights are not built yet; train without them (VideoX-Fun refuses them under ZeRO-3)"),
+    "random_ratio_crop": _refused(
+        "random aspect-ratio crops are not built yet; every sample trains in its own aspect bucket (enable_bucket)"
+    ),
+    # --- accelerate launch options of VideoX-Fun's documented command lines ----------------------------
+    "zero_stage": Option(
+        "mapped", "the DeepSpeed engine", target="parallel.engine", values={"2": "zero2", "3": "zero3"}, launcher=True
+    ),
+    "deepspeed_config_file": Option(
+        "mapped",
+        "DeepSpeed JSON merged over ours ('auto' keeps ours); its zero_optimization.stage picks zero2/zero3",
+        target="parallel.deepspeed_config",
+        launcher=True,
+    ),
+    "zero3_save_16bit_model": Option(
+        "mapped",
+        "each checkpoint also holds the whole DiT in bf16 (consolidated/)",
+        target="checkpoint.save_consolidated_weights",
+        launcher=True,
+    ),
+    "zero3_init_flag": _ignored("zero3 always builds the DiT partitioned (zero.Init)", launcher=True),
+    "deepspeed_multinode_launcher": _ignored(_TORCHRUN, launcher=True),
+    "fsdp_sharding_strategy": Option(
+        "mapped",
+        "FULL_SHARD: reshard_after_forward = true; SHARD_GRAD_OP: false",
+        target="parallel.reshard_after_forward",
+        values={"FULL_SHARD": "true", "SHARD_GRAD_OP": "false", "1": "true", "2": "false"},
+        launcher=True,
+    ),
+    "fsdp_offload_params": Option(
+        "mapped", "parameters and optimizer state in host memory", target="parallel.offload_param", launcher=True
+    ),
+    "fsdp_auto_wrap_policy": _ignored("fsdp always shards each DiT block (and the rest as one unit)", launcher=True),
+    "fsdp_transformer_layer_cls_to_wrap": _ignored("fsdp always shards each DiT block", launcher=True),
+    "fsdp_state_dict_type": _ignored(
+        "fsdp checkpoints are sharded (DCP); save_consolidated_weights adds a whole bf16 DiT", launcher=True
+    ),
+    "fsdp_backward_prefetch": _ignored("FSDP2 prefetches the next block in backward by itself", launcher=True),
+    "fsdp_cpu_ram_efficient_loading": _ignored(
+        "every engine loads the DiT one tensor at a time, never a full copy per rank", launcher=True
+    ),
+    "multi_gpu": _ignored(_TORCHRUN, FLAG, launcher=True),
+    "num_processes": _ignored(_TORCHRUN, launcher=True),
+    "num_machines": _ignored(_TORCHRUN, launcher=True),
+    "machine_rank": _ignored(_TORCHRUN, launcher=True),
+    "main_process_ip": _ignored(_TORCHRUN, launcher=True),
+    "main_process_port": _ignored(_TORCHRUN, launcher=True),
+}
+
+# Values of our own keys that VideoX-Fun spells differently.
+VALUE_ALIASES: dict[tuple[str, str], dict[str, str]] = {
+    ("train", "mixed_precision"): {"no": "fp32"},
+    ("model", "train_mode"): {"inpaint": "i2v"},
+}
+
+# Options of VideoX-Fun's train.py that are keys of ours with the same meaning (checked by a test to be
+# keys of ours), with VideoX-Fun's default where it differs from ours.
+SAME: tuple[str, ...] = (
+    "pretrained_model_name_or_path", "train_data_dir", "train_data_meta", "max_train_samples", "output_dir",
+    "seed", "train_batch_size", "vae_mini_batch", "num_train_epochs", "max_train_steps",
+    "gradient_accumulation_steps", "gradient_checkpointing", "learning_rate", "scale_lr", "lr_scheduler",
+    "lr_warmup_steps", "allow_tf32", "dataloader_num_workers", "adam_beta1", "adam_beta2", "adam_weight_decay",
+    "adam_epsilon", "max_grad_norm", "logging_dir", "mixed_precision", "report_to", "checkpointing_steps",
+    "checkpoints_total_limit", "resume_from_checkpoint", "uniform_sampling", "enable_bucket", "random_frame_crop",
+    "random_hw_adapt", "training_with_video_token_length", "motion_sub_loss", "motion_sub_loss_ratio",
+    "token_sample_size", "video_sample_size", "image_sample_size", "video_sample_stride", "video_sample_n_frames",
+    "video_repeat", "config_path", "transformer_path", "vae_path", "trainable_modules",
+    "trainable_modules_low_learning_rate", "tokenizer_max_length", "use_deepspeed", "use_fsdp", "low_vram",
+    "train_mode", "weighting_scheme", "logit_mean", "logit_std", "mode_scale",
+)  # fmt: skip
+
+THEIR_DEFAULTS: dict[str, str] = {
+    "output_dir": "sd-model-finetuned",
+    "seed": "none (unseeded)",
+    "train_batch_size": "16",
+    "vae_mini_batch": "32",
+    "num_train_epochs": "100",
+    "learning_rate": "1e-4",
+    "lr_warmup_steps": "500",
+    "dataloader_num_workers": "0",
+    "logging_dir": "logs",
+    "mixed_precision": "accelerate's",
+    "enable_bucket": "false",
+    "video_sample_stride": "4",
+    "video_sample_n_frames": "17",
+    "video_repeat": "0 (= 1)",
+    "weighting_scheme": "none",
+}
+
+_NOTES_OF_SAME: dict[str, str] = {
+    "mixed_precision": "also fp16 (CUDA); 'no' is fp32",
+    "train_mode": "'inpaint' is i2v",
+    "report_to": "tensorboard only; others are refused with the alternative",
+    "motion_sub_loss": "differences over frames (VideoX-Fun's code takes them over channels)",
+    "training_with_video_token_length": "alone: small batches repeated x2/x4; with random_hw_adapt: size and frames",
+    "config_path": "read: file names used, shift and text length used, sizes checked",
+    "transformer_path": "a DiT folder or one .safetensors/.pth file",
+    "weighting_scheme": "also 'uniform' (= none)",
+    "lr_scheduler": "constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial",
+}
+
+
+def markdown_table() -> str:
+    """The README's table: every VideoX-Fun option, its status here, and why or how."""
+    rows = ["| option | status | here |", "|---|---|---|"]
+    names = sorted({*SAME, *OPTIONS})
+    for name in names:
+        if name in OPTIONS:
+            opt = OPTIONS[name]
+            where = " (accelerate launch)" if opt.launcher else ""
+            target = f"`{opt.target}`: " if opt.target else ""
+            rows.append(f"| `--{name}`{where} | {opt.status} | {target}{opt.note} |")
+        else:
+            notes = [_NOTES_OF_SAME.get(name, "")]
+            if name in THEIR_DEFAULTS:
+                notes.append(f"VideoX-Fun's default: {THEIR_DEFAULTS[name]}")
+            rows.append(f"| `--{name}` | same | {'; '.join(n for n in notes if n)} |")
+    return "\n".join(rows) + "\n"
+
+
+def apply_model_yaml(cfg, explicit: set[str]) -> tuple[list[str], list[str]]:
+    """Read `[model] config_path` (VideoX-Fun's model YAML, e.g. config/wan2.1/wan_civitai.yaml) into
+    `cfg`: its scheduler shift and text length are used unless the run sets them (then they must agree),
+    its VAE file name is used, and every other value that matters is checked against what the release
+    folder holds. Returns (problems, notes). `explicit`: the "section.key"s the TOML or CLI set."""
+    import yaml  # PyYAML comes with transformers
+
+    from train.models import CLIP_FILE, T5_FILE, TOKENIZER_DIR, VAE_FILE
+    from wan.modules.t5 import T5_PRESETS
+
+    path = cfg.model.config_path
+    if not path:
+        return [], []
+    where = f"config_path {path}"
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f)
+    except OSError as err:
+        return [f"{where}: cannot read it ({err.strerror})"], []
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        return [f"{where}: not valid YAML ({err})"], []
+    if not isinstance(doc, dict):
+        return [f"{where}: expected a mapping of sections, got {type(doc).__name__}"], []
+    problems: list[str] = []
+    notes: list[str] = []
+
+    def section(name: str) -> dict:
+        value = doc.get(name) or {}
+        if not isinstance(value, dict):
+            problems.append(f"{where}: {name} must be a mapping, got {value!r}")
+            return {}
+        return value
+
+    def use(key: str, value, label: str) -> None:
+        """Take a YAML value for `key` ("section.key") unless the run set another one."""
+        group, name = key.split(".")
+        current = getattr(getattr(cfg, group), name)
+        if key in explicit and current != value:
+            problems.append(f"{where}: {label} = {value!r} conflicts with [{group}] {name} = {current!r}; keep one")
+        elif current != value:
+            setattr(getattr(cfg, group), name, value)
+            notes.append(f"{where}: {label} = {value!r} -> [{group}] {name}")
+
+    if doc.get("format", "civitai") not in ("civitai", "diffusers"):
+        problems.append(f"{where}: format {doc.get('format')!r} is not civitai (a Wan2.1 release) or diffusers")
+    dit = section("transformer_additional_kwargs")
+    sub = str(dit.get("transformer_subpath", "./"))
+    if sub.strip("/") not in ("", "."):
+        problems.append(
+            f"{where}: transformer_additional_kwargs.transformer_subpath {sub!r}: the DiT is read from the "
+            f"release folder itself; set transformer_path = <release>/{sub} instead"
+        )
+    vae = section("vae_kwargs")
+    for key, want in (("temporal_compression_ratio", 4), ("spatial_compression_ratio", 8)):
+        if key in vae and vae[key] != want:
+            problems.append(f"{where}: vae_kwargs.{key} = {vae[key]!r}, the Wan2.1 VAE's is {want}")
+    vae_file = vae.get("vae_subpath")
+    if vae_file and vae_file != VAE_FILE and cfg.model.pretrained_model_name_or_path:
+        if cfg.model.vae_path:
+            notes.append(f"{where}: vae_kwargs.vae_subpath {vae_file!r} is replaced by vae_path {cfg.model.vae_path}")
+        else:
+            use("model.vae_path", f"{cfg.model.pretrained_model_name_or_path.rstrip('/')}/{vae_file}", "vae_subpath")
+    text = section("text_encoder_kwargs")
+    image = section("image_encoder_kwargs")
+    for group, key, ours in (
+        (text, "text_encoder_subpath", T5_FILE),
+        (text, "tokenizer_subpath", TOKENIZER_DIR),
+        (image, "image_encoder_subpath", CLIP_FILE),
+    ):
+        value = group.get(key)
+        if value is not None and str(value).strip("/") != ours:
+            problems.append(f"{where}: {key} {value!r}: the release layout read here has {ours}; rename the file")
+    umt5 = T5_PRESETS["umt5-xxl"]
+    for key, ours in umt5.items():
+        if key in text and text[key] != ours:
+            problems.append(f"{where}: text_encoder_kwargs.{key} = {text[key]!r}, Wan2.1's umT5-XXL has {ours}")
+    if text.get("shared_pos"):
+        problems.append(f"{where}: text_encoder_kwargs.shared_pos = true, Wan2.1's umT5 has a bias per block")
+    if "text_length" in text:
+        use("model.tokenizer_max_length", text["text_length"], "text_encoder_kwargs.text_length")
+    scheduler = section("scheduler_kwargs")
+    if scheduler.get("num_train_timesteps", 1000) != 1000:
+        problems.append(f"{where}: scheduler_kwargs.num_train_timesteps must be 1000 (Wan2.1's), got "
+                        f"{scheduler['num_train_timesteps']!r}")  # fmt: skip
+    if scheduler.get("use_dynamic_shifting"):
+        problems.append(f"{where}: scheduler_kwargs.use_dynamic_shifting is not supported; set a fixed shift")
+    if "shift" in scheduler:
+        use("train.shift", float(scheduler["shift"]), "scheduler_kwargs.shift")
+    return problems, notes
