@@ -187,13 +187,15 @@ THEIR_DEFAULTS: dict[str, str] = {
 }
 
 _NOTES_OF_SAME: dict[str, str] = {
-    "mixed_precision": "also fp16 (CUDA); 'no' is fp32",
+    "mixed_precision": "also fp16 with loss scaling (ddp, fsdp; DeepSpeed on CUDA only); 'no' is fp32",
     "train_mode": "'inpaint' is i2v",
     "report_to": "tensorboard only; others are refused with the alternative",
     "motion_sub_loss": "differences over frames (VideoX-Fun's code takes them over channels)",
     "training_with_video_token_length": "alone: small batches repeated x2/x4; with random_hw_adapt: size and frames",
     "config_path": "read: file names used, shift and text length used, sizes checked",
-    "transformer_path": "a DiT folder or one .safetensors/.pth file",
+    "transformer_path": "a DiT folder, or one .safetensors/.pth file whose tensors replace those they name",
+    "vae_path": "a Wan2.1_VAE.pth-layout file or a diffusers VAE folder (loaded strictly)",
+    "trainable_modules_low_learning_rate": "a second AdamW group at half the learning rate, on every engine",
     "weighting_scheme": "also 'uniform' (= none)",
     "lr_scheduler": "constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial",
 }
