@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint bench-dit bench-t5 bench-vae bench-data bench-train clean
+.PHONY: install demo test test-fast lint bench-dit bench-t5 bench-vae bench-data bench-probe bench-train clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -49,6 +49,9 @@ bench-vae: $(STAMP)
 
 bench-data: $(STAMP)
 	$(PY) bench/data.py
+
+bench-probe: $(STAMP)
+	$(PY) bench/probe_metadata.py
 
 bench-train: $(STAMP)
 	$(PY) bench/train_step.py

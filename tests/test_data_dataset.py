@@ -102,7 +102,7 @@ def test_token_length_rule_in_the_step_choice():
 
 
 def test_samples_without_sizes_are_listed():
-    with pytest.raises(ValueError, match=r"2 samples have no width/height.*prepare_metadata"):
+    with pytest.raises(ValueError, match=r"2 samples have no width/height.*probes them"):
         bucket_keys([Sample(Path("a.mp4"), "x", "video"), Sample(Path("b.png"), "y", "image", 10)])
 
 

@@ -366,3 +366,13 @@ def test_a_pasted_line_trains_on_two_ranks(tmp_path):
     for note in ("--validation_prompts: no effect here", "--deepspeed_multinode_launcher: no effect here",
                  "scripts/wan2.1/train.py: no effect here", "mixed_precision 'no' is 'fp32' here"):  # fmt: skip
         assert out.count(note) == 1, (note, out[-3000:])
+
+
+def test_deepspeed_file_stage_picks_the_engine_over_a_shipped_ddp_config(paths):
+    notes: list[str] = []
+    argv = ["--cfg", str(REPO / "configs" / "1.3b_ddp.toml"), "--use_deepspeed", "--deepspeed_config_file"]
+    cfg = load_config([*argv, paths["ZERO3_JSON"], "--train_data_dir=d"], notes)
+    assert cfg.parallel.engine == "zero3" and any("stage 3 -> engine zero3" in n for n in notes)
+    # The command line's own choice stays; the engine then reports the conflict, naming the key.
+    cfg = load_config([*argv, paths["ZERO3_JSON"], "--train_data_dir=d", "--engine=zero2"])
+    assert cfg.parallel.engine == "zero2"

@@ -11,7 +11,6 @@ import functools
 import inspect
 import itertools
 import json
-import math
 import sys
 import textwrap
 import typing
@@ -25,9 +24,9 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from train.data.loader import DataConfig
-from train.flow import WEIGHTING_SCHEMES
+from train.flow import MODE_SCALE_RANGE, WEIGHTING_SCHEMES
 from train.lr import LR_SCHEDULERS
-from train.videox_fun import FLAG, OPTIONS, VALUE_ALIASES, VALUES, apply_model_yaml
+from train.videox_fun import FLAG, OPTIONS, VALUES, apply_model_yaml, settle, their_option
 from wan.configs import DIT_PRESETS
 
 TRAIN_MODES = ("normal", "i2v")
@@ -146,10 +145,9 @@ class TrainConfig:
             out.append("output_dir must not be empty")
         # `not x > 0` also refuses NaN.
         out += [f"{n} must be > 0, got {getattr(self, n)}" for n in ("shift", "logit_std") if not getattr(self, n) > 0]
-        if self.weighting_scheme == "mode" and not -1 <= self.mode_scale <= 2 / (math.pi - 2):
-            out.append(
-                f"mode_scale must be in [-1, {2 / (math.pi - 2):.3f}] (a density on [0, 1]), got {self.mode_scale}"
-            )
+        lo, hi = MODE_SCALE_RANGE
+        if self.weighting_scheme == "mode" and not lo <= self.mode_scale <= hi:
+            out.append(f"mode_scale must be in [{lo:g}, {hi:.3f}] (a density on [0, 1]), got {self.mode_scale}")
         if not 0 <= self.motion_sub_loss_ratio <= 1:
             out.append(f"motion_sub_loss_ratio must be in [0, 1], got {self.motion_sub_loss_ratio}")
         return out
@@ -442,67 +440,6 @@ def _apply_toml(cfg: RunConfig, path: str, problems: list[str], explicit: set[st
                 problems.append(f"{path}: [{top}] {key} must be {_TYPE_NAMES[types[key]]}, got {value!r}")
 
 
-def _their_option(name: str, text: str, flag: str, problems: list[str], notes: list[str]) -> list[tuple]:
-    """A VideoX-Fun option that is not a key of ours (train/videox_fun.py): the overrides it stands for,
-    as (flag, section, key, text); its note or refusal recorded."""
-    opt = OPTIONS[name]
-    if opt.status == "ignored":
-        notes.append(f"{flag}: no effect here: {opt.note}")
-        return []
-    if opt.status == "refused":
-        problems.append(f"{flag} is not supported: {opt.note}")
-        return []
-    if name == "train_sampling_steps":
-        if text.strip() != "1000":
-            problems.append(f"{flag}={text}: {opt.note}")
-        return []
-    if name == "selective_ac":
-        try:
-            fraction = float(text)
-        except ValueError:
-            problems.append(f"{flag}: expected a number, got {text!r}")
-            return []
-        if not 0 <= fraction <= 1:
-            problems.append(f"{flag} must be in [0, 1], got {text}")
-            return []
-        return [(flag, "selective_ac", "", str(fraction))] if fraction > 0 else []  # settled after the rest
-    value = text
-    if opt.values is not None:
-        if text.strip() not in opt.values:
-            problems.append(f"{flag} must be one of {', '.join(opt.values)}, got {text!r}")
-            return []
-        value = opt.values[text.strip()]
-    section, key = opt.target.split(".")
-    return [(flag, section, key, value)]
-
-
-def _settle_videox_fun(cfg: RunConfig, selective: float | None, explicit: set[str], notes: list[str]) -> None:
-    """Values that follow from others: VideoX-Fun's spellings of our values, selective_ac, and the engine
-    a --deepspeed_config_file's zero stage asks for."""
-    for (section, key), aliases in VALUE_ALIASES.items():
-        value = getattr(getattr(cfg, section), key)
-        if value in aliases:
-            setattr(getattr(cfg, section), key, aliases[value])
-            notes.append(f"{key} {value!r} is {aliases[value]!r} here")
-    if selective is not None:
-        if cfg.model.gradient_checkpointing:
-            notes.append("--selective_ac: no effect: gradient_checkpointing already recomputes every block")
-        else:
-            every = max(1, round(1 / selective))
-            cfg.model.gradient_checkpointing, cfg.model.gradient_checkpointing_every = True, every
-            notes.append(f"--selective_ac={selective:g}: one DiT block in {every} is recomputed in backward")
-    source = cfg.parallel.deepspeed_config
-    if source and "parallel.engine" not in explicit and cfg.parallel.engine in ("ddp", "zero2"):
-        try:
-            with open(source, encoding="utf-8") as f:
-                stage = json.load(f).get("zero_optimization", {}).get("stage")
-        except (OSError, ValueError, AttributeError):
-            return  # the engine reports an unreadable file, naming it
-        if stage in (2, 3) and cfg.parallel.engine != f"zero{stage}":
-            cfg.parallel.engine = f"zero{stage}"
-            notes.append(f"deepspeed_config {source}: zero_optimization.stage {stage} -> engine zero{stage}")
-
-
 def load_config(argv: list[str], notes: list[str] | None = None) -> RunConfig:
     """The run config from `--cfg FILE` (TOML) and `--section.key=value` / `--key value` overrides (CLI wins).
 
@@ -549,7 +486,7 @@ def load_config(argv: list[str], notes: list[str] | None = None) -> RunConfig:
         if name == "cfg":
             paths.append(text)
         elif theirs:
-            overrides += _their_option(name, text, flag, cli_problems, notes)
+            overrides += their_option(name, text, flag, cli_problems, notes)
         elif loc:
             overrides.append((flag, *loc, text))
 
@@ -560,6 +497,7 @@ def load_config(argv: list[str], notes: list[str] | None = None) -> RunConfig:
         _apply_toml(cfg, path, problems, explicit)
     problems += cli_problems
     selective = None
+    from_cli: set[str] = set()
     for flag, section, key, text in overrides:
         if section == "selective_ac":
             selective = float(text)
@@ -568,9 +506,10 @@ def load_config(argv: list[str], notes: list[str] | None = None) -> RunConfig:
         try:
             setattr(getattr(cfg, section), key, _from_cli(text, typ))
             explicit.add(f"{section}.{key}")
+            from_cli.add(f"{section}.{key}")
         except ValueError:
             problems.append(f"{flag}: expected {_TYPE_NAMES[typ]}, got {text!r}")
-    _settle_videox_fun(cfg, selective, explicit, notes)
+    settle(cfg, selective, from_cli, notes)
     yaml_problems, yaml_notes = apply_model_yaml(cfg, explicit)
     problems += yaml_problems
     notes += yaml_notes

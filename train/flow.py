@@ -26,7 +26,7 @@ import torch
 
 from train.data.sampler import derive_seed
 
-# Must equal train/config.py's list (tests/test_flow.py checks it). "none" is VideoX-Fun's "uniform".
+# The config's choices too (train/config.py imports them). "none" is VideoX-Fun's "uniform".
 WEIGHTING_SCHEMES = ("logit_normal", "uniform", "none", "mode", "sigma_sqrt", "cosmap")
 # The "mode" density's map v -> u is a monotone bijection of [0, 1] only for scales in this range
 # (SD3 paper, eq. 20); outside it u leaves [0, 1] and the draw is no longer a density on sigmas.

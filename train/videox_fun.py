@@ -13,6 +13,7 @@ A user of VideoX-Fun's `scripts/wan2.1/train.py` runs ours with the same flags:
 it: a pasted line sets what it needs). The README's table is `markdown_table()`; a test keeps them equal.
 """
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -199,6 +200,67 @@ _NOTES_OF_SAME: dict[str, str] = {
     "weighting_scheme": "also 'uniform' (= none)",
     "lr_scheduler": "constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial",
 }
+
+
+def their_option(name: str, text: str, flag: str, problems: list[str], notes: list[str]) -> list[tuple]:
+    """A VideoX-Fun option that is not a key of ours (train/videox_fun.py): the overrides it stands for,
+    as (flag, section, key, text); its note or refusal recorded."""
+    opt = OPTIONS[name]
+    if opt.status == "ignored":
+        notes.append(f"{flag}: no effect here: {opt.note}")
+        return []
+    if opt.status == "refused":
+        problems.append(f"{flag} is not supported: {opt.note}")
+        return []
+    if name == "train_sampling_steps":
+        if text.strip() != "1000":
+            problems.append(f"{flag}={text}: {opt.note}")
+        return []
+    if name == "selective_ac":
+        try:
+            fraction = float(text)
+        except ValueError:
+            problems.append(f"{flag}: expected a number, got {text!r}")
+            return []
+        if not 0 <= fraction <= 1:
+            problems.append(f"{flag} must be in [0, 1], got {text}")
+            return []
+        return [(flag, "selective_ac", "", str(fraction))] if fraction > 0 else []  # settled after the rest
+    value = text
+    if opt.values is not None:
+        if text.strip() not in opt.values:
+            problems.append(f"{flag} must be one of {', '.join(opt.values)}, got {text!r}")
+            return []
+        value = opt.values[text.strip()]
+    section, key = opt.target.split(".")
+    return [(flag, section, key, value)]
+
+
+def settle(cfg, selective: float | None, from_cli: set[str], notes: list[str]) -> None:
+    """Values that follow from others: VideoX-Fun's spellings of our values, selective_ac, and the engine
+    a --deepspeed_config_file's zero stage asks for (unless the command line chose one)."""
+    for (section, key), aliases in VALUE_ALIASES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value in aliases:
+            setattr(getattr(cfg, section), key, aliases[value])
+            notes.append(f"{key} {value!r} is {aliases[value]!r} here")
+    if selective is not None:
+        if cfg.model.gradient_checkpointing:
+            notes.append("--selective_ac: no effect: gradient_checkpointing already recomputes every block")
+        else:
+            every = max(1, round(1 / selective))
+            cfg.model.gradient_checkpointing, cfg.model.gradient_checkpointing_every = True, every
+            notes.append(f"--selective_ac={selective:g}: one DiT block in {every} is recomputed in backward")
+    source = cfg.parallel.deepspeed_config
+    if source and "parallel.engine" not in from_cli and cfg.parallel.engine in ("ddp", "zero2"):
+        try:
+            with open(source, encoding="utf-8") as f:
+                stage = json.load(f).get("zero_optimization", {}).get("stage")
+        except (OSError, ValueError, AttributeError):
+            return  # the engine reports an unreadable file, naming it
+        if stage in (2, 3) and cfg.parallel.engine != f"zero{stage}":
+            cfg.parallel.engine = f"zero{stage}"
+            notes.append(f"deepspeed_config {source}: zero_optimization.stage {stage} -> engine zero{stage}")
 
 
 def markdown_table() -> str:

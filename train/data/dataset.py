@@ -62,8 +62,8 @@ def bucket_keys(samples: list[Sample]) -> list[tuple[str, float]]:
     if missing:
         shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
         raise ValueError(
-            f"{len(missing)} samples have no width/height in the metadata ({shown}); run "
-            "tools/prepare_metadata.py to add them, so that training never opens a file to bucket it"
+            f"{len(missing)} samples have no width/height ({shown}); build_dataloader probes them "
+            "(train/data/probe.py) before bucketing"
         )
     return [(s.kind, nearest_ratio(s.height, s.width)) for s in samples]
 
@@ -239,7 +239,7 @@ class VideoDataset(Dataset):
         together: every clip of a step must give the same count."""
         total = sample.num_frames
         if not total:
-            raise MediaError(sample.path, "no frame count in the metadata (run tools/prepare_metadata.py)")
+            raise MediaError(sample.path, "no frame count (neither in the metadata nor probed)")
         if total < num_frames:
             raise MediaError(sample.path, f"has {total} frames, fewer than the {num_frames} this step needs")
         stride = max(1, min(self.stride, (total - 1) // max(num_frames - 1, 1)))

@@ -28,7 +28,8 @@ class DataConfig:
     train_data_dir: str = ""
     """Folder prefixed to every relative file_path; with no train_data_meta, a folder of media + .txt captions."""
     train_data_meta: str = ""
-    """Metadata: .json (VideoX-Fun list), .jsonl or .csv with file_path, text, type, width, height (+ num_frames, fps)."""
+    """Metadata: .json (VideoX-Fun list), .jsonl or .csv with file_path, text, optional type, width, height,
+    num_frames, fps (missing sizes are read from the files before training and cached in output_dir)."""
     video_sample_n_frames: int = 49
     """Frames per video sample (4k+1; fewer when the token-length rule or random_frame_crop asks)."""
     video_sample_stride: int = 1

@@ -18,8 +18,8 @@ same way here, and the ones it would crash on work.
 
 Relative `file_path`s resolve against `data_dir`; without one, against the metadata file's folder (not
 the working directory, so a dataset folder can be moved or used from anywhere). Media files are never
-opened or even checked for existence here: listing millions of samples must stay cheap, and
-tools/prepare_metadata.py finds unreadable files ahead of training.
+opened or even checked for existence here: listing millions of samples must stay cheap; sizes the
+metadata lacks are probed afterwards (train/data/probe.py, cached), which also finds unreadable files.
 
 Every problem in a file is collected and raised in one ValueError, each with the file name, the entry
 (`entry [i]` for .json, `line n` for .jsonl and .csv) and the field, so one run shows all fixes needed.
