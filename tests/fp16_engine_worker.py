@@ -10,17 +10,12 @@ too, by its non-finite gradient norm) for comparison.
 Writes OUT/rank{r}.json.
 """
 
-import json
-import os
-import sys
-import traceback
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from fsdp_engine_worker import Weights, batch
-from ranks import quick_exit
+from ranks import gloo_worker_main
 
 from train.config import OptimConfig, ParallelConfig
 from train.engine import EngineSetup, build_engine, local_tensor
@@ -91,23 +86,5 @@ def run(out: Path, rank: int) -> dict:
     return res
 
 
-def main() -> None:
-    out, rank, port = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        res = run(out, rank)
-    except Exception:
-        res = {"error": traceback.format_exc()}
-    (out / f"rank{rank}.json").write_text(json.dumps(res, indent=1))
-    if "error" in res:
-        print(res["error"], file=sys.stderr)
-        os._exit(1)
-    dist.barrier()
-    dist.destroy_process_group()
-    quick_exit()
-
-
 if __name__ == "__main__":
-    main()
+    gloo_worker_main(run)

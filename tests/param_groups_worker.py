@@ -9,17 +9,13 @@ Writes OUT/rank{r}.json; rank 0 writes OUT/{engine}_step1.safetensors, OUT/{engi
 and OUT/{engine}_resumed.safetensors (the trainable float32 weights).
 """
 
-import json
-import os
-import sys
-import traceback
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from fsdp_engine_worker import Weights, batch
-from ranks import quick_exit
+from ranks import gloo_worker_main
 
 from train.checkpoint import write_safetensors
 from train.config import OptimConfig, ParallelConfig
@@ -104,23 +100,5 @@ def run(out: Path, rank: int) -> dict:
     return res
 
 
-def main() -> None:
-    out, rank, port = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)  # as the trainer does before any engine
-    try:
-        res = run(out, rank)
-    except Exception:
-        res = {"error": traceback.format_exc()}
-    (out / f"rank{rank}.json").write_text(json.dumps(res, indent=1))
-    if "error" in res:
-        print(res["error"], file=sys.stderr)
-        os._exit(1)  # a peer may be stuck in a collective: do not wait for it
-    dist.barrier()
-    dist.destroy_process_group()
-    quick_exit()
-
-
 if __name__ == "__main__":
-    main()
+    gloo_worker_main(run)

@@ -49,3 +49,45 @@ def quick_exit() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def gloo_worker_main(run: Callable[[Path, int], dict]) -> None:
+    """A 2-rank gloo worker's main (argv: out folder, rank, port): `run(out, rank)`'s dict, or the
+    traceback under "error", goes to out/rank{r}.json, then the worker leaves (quick_exit)."""
+    import json
+    import traceback
+
+    import torch
+    import torch.distributed as dist
+
+    out, rank, port = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)  # as the trainer does before any engine
+    try:
+        res = run(out, rank)
+    except Exception:
+        res = {"error": traceback.format_exc()}
+    (out / f"rank{rank}.json").write_text(json.dumps(res, indent=1))
+    if "error" in res:
+        print(res["error"], file=sys.stderr)
+        os._exit(1)  # a peer may be stuck in a collective: do not wait for it
+    dist.barrier()
+    dist.destroy_process_group()
+    quick_exit()
+
+
+def gloo_worker_results(worker: Path, out: Path, timeout: float = 600) -> list[dict]:
+    """Run `worker` (a gloo_worker_main script) on 2 ranks; each rank's result dict, or a test failure
+    showing the errors or the output."""
+    import json
+
+    import pytest
+
+    port = str(free_port())
+    procs = run_ranks(lambda r: [str(worker), str(out), str(r), port], timeout=timeout)
+    results = [json.loads(p.read_text()) if (p := out / f"rank{r}.json").exists() else {} for r in (0, 1)]
+    errors = [r["error"] for r in results if "error" in r]
+    if [p.returncode for p in procs] != [0, 0] or errors:
+        pytest.fail("\n".join(errors) or outputs(procs))
+    return results

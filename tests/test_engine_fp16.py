@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from fp16_engine_worker import INF_STEP, SAVE_AT, STEPS
 from fsdp_engine_worker import Weights, batch
-from ranks import free_port, outputs, run_ranks
+from ranks import gloo_worker_results
 
 import train.engine
 from train.config import OptimConfig, ParallelConfig, load_config
@@ -213,15 +213,7 @@ def test_fp16_engine_loads_a_checkpoint_without_a_scaler(tmp_path):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("fp16")
-    port = str(free_port())
-    procs = run_ranks(lambda r: [str(WORKER), str(out), str(r), port], timeout=600)
-    results = [
-        json.loads((out / f"rank{r}.json").read_text()) if (out / f"rank{r}.json").exists() else {} for r in (0, 1)
-    ]
-    errors = [r["error"] for r in results if "error" in r]
-    if [p.returncode for p in procs] != [0, 0] or errors:
-        pytest.fail("\n".join(errors) or outputs(procs))
-    return {"out": out, "ranks": results}
+    return {"out": out, "ranks": gloo_worker_results(WORKER, out)}
 
 
 @pytest.mark.slow

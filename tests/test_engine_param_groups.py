@@ -5,7 +5,6 @@ The 2-rank run (tests/param_groups_worker.py, ~1 min) takes one AdamW step per e
 is independent of build_optimizer: a plain torch AdamW with two hand-made groups (lr, lr/2) stepped on
 the gradients of the same model and global batch in this process."""
 
-import json
 import math
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from fsdp_engine_worker import batch
 from param_groups_worker import ENGINES, LOW_LR, LR, TRAINABLE, recipe
-from ranks import free_port, outputs, run_ranks
+from ranks import gloo_worker_results
 
 from train.checkpoint import read_safetensors
 from train.config import OptimConfig
@@ -87,15 +86,7 @@ def reference_step() -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("param_groups")
-    port = str(free_port())
-    procs = run_ranks(lambda r: [str(WORKER), str(out), str(r), port], timeout=600)
-    results = [
-        json.loads((out / f"rank{r}.json").read_text()) if (out / f"rank{r}.json").exists() else {} for r in (0, 1)
-    ]
-    errors = [r["error"] for r in results if "error" in r]
-    if [p.returncode for p in procs] != [0, 0] or errors:
-        pytest.fail("\n".join(errors) or outputs(procs))
-    return {"out": out, "ranks": results}
+    return {"out": out, "ranks": gloo_worker_results(WORKER, out)}
 
 
 def weights(run: dict, engine: str, key: str) -> dict[str, torch.Tensor]:
