@@ -376,3 +376,12 @@ def test_deepspeed_file_stage_picks_the_engine_over_a_shipped_ddp_config(paths):
     # The command line's own choice stays; the engine then reports the conflict, naming the key.
     cfg = load_config([*argv, paths["ZERO3_JSON"], "--train_data_dir=d", "--engine=zero2"])
     assert cfg.parallel.engine == "zero2"
+
+
+def test_a_bare_flag_before_the_script_path():
+    notes: list[str] = []
+    cfg = load_config(
+        ["--use_deepspeed", "scripts/wan2.1/train.py", "--train_data_dir=d", "--low_vram", "false"], notes
+    )
+    assert cfg.parallel.engine == "zero2" and not cfg.model.low_vram
+    assert notes == ["scripts/wan2.1/train.py: no effect here: the script of an accelerate command line is train.main"]

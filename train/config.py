@@ -469,8 +469,9 @@ def load_config(argv: list[str], notes: list[str] | None = None) -> RunConfig:
         typ = _types(SECTIONS[loc[0]])[loc[1]] if loc else None
         if not eq:
             nxt = argv[i] if i < len(argv) else None
-            if (typ is bool or (theirs and theirs.takes == FLAG)) and (nxt is None or nxt.startswith("--")):
-                text = "true"  # a bare boolean flag
+            flag_like = typ is bool or (theirs and theirs.takes == FLAG)
+            if flag_like and (nxt is None or nxt.startswith("--") or nxt.lower() not in _BOOLS):
+                text = "true"  # a bare boolean flag (the next token is not a boolean: the script path, say)
             elif nxt is None or nxt.startswith("--"):
                 if loc or theirs or name == "cfg":
                     cli_problems.append(f"{flag} needs a value")

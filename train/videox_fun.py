@@ -203,7 +203,7 @@ _NOTES_OF_SAME: dict[str, str] = {
 
 
 def their_option(name: str, text: str, flag: str, problems: list[str], notes: list[str]) -> list[tuple]:
-    """A VideoX-Fun option that is not a key of ours (train/videox_fun.py): the overrides it stands for,
+    """A VideoX-Fun option that is not a key of ours (one of OPTIONS): the overrides it stands for,
     as (flag, section, key, text); its note or refusal recorded."""
     opt = OPTIONS[name]
     if opt.status == "ignored":
