@@ -3,6 +3,8 @@ test can SIGKILL it mid-save or run several ranks over gloo.
 
     checkpoint_worker.py save OUTPUT_DIR STEP [STEP ...]      one process, saves each step in turn
     checkpoint_worker.py dist OUTPUT_DIR RANK WORLD_SIZE PORT  one rank of a gloo group on 127.0.0.1
+    checkpoint_worker.py full OUTPUT_DIR                       saves step 1, then a step 2 too big for the
+                                                               disk (or file size limit); prints a JSON report
 """
 
 import json
@@ -93,11 +95,51 @@ def dist_rank(output_dir: str, rank: int, world_size: int, port: int) -> None:
     print(f"rank {rank} ok")
 
 
+def full(output_dir: str) -> None:
+    """Step 1 fits; step 2 carries a 1 MiB tensor that does not. Reports, as JSON on stdout, the error
+    and what the failed save left: what a test outside a mount namespace cannot look at afterwards."""
+    import shutil
+
+    from train.checkpoint import checkpoint_problems, find_latest
+
+    out = Path(output_dir)
+    build(output_dir, 0, 1, 1)[0].save(1)
+    free_before = shutil.disk_usage(out).free
+    checkpointer, _ = build(output_dir, 0, 1, 2)
+    checkpointer.register_files("big", BigFile())
+    report: dict = {"free_before": free_before}
+    try:
+        checkpointer.save(2)
+        report["error"] = None
+    except OSError as err:
+        report.update(error=str(err), errno=err.errno, type=type(err).__name__)
+    report["free_after"] = shutil.disk_usage(out).free
+    report["files"] = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    report["problems_1"] = checkpoint_problems(out / "checkpoint-1")
+    latest = find_latest(out)
+    report["latest"] = latest.name if latest else None
+    # Nothing of the failed save holds room: step 2 at its usual size saves now.
+    build(output_dir, 0, 1, 2)[0].save(2)
+    report["after_retry"] = sorted(p.name for p in out.iterdir())
+    print(json.dumps(report))
+
+
+class BigFile:
+    def save(self, folder: Path) -> list[str]:
+        write_safetensors(folder / "big.safetensors", {"x": torch.ones(512, 512)}, {"format": "pt"})
+        return ["big.safetensors"]
+
+    def load(self, folder: Path) -> None:
+        pass
+
+
 if __name__ == "__main__":
     mode, out, *rest = sys.argv[1:]
     if mode == "save":
         save(out, [int(s) for s in rest])
     elif mode == "dist":
         dist_rank(out, *map(int, rest))
+    elif mode == "full":
+        full(out)
     else:
         raise SystemExit(f"unknown mode {mode!r}")

@@ -296,11 +296,11 @@ def test_resolve_resume(tmp_path):
     with pytest.raises(ValueError, match="checkpoint-7 does not exist"):
         resolve_resume(tmp_path, str(tmp_path / "checkpoint-7"))
     (tmp_path / "checkpoint-2" / "COMPLETE").unlink()
-    with pytest.raises(ValueError, match="checkpoint-2 is not a complete checkpoint: it has no COMPLETE marker"):
+    with pytest.raises(ValueError, match="checkpoint-2 does not verify: .*checkpoint-2: the folder has no COMPLETE"):
         resolve_resume(tmp_path, str(tmp_path / "checkpoint-2"))
     (tmp_path / "checkpoint-1" / "optimizer.safetensors").write_text("stray")  # not listed: harmless
     (tmp_path / "checkpoint-1" / "config.toml").write_text("edited")
-    with pytest.raises(ValueError, match=r"checkpoint-1 is not a complete checkpoint: config\.toml has 6 bytes"):
+    with pytest.raises(ValueError, match=r"checkpoint-1 does not verify: config\.toml is truncated \(6 bytes"):
         resolve_resume(tmp_path, str(tmp_path / "checkpoint-1"))
     with pytest.raises(ValueError, match="not a complete checkpoint"):
         load(tmp_path / "checkpoint-1")

@@ -1,6 +1,8 @@
 """Sampler + dataset + DataLoader together on real media: one shape per step, frames where the
 rules put them (read back from clips whose frames encode their own index), bad files skipped,
-reported and counted, the same batches with or without workers."""
+reported and counted, the same batches with or without workers; a bucket whose files are all
+broken is filled from same-shape buckets, then from any sample of its kind, alike on resume; a slot
+nothing can fill is reported, not raised."""
 
 import gc
 import os
@@ -13,7 +15,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from train.data.buckets import bucket_table
 from train.data.dataset import (
+    BadDataError,
     BadSampleTracker,
     SizeOptions,
     VideoDataset,
@@ -27,7 +31,7 @@ from train.data.metadata import Sample
 from train.data.sampler import DistributedBucketBatchSampler
 from train.data.synthetic import read_index, write_image, write_index_video
 from train.data.transfer import TransferPool
-from train.data.video import MediaError
+from train.data.video import MediaError, load_image, resize_cover_crop, to_frame_tensor
 
 
 @pytest.fixture(scope="module")
@@ -106,12 +110,22 @@ def test_samples_without_sizes_are_listed():
         bucket_keys([Sample(Path("a.mp4"), "x", "video"), Sample(Path("b.png"), "y", "image", 10)])
 
 
-def test_tracker_stops_above_the_bad_fraction():
+def test_tracker_stops_above_the_bad_fraction_and_lists_each_file_with_its_count():
     tracker = BadSampleTracker(max_bad_fraction=0.2, min_samples=10)
     good = {"index": torch.arange(8), "skipped": []}
     tracker.update(good)
-    with pytest.raises(RuntimeError, match=r"3 of 11 sample loads failed .* max_bad_fraction=0.2"):
-        tracker.update({"index": torch.arange(0), "skipped": [("x.mp4", "corrupt")] * 3})
+    with pytest.raises(BadDataError, match=r"3 of 11 sample loads failed .* max_bad_fraction=0.2"):
+        tracker.update({"index": torch.arange(0), "skipped": [("x.mp4", "corrupt")] * 2 + [("y.mp4", "empty")]})
+    listing = tracker.listing(tracker.gather()).splitlines()
+    assert listing[1:] == ["  x.mp4: corrupt (2 failed loads; rank 0)", "  y.mp4: empty (1 failed load; rank 0)"]
+
+
+def test_tracker_stops_on_a_slot_nothing_could_fill():
+    tracker = BadSampleTracker(max_bad_fraction=1.0)
+    batch = {"index": torch.tensor([3, -1]), "skipped": [("a.png", "broken")], "errors": ["no image sample loads"]}
+    with pytest.raises(BadDataError, match=r"at step 7: 1 batch slot\(s\) could not be filled.*no image sample"):
+        tracker.update(batch, step=7)
+    assert tracker.served == 1 and tracker.skips == 1
 
 
 def test_decode_time_limit():
@@ -166,3 +180,114 @@ def test_pooled_buffers_held_by_the_loop_are_never_overwritten(samples):
     del held, got
     gc.collect()
     assert pool.busy.sum() == 0
+
+
+# Images by aspect ratio (height / width) at size 64: 0.48 and 0.5 share 32 x 80, 0.25 alone gives 32 x 128.
+assert bucket_table(64)[0.48] == bucket_table(64)[0.5] == (32, 80) and bucket_table(64)[0.25] == (32, 128)
+
+
+@pytest.fixture(scope="module")
+def broken_buckets(tmp_path_factory):
+    """Good images (square, and 0.48) and two buckets whose every file is broken: 0.5 (it has a
+    same-shape neighbour, 0.48) and 0.25 (it has none)."""
+    root = tmp_path_factory.mktemp("broken_buckets")
+    out = []
+    for i, (name, w, h) in enumerate(
+        [("sq0", 64, 64), ("sq1", 64, 64), ("sq2", 64, 64), ("p0", 250, 120), ("p1", 250, 120)]
+    ):
+        write_image(root / f"{name}.png", np.full((h, w, 3), 20 * (i + 1), np.uint8))
+        out.append(Sample(root / f"{name}.png", name, "image", w, h))
+    for name, w, h in [("wide0", 256, 128), ("wide1", 256, 128), ("wide2", 256, 128)]:
+        (root / f"{name}.png").write_bytes(b"not an image")
+        out.append(Sample(root / f"{name}.png", name, "image", w, h))
+    for name, w, h in [("long0", 256, 64), ("long1", 256, 64), ("long2", 256, 64)]:
+        (root / f"{name}.png").write_bytes(b"")
+        out.append(Sample(root / f"{name}.png", name, "image", w, h))
+    return out
+
+
+def step_item(index: int, step: int, size: int = 64, num_frames: int = 1) -> tuple[int, dict]:
+    return index, {"epoch": 0, "step": step, "size": size, "num_frames": num_frames}
+
+
+def test_a_broken_bucket_takes_same_shape_buckets_then_any_sample_of_its_kind(broken_buckets):
+    samples = broken_buckets
+    dataset = VideoDataset(samples, caption_dropout=0.0, seed=5)
+    index = {s.path.stem: i for i, s in enumerate(samples)}
+    served_for = {"wide0": set(), "long0": set()}
+    for step in range(40):
+        for name, shape in (("wide0", (1, 32, 80, 3)), ("long0", (1, 32, 128, 3))):
+            got = dataset[step_item(index[name], step)]
+            assert got["pixels"].shape == shape and "error" not in got
+            replacement = samples[got["index"]]
+            served_for[name].add(replacement.path.stem)
+            # Its whole bucket was tried first, each file once: the item and its 2 (all broken) bucket mates;
+            # then, for long0, maybe broken images of the other bucket, each once.
+            tried = [Path(p).stem for p, _ in got["skipped"]]
+            assert sorted(tried[:3]) == [f"{name[:-1]}{i}" for i in range(3)]
+            assert len(set(tried)) == len(tried) and {t[:-1] for t in tried[3:]} <= {"wide"}
+            # Resized and cropped to the step's bucket, as any sample of another aspect ratio would be.
+            want = resize_cover_crop(to_frame_tensor(load_image(replacement.path)), *shape[1:3], dtype=torch.uint8)
+            assert torch.equal(got["pixels"], want.permute(1, 2, 3, 0))
+    assert served_for["wide0"] == {"p0", "p1"}  # the same-shape bucket, drawn among its members
+    assert served_for["long0"] == {"sq0", "sq1", "sq2", "p0", "p1"}  # any image, drawn over all of them
+
+
+def test_a_slot_no_sample_can_fill_is_reported_not_raised(broken_buckets):
+    samples = [s for s in broken_buckets if s.path.stem[:-1] in ("wide", "long")]
+    dataset = VideoDataset(samples, caption_dropout=0.0, seed=5)
+    batch = dataset.__getitems__([step_item(0, 3), step_item(1, 3)])
+    assert batch["index"].tolist() == [-1, -1] and not batch["pixels"].any()
+    assert len(batch["errors"]) == 2 and "no image sample loads at 1x32x80" in batch["errors"][0]
+    for first in (0, 1):  # every image tried once per slot
+        tried = sorted(p for p, _ in batch["skipped"][first * 6 : (first + 1) * 6])
+        assert tried == sorted(str(s.path) for s in samples)
+    with pytest.raises(BadDataError, match="2 batch slot"):
+        BadSampleTracker(max_bad_fraction=1.0).update(collate(batch))
+
+
+def test_clips_too_short_for_the_step_are_not_tried_as_replacements(tmp_path):
+    samples = []
+    for name, frames, w, h in [("short", 5, 64, 32), ("long", 20, 64, 32)]:
+        write_index_video(tmp_path / f"{name}.mp4", frames, w, h)
+        samples.append(Sample(tmp_path / f"{name}.mp4", name, "video", w, h, frames, 16.0))
+    for name in ("bad0", "bad1"):
+        (tmp_path / f"{name}.mp4").write_bytes(b"garbage")
+        samples.append(Sample(tmp_path / f"{name}.mp4", name, "video", 64, 64, 40, 16.0))
+    dataset = VideoDataset(samples, caption_dropout=0.0, seed=1)
+    for step in range(6):
+        got = dataset[step_item(2, step, num_frames=9)]
+        assert got["index"] == 1 and got["pixels"].shape == (9, 64, 64, 3)
+        assert sorted(Path(p).name for p, _ in got["skipped"]) == ["bad0.mp4", "bad1.mp4"]  # never short.mp4
+
+
+def broken_bucket_loader(samples, num_workers=0, state=None):
+    keys = bucket_keys(samples)
+    options = SizeOptions(video_sample_size=64, image_sample_size=64)
+    sampler = DistributedBucketBatchSampler(keys, batch_size=3, seed=11, repeats=6, choose=make_choose(options))
+    if state is not None:
+        sampler.load_state_dict(state)
+    dataset = VideoDataset(samples, caption_dropout=0.5, seed=11)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate), sampler
+
+
+def test_replacements_are_the_same_with_workers_and_on_resume(broken_buckets):
+    plain, sampler = broken_bucket_loader(broken_buckets)
+    first = list(plain)
+    broken_steps = [b for b in first if b["skipped"]]
+    assert len(first) == 22 and len(broken_steps) >= 8  # both broken buckets came up, several times
+    assert all(not b["errors"] and (b["index"] >= 0).all() for b in first)
+    bad = {Path(p).stem for b in first for p, _ in b["skipped"]}
+    assert bad == {"wide0", "wide1", "wide2", "long0", "long1", "long2"}
+
+    def same(a, b):
+        assert torch.equal(a["pixels"], b["pixels"]) and torch.equal(a["index"], b["index"])
+        assert a["text"] == b["text"] and a["skipped"] == b["skipped"]
+
+    workers, _ = broken_bucket_loader(broken_buckets, num_workers=2)
+    for a, b in zip(first, workers, strict=True):
+        same(a, b)
+    state = sampler.state_dict(consumed=9)
+    resumed, _ = broken_bucket_loader(broken_buckets, state=state)
+    for a, b in zip(first[9:], resumed, strict=True):
+        same(a, b)

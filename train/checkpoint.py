@@ -1,6 +1,7 @@
 """Training checkpoints that never lose a run: `output_dir/checkpoint-N/`, N = the optimizer step.
 
-    COMPLETE                JSON marker: step, world size, engine, every rank's files and their sizes; last
+    COMPLETE                JSON marker: step, world size, engine, every rank's files with their sizes and
+                            crc32 checksums; written last
     config.toml             the resolved config (rank 0)
     trainer_state.json      step, epoch, counters (rank 0)
     sampler.json            data sampler position (rank 0; equal on every rank)
@@ -14,12 +15,17 @@ The checkpointer keeps the protocol only; each part is registered once (`Checkpo
 A save goes into `checkpoint-N.tmp/`, every file fsynced, and the folder is renamed to
 `checkpoint-N` only after rank 0 has written COMPLETE (after a barrier), so a crash at any point
 leaves the previous checkpoint as the newest complete one. A folder counts as a checkpoint only when
-COMPLETE lists files that all exist with their sizes. No state is gathered to one rank. Our own files
+COMPLETE lists files that all exist with their sizes; a resume also checks every file's crc32 first
+(`resolve_resume`; `python -m train.checkpoint verify DIR` by hand), and `latest` falls back past a
+damaged checkpoint to the newest that verifies. A save that fails (a full disk) removes its partial
+files before raising, and a run's start removes what crashed saves left (`remove_interrupted_saves`).
+No state is gathered to one rank. Our own files
 are safetensors or JSON; DeepSpeed's and DCP's are pickles, read back with torch.load(weights_only=True)
 (DeepSpeed: three of its data classes allowed) or DCP's own reader, never a blanket unpickle. All
 ranks must see the same output_dir (a shared filesystem).
 """
 
+import errno
 import json
 import logging
 import os
@@ -27,6 +33,8 @@ import random
 import re
 import shutil
 import signal
+import sys
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +62,28 @@ def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Durable file writes
+# Durable file writes, checksummed as they are written
+
+# Errors of a write that ran out of room: the disk, a quota, or a file size limit.
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+# (size, crc32) of each file _write_durably wrote, by absolute path, taken from the bytes as they went
+# out: Checkpointer.save takes its files' entries from here instead of reading them back. Files not
+# here (DeepSpeed's, DCP's, the consolidated export) are read back once after they are written.
+_WRITTEN: dict[str, tuple[int, int]] = {}
+
+
+class _Crc32Writer:
+    """A file's write() that keeps the running crc32 and size of what passes through it."""
+
+    def __init__(self, f):
+        self.f, self.crc, self.size = f, 0, 0
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        self.crc = zlib.crc32(view, self.crc)
+        self.size += view.nbytes
+        return self.f.write(view)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -66,21 +95,47 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_durably(path: Path, write: Callable[[Any], None]) -> None:
+def _free_bytes(path: Path) -> int | None:
+    for folder in (path, *path.parents):
+        if folder.exists():
+            return shutil.disk_usage(folder).free
+    return None
+
+
+def _write_durably(path: Path, write: Callable[[Any], None], nbytes: int | None = None) -> None:
     """Write through `write(file)` to a temporary name, fsync, rename to `path`, fsync the folder:
-    a reader sees either no file or the whole file."""
+    a reader sees either no file or the whole file. `nbytes` (the file's size, when known) goes into
+    the error of a full disk. A failed write removes its temporary file."""
     part = path.with_name(path.name + ".part")
-    with open(part, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(part, path)
+    try:
+        with open(part, "wb") as f:
+            out = _Crc32Writer(f)
+            write(out)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(part, path)
+    except BaseException as err:
+        part.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in _NO_ROOM:
+            need = f"{nbytes} bytes" if nbytes is not None else "its bytes"
+            raise OSError(
+                err.errno, f"{path}: {os.strerror(err.errno)} writing {need}; {_free_bytes(path)} bytes free there"
+            ) from err
+        raise
+    _WRITTEN[os.path.abspath(path)] = (out.size, out.crc)
     _fsync_dir(path.parent)
 
 
-def _write_safetensors(f, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
-    """Stream tensors into an open file in the safetensors format, one tensor at a time: the library's
-    save_file first copies every tensor into bytes, which would double host memory for a checkpoint."""
+def _crc32_file(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _safetensors_header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[bytes, int]:
+    """The encoded header (length prefix excluded) and the size of the data after it."""
     bad = [key for key, value in metadata.items() if not isinstance(key, str) or not isinstance(value, str)]
     if bad:
         raise ValueError(f"safetensors metadata values must be strings; these are not: {', '.join(map(str, bad))}")
@@ -98,6 +153,12 @@ def _write_safetensors(f, tensors: Mapping[str, torch.Tensor], metadata: Mapping
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    return encoded, offset
+
+
+def _write_safetensors(f, encoded: bytes, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Stream tensors into an open file in the safetensors format, one tensor at a time: the library's
+    save_file first copies every tensor into bytes, which would double host memory for a checkpoint."""
     f.write(len(encoded).to_bytes(8, "little"))
     f.write(encoded)
     for tensor in tensors.values():
@@ -118,8 +179,9 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
     """Write a safetensors file durably (temporary name, fsync, rename), streaming tensor by tensor."""
+    encoded, data_size = _safetensors_header(tensors, metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_durably(path, lambda f: _write_safetensors(f, tensors, metadata))
+    _write_durably(path, lambda f: _write_safetensors(f, encoded, tensors), 8 + len(encoded) + data_size)
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -133,7 +195,7 @@ def write_json(path: Path, value: Any) -> None:
     """Write a JSON value durably; refuses values JSON would not give back unchanged."""
     path.parent.mkdir(parents=True, exist_ok=True)
     data = _json_bytes(value, path.name, path.stem)
-    _write_durably(path, lambda f: f.write(data))
+    _write_durably(path, lambda f: f.write(data), len(data))
 
 
 def read_json(path: Path) -> Any:
@@ -368,38 +430,146 @@ def restore_rng_state(state: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Completeness
+# Completeness and verification
+#
+# COMPLETE lists every file of the checkpoint, each rank's included, as {"size": bytes, "crc32": 8 hex
+# digits}. Markers written before checksums list a bare size: they are accepted with sizes checked only
+# (and a line saying so), since refusing them would strand every run started before the change.
+
+_CRC32_RE = re.compile(r"[0-9a-f]{8}")
+
+
+@dataclass(frozen=True)
+class Listed:
+    """One file of a checkpoint as its marker lists it; crc32 is None in markers older than checksums."""
+
+    size: int
+    crc32: int | None
+
+
+def _is_count(value: Any, least: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def parse_marker(path: str | Path) -> tuple[dict, dict[str, Listed]]:
+    """(marker, listed files) of checkpoint folder `path`, every field checked; ValueError naming the
+    marker file and the field otherwise. Sizes and contents are not checked here."""
+    file = Path(path) / MARKER_FILE
+    if not file.is_file():
+        raise ValueError(f"{path}: the folder has no {MARKER_FILE} marker (the save did not finish, or it was removed)")
+    try:
+        marker = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file}: malformed marker: not valid JSON: {err}") from None
+    if not isinstance(marker, dict):
+        raise ValueError(f"{file}: malformed marker: a {type(marker).__name__}, not a JSON object")
+    for key, check, what in (
+        ("step", _is_count, "an int >= 0"),
+        ("world_size", lambda v: _is_count(v, 1), "an int >= 1"),
+        ("files", lambda v: isinstance(v, dict) and v, "an object listing the files"),
+    ):
+        if key not in marker:
+            raise ValueError(f"{file}: malformed marker: no {key!r} field")
+        if not check(marker[key]):
+            raise ValueError(f"{file}: malformed marker: {key!r} is {marker[key]!r}, not {what}")
+    if "engine" in marker and not isinstance(marker["engine"], str):
+        raise ValueError(f"{file}: malformed marker: 'engine' is {marker['engine']!r}, not a string")
+    match = _CHECKPOINT_RE.fullmatch(Path(path).name)
+    if match and int(match.group(1)) != marker["step"]:
+        raise ValueError(f"{file}: malformed marker: 'step' is {marker['step']}, the folder is {Path(path).name}")
+    listed: dict[str, Listed] = {}
+    for name, entry in marker["files"].items():
+        field = f"files[{name!r}]"
+        if not name or ".." in Path(name).parts or Path(name).is_absolute() or name == MARKER_FILE:
+            raise ValueError(f"{file}: malformed marker: {field} is not a file inside the checkpoint")
+        if _is_count(entry):  # written before checksums
+            listed[name] = Listed(entry, None)
+            continue
+        if not isinstance(entry, dict):
+            raise ValueError(f"{file}: malformed marker: {field} is {entry!r}, not {{'size': ..., 'crc32': ...}}")
+        if not _is_count(entry.get("size")):
+            raise ValueError(f"{file}: malformed marker: {field}['size'] is {entry.get('size')!r}, not an int >= 0")
+        crc = entry.get("crc32")
+        if not isinstance(crc, str) or not _CRC32_RE.fullmatch(crc):
+            raise ValueError(f"{file}: malformed marker: {field}['crc32'] is {crc!r}, not 8 lowercase hex digits")
+        listed[name] = Listed(entry["size"], int(crc, 16))
+    return marker, listed
+
+
+def _file_problem(folder: Path, name: str, listed: Listed, checksum: bool) -> str | None:
+    file = folder / name
+    if not file.is_file():
+        return f"{name} is missing"
+    size = file.stat().st_size
+    if size < listed.size:
+        return f"{name} is truncated ({size} bytes, {MARKER_FILE} says {listed.size})"
+    if size > listed.size:
+        return f"{name} has {size} bytes, {MARKER_FILE} says {listed.size}"
+    if checksum and listed.crc32 is not None:
+        crc = _crc32_file(file)
+        if crc != listed.crc32:
+            return f"{name} has a checksum mismatch (crc32 {crc:08x}, {MARKER_FILE} says {listed.crc32:08x})"
+    return None
+
+
+def _share(listed: Mapping[str, Listed], rank: int, world_size: int) -> list[str]:
+    """The files rank `rank` checks: every file once over all ranks, biggest first to the least loaded
+    rank, so each reads about 1/world_size of the bytes. Every rank computes the same split."""
+    load = [0] * world_size
+    mine = []
+    for name in sorted(listed, key=lambda n: (-listed[n].size, n)):
+        r = load.index(min(load))
+        load[r] += listed[name].size + 1
+        if r == rank:
+            mine.append(name)
+    return mine
+
+
+def checkpoint_problems(path: str | Path, *, checksums: bool = True, rank: int = 0, world_size: int = 1) -> list[str]:
+    """What is wrong with checkpoint folder `path` ([] when nothing is): a malformed or missing marker,
+    or listed files missing, of another size, or (checksums) with other contents. With world_size > 1
+    only this rank's share of the files is read (see verify_checkpoint)."""
+    path = Path(path)
+    if not path.is_dir():
+        return [f"{path}: not a folder"]
+    try:
+        _, listed = parse_marker(path)
+    except ValueError as err:
+        return [str(err)]
+    names = _share(listed, rank, world_size) if world_size > 1 else sorted(listed)
+    return [p for name in names if (p := _file_problem(path, name, listed[name], checksums))]
 
 
 def checkpoint_problem(path: str | Path) -> str | None:
-    """Why `path` is not a complete checkpoint, or None when it is: COMPLETE must be a valid marker
-    whose listed files all exist with the listed sizes."""
-    path = Path(path)
-    if not path.is_dir():
-        return "it is not a folder"
-    marker = path / MARKER_FILE
-    if not marker.is_file():
-        return f"it has no {MARKER_FILE} marker (the save did not finish)"
-    try:
-        info = json.loads(marker.read_text())
-        files = info["files"]
-        step = info["step"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
-        return f"its {MARKER_FILE} marker is unreadable: {err!r}"
-    if not isinstance(files, dict) or not isinstance(step, int):
-        return f"its {MARKER_FILE} marker is malformed"
-    match = _CHECKPOINT_RE.fullmatch(path.name)
-    if match and int(match.group(1)) != step:
-        return f"its {MARKER_FILE} marker is for step {step}"
-    for name, size in files.items():
-        file = path / name
-        if ".." in Path(name).parts or Path(name).is_absolute():
-            return f"its {MARKER_FILE} marker lists a path outside it: {name!r}"
-        if not file.is_file():
-            return f"{name} is missing"
-        if file.stat().st_size != size:
-            return f"{name} has {file.stat().st_size} bytes, {MARKER_FILE} says {size}"
-    return None
+    """Why `path` is not a complete checkpoint, or None when it is: a valid marker whose listed files all
+    exist with the listed sizes (contents are not read: see verify_checkpoint)."""
+    problems = checkpoint_problems(path, checksums=False)
+    return "; ".join(problems) if problems else None
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def verify_checkpoint(path: str | Path) -> list[str]:
+    """Every problem of checkpoint folder `path`, sizes and checksums checked ([] when it verifies).
+
+    Collective when a process group exists: each rank reads its share of the files (see _share: on a
+    shared filesystem the reads spread over the nodes instead of one rank reading every rank's shards),
+    and every rank gets the union of all ranks' findings, so all take the same decision."""
+    rank, world_size = _dist_rank_world()
+    mine = checkpoint_problems(path, rank=rank, world_size=world_size)
+    found: list[str] = []
+    for problems in _gather_objects(mine):
+        found += [p for p in problems if p not in found]  # a bad marker is reported by every rank
+    return found
+
+
+def has_checksums(path: str | Path) -> bool:
+    """Whether the marker of checkpoint `path` (already verified) lists a checksum for every file."""
+    return all(entry.crc32 is not None for entry in parse_marker(path)[1].values())
 
 
 def _checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
@@ -412,37 +582,94 @@ def _checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
+def _log0(level: int, message: str) -> None:
+    if _dist_rank_world()[0] == 0:
+        log.log(level, message)
+
+
+def _newest_verified(output_dir: Path) -> tuple[Path | None, list[tuple[Path, list[str]]]]:
+    """(the newest checkpoint that verifies or None, [(skipped checkpoint, its problems)]). Collective
+    when a process group exists: rank 0's listing of output_dir is the one every rank walks."""
+    candidates = _gather_objects([path for _, path in _checkpoints(output_dir)])[0]
+    skipped = []
+    for path in candidates:
+        problems = verify_checkpoint(path)
+        if not problems:
+            return path, skipped
+        _log0(logging.WARNING, f"skipping {path}: " + "; ".join(problems))
+        skipped.append((path, problems))
+    return None, skipped
+
+
 def find_latest(output_dir: str | Path) -> Path | None:
-    """The complete `checkpoint-N` with the highest N, or None. Incomplete folders (an interrupted
-    save or copy), `.tmp`/`.old` folders and anything else are ignored."""
-    for _, path in _checkpoints(Path(output_dir)):
-        problem = checkpoint_problem(path)
-        if problem is None:
-            return path
-        log.warning("ignoring %s: %s", path, problem)
-    return None
+    """The newest `checkpoint-N` that verifies (sizes and checksums), or None; logs one line per newer
+    folder skipped, naming what is wrong. `.tmp`/`.old` folders and anything else are ignored.
+    Collective when a process group exists."""
+    return _newest_verified(Path(output_dir))[0]
+
+
+def _old_marker_note(path: Path) -> None:
+    if not has_checksums(path):
+        _log0(logging.WARNING, f"{path}: its {MARKER_FILE} predates checksums: file sizes checked, contents not")
 
 
 def resolve_resume(output_dir: str | Path, resume_from_checkpoint: str) -> Path | None:
-    """The checkpoint to resume from: "" -> None; "latest" -> the newest complete one in output_dir
-    (None: a fresh start); otherwise a checkpoint folder, as given or relative to output_dir, which
-    must be complete."""
-    if not resume_from_checkpoint:
+    """The checkpoint to resume from, verified (every listed file's size and checksum):
+    "" or "none" -> None (a fresh start); "latest" -> the newest checkpoint in output_dir that verifies,
+    None when there is no checkpoint-N at all, ValueError when there are some and none verifies;
+    otherwise a checkpoint folder, as given or relative to output_dir, which must verify.
+    Collective when a process group exists (every rank returns the same, or raises alike)."""
+    if resume_from_checkpoint in ("", "none"):
         return None
+    output_dir = Path(output_dir)
     if resume_from_checkpoint == "latest":
-        latest = find_latest(output_dir)
-        if latest is None:
-            log.info("resume_from_checkpoint = 'latest': no complete checkpoint in %s, starting fresh", output_dir)
-        return latest
+        latest, skipped = _newest_verified(output_dir)
+        if latest is not None:
+            _old_marker_note(latest)
+            return latest
+        if skipped:
+            listing = "".join(f"\n  {path}: " + "; ".join(problems) for path, problems in skipped)
+            raise ValueError(
+                f"resume_from_checkpoint = 'latest': no checkpoint in {output_dir} verifies:{listing}\n"
+                "resume from one of them by path after repairing it, or pass --resume_from_checkpoint=none to "
+                "start fresh (a fresh run overwrites checkpoints of the steps it saves)"
+            )
+        _log0(logging.INFO, f"resume_from_checkpoint = 'latest': no checkpoint in {output_dir}, starting fresh")
+        return None
     path = Path(resume_from_checkpoint)
-    if not path.exists() and not path.is_absolute() and (Path(output_dir) / path).exists():
-        path = Path(output_dir) / path
+    if not path.exists() and not path.is_absolute() and (output_dir / path).exists():
+        path = output_dir / path
     if not path.exists():
         raise ValueError(f"resume_from_checkpoint: {path} does not exist (nor under output_dir {output_dir})")
-    problem = checkpoint_problem(path)
-    if problem is not None:
-        raise ValueError(f"resume_from_checkpoint: {path} is not a complete checkpoint: {problem}")
+    problems = verify_checkpoint(path)
+    if problems:
+        raise ValueError(f"resume_from_checkpoint: {path} does not verify: " + "; ".join(problems))
+    _old_marker_note(path)
     return path
+
+
+def remove_interrupted_saves(output_dir: str | Path, keep_step: int | None = None) -> list[Path]:
+    """Delete the `checkpoint-N.tmp` / `checkpoint-N.old` folders that crashed or failed saves left (they
+    may hold most of a checkpoint's bytes and keep a disk full), except `keep_step`'s; returns them.
+    One is kept when it holds a COMPLETE marker and `checkpoint-N` is not complete: a crash between
+    the renames of a re-save can leave it the only copy of step N (logged; rename it by hand after
+    `python -m train.checkpoint verify`). Complete `checkpoint-N` folders are never touched.
+    Call on one rank, before anything is written."""
+    removed = []
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return removed
+    for path in sorted(output_dir.iterdir()):
+        m = _LEFTOVER_RE.fullmatch(path.name)
+        if not m or int(m.group(1)) == keep_step or not path.is_dir():
+            continue
+        final = output_dir / f"checkpoint-{m.group(1)}"
+        if (path / MARKER_FILE).is_file() and checkpoint_problem(final) is not None:
+            log.warning("keeping %s: it holds a %s marker and %s is not complete", path, MARKER_FILE, final)
+            continue
+        shutil.rmtree(path)
+        removed.append(path)
+    return removed
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -462,6 +689,15 @@ class FileState(Protocol):
     def save(self, folder: Path) -> list[str]: ...
 
     def load(self, folder: Path) -> None: ...
+
+
+def _causes(err: BaseException) -> list[BaseException]:
+    """err and the exceptions it was raised from or during, outermost first."""
+    chain: list[BaseException] = []
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    return chain
 
 
 def _gather_objects(value: Any) -> list[Any]:
@@ -491,8 +727,9 @@ class Checkpointer:
     `name.json`; per_rank=True: every rank writes `name/rank_{r}.json`) and file parts
     (`register_files(name, obj)`: the engine, which writes its own files, on every rank). Nothing is
     gathered to one rank: each rank writes its own files into `checkpoint-N.tmp/`, each fsynced; after
-    a barrier rank 0 writes COMPLETE listing every rank's files with their sizes, then renames the
-    folder. A crash at any point leaves the previous checkpoint as the newest complete one.
+    a barrier rank 0 writes COMPLETE listing every rank's files with their sizes and checksums (each
+    rank reports its own), then renames the folder. A crash at any point leaves the previous checkpoint
+    as the newest complete one; a failed save removes its partial files.
 
     Collective: every rank calls save() and load() with the same arguments. `config_text` (the
     resolved config) is written as config.toml with each checkpoint.
@@ -532,11 +769,28 @@ class Checkpointer:
     # --- saving -----------------------------------------------------------------------------------
 
     def save(self, step: int) -> Path:
-        """Write `checkpoint-{step}` atomically, then (rank 0) prune to `total_limit`. Returns the folder."""
+        """Write `checkpoint-{step}` atomically, then (rank 0) prune to `total_limit`. Returns the folder.
+        A save that fails (a full disk, any exception) removes its partial files before raising."""
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
         final = checkpoint_dir(self.output_dir, step)
         tmp = final.with_name(final.name + ".tmp")
+        try:
+            self._save(step, tmp, final)
+        except BaseException as err:
+            failed = self._failed(tmp, final, err)
+            if failed is err:
+                raise
+            raise failed from err
+        finally:
+            for key in [k for k in _WRITTEN if k.startswith(os.path.abspath(tmp) + os.sep)]:
+                del _WRITTEN[key]  # the marker's own entry, and any a failed save left
+        if self.rank == 0:
+            _prune(self.output_dir, step, self.total_limit)
+        _barrier()
+        return final
+
+    def _save(self, step: int, tmp: Path, final: Path) -> None:
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
@@ -560,38 +814,72 @@ class Checkpointer:
             if part.files:
                 written += part.state.save(tmp)
         for file, data in jsons.items():
-            (tmp / file).parent.mkdir(parents=True, exist_ok=True)
-            _write_durably(tmp / file, lambda f, data=data: f.write(data))
+            # No parents=True: a save another rank gave up on has removed tmp, and must not come back.
+            (tmp / file).parent.mkdir(exist_ok=True)
+            _write_durably(tmp / file, lambda f, data=data: f.write(data), len(data))
             written.append(file)
         # Test-only fault injection: WAN_TRAIN_KILL_DURING_SAVE=N SIGKILLs every rank once its files of
         # step N are written and before the marker, to prove a crash mid-save loses nothing.
         if os.environ.get(KILL_ENV) == str(step):
             os.kill(os.getpid(), signal.SIGKILL)
-        # Sizes as each rank wrote them: rank 0's view of another node's files may lag on a network
-        # filesystem, and then a mismatch must be an error, not a silently different marker.
-        mine = {file: (tmp / file).stat().st_size for file in written}
+        # Sizes and checksums as each rank wrote them: rank 0's view of another node's files may lag on a
+        # network filesystem, and then a mismatch must be an error, not a silently different marker.
+        mine = {file: self._entry(tmp / file) for file in written}
         every = _gather_objects(mine)
         if self.rank == 0:
-            files: dict[str, int] = {}
-            for r, sizes in enumerate(every):
-                doubled = sorted(set(files) & set(sizes))
+            files: dict[str, dict] = {}
+            for r, entries in enumerate(every):
+                doubled = sorted(set(files) & set(entries))
                 assert not doubled, f"rank {r} claims files another rank wrote: {doubled}"
-                files.update(sizes)
+                files.update(entries)
             self._finish(step, tmp, final, files)
-            _prune(self.output_dir, step, self.total_limit)
-        _barrier()
-        return final
 
-    def _finish(self, step: int, tmp: Path, final: Path, files: dict[str, int]) -> None:
-        """Rank 0: check every rank's files, write COMPLETE, then put the folder in place."""
+    @staticmethod
+    def _entry(path: Path) -> dict:
+        """The marker's entry of a file this rank wrote. Ours were checksummed as their bytes went out
+        (_write_durably); DeepSpeed's, DCP's and the consolidated export's are written by code that gives
+        us no hook on its bytes, so they are read back once here, each rank its own, before the marker."""
+        size = path.stat().st_size
+        recorded = _WRITTEN.pop(os.path.abspath(path), None)
+        crc = recorded[1] if recorded is not None and recorded[0] == size else _crc32_file(path)
+        return {"size": size, "crc32": f"{crc:08x}"}
+
+    def _failed(self, tmp: Path, final: Path, err: BaseException) -> BaseException:
+        """Remove this failed save's partial files, and say what failed, where, and for a full disk how
+        many bytes a checkpoint needs against those free. No collective here: other ranks may be inside
+        the engine's own collective save, which would not match; they fail or are stopped by torchrun,
+        and the next start removes what they wrote (remove_interrupted_saves)."""
+        # The whole tmp folder goes, also other ranks' files in it: without this rank's files the save can
+        # never be completed, and the .part/.tmp files of writers that died with the error are inside it.
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(err, Exception):
+            return err  # KeyboardInterrupt, SystemExit: cleaned up, passed on as they are
+        no_room = next((e for e in _causes(err) if isinstance(e, OSError) and e.errno in _NO_ROOM), None)
+        free = _free_bytes(self.output_dir)
+        previous = next((p for _, p in _checkpoints(self.output_dir) if checkpoint_problem(p) is None), None)
+        need = sum(e.size for e in parse_marker(previous)[1].values()) if previous is not None else None
+        if no_room is not None or (need is not None and free is not None and free < need):
+            room = f"{free} bytes are free in {self.output_dir} now that the partial files are removed" + (
+                f"; the newest checkpoint ({previous.name}) holds {need} bytes" if need is not None else ""
+            )
+            message = f"saving {final} failed and its partial files were removed: {err}; {room}"
+            if no_room is not None:
+                return OSError(no_room.errno, message)
+            err.add_note(room)
+        err.add_note(f"while saving {final}; its partial files ({tmp}) were removed")
+        return err
+
+    def _finish(self, step: int, tmp: Path, final: Path, files: dict[str, dict]) -> None:
+        """Rank 0: check every rank's files (their sizes: reading them all again would double the save's
+        reads), write COMPLETE, then put the folder in place."""
         problems = [
-            f"{name} ({'missing' if not (tmp / name).is_file() else f'{(tmp / name).stat().st_size} bytes, written as {size}'})"
-            for name, size in files.items()
-            if not (tmp / name).is_file() or (tmp / name).stat().st_size != size
+            problem
+            for name, entry in files.items()
+            if (problem := _file_problem(tmp, name, Listed(entry["size"], None), checksum=False))
         ]
         if problems:
             raise RuntimeError(
-                f"{tmp}: files of other ranks are not as written after the barrier: {', '.join(problems)}; "
+                f"{tmp}: files of other ranks are not as written after the barrier: {'; '.join(problems)}; "
                 "is output_dir on a filesystem that every rank shares?"
             )
         marker = {"step": step, "world_size": self.world_size, **self.marker_info, "files": files}
@@ -650,10 +938,7 @@ def read_marker(path: Path) -> dict:
     problem = checkpoint_problem(path)
     if problem is not None:
         raise ValueError(f"{path} is not a complete checkpoint: {problem}")
-    marker = json.loads((path / MARKER_FILE).read_text())
-    if not isinstance(marker.get("world_size"), int) or marker["world_size"] < 1:
-        raise ValueError(f"{path / MARKER_FILE}: no valid world_size")
-    return marker
+    return parse_marker(path)[0]
 
 
 class RNGState:
@@ -677,8 +962,50 @@ def _prune(output_dir: Path, step: int, total_limit: int) -> None:
         if s != step:
             log.info("deleting %s (checkpoints_total_limit=%d)", path, total_limit)
             shutil.rmtree(path)
-    for path in output_dir.iterdir():
-        m = _LEFTOVER_RE.fullmatch(path.name)
-        if m and int(m.group(1)) != step and path.is_dir():
-            log.info("deleting %s, left by an interrupted save", path)
-            shutil.rmtree(path)
+    for path in remove_interrupted_saves(output_dir, keep_step=step):
+        log.info("deleted %s, left by an interrupted save", path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# By hand: python -m train.checkpoint verify DIR
+
+
+def verify_main(argv: list[str] | None = None) -> int:
+    """`python -m train.checkpoint verify DIR`: DIR is one checkpoint folder (it holds COMPLETE or is
+    named checkpoint-N) or an output_dir, whose every checkpoint-N is checked. Prints OK or each
+    problem per checkpoint; returns 1 when any is damaged, 2 when there is nothing to check."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m train.checkpoint", description=verify_main.__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("verify", help="check sizes and checksums of every file").add_argument("dir", type=Path)
+    args = parser.parse_args(argv)
+    folder: Path = args.dir
+    if not folder.is_dir():
+        print(f"{folder}: not a folder", file=sys.stderr)
+        return 2
+    single = (folder / MARKER_FILE).exists() or _CHECKPOINT_RE.fullmatch(folder.name) is not None
+    checkpoints = [folder] if single else [path for _, path in reversed(_checkpoints(folder))]
+    if not checkpoints:
+        print(f"{folder}: no checkpoint-N folders in it", file=sys.stderr)
+        return 2
+    damaged = 0
+    for path in checkpoints:
+        problems = checkpoint_problems(path)
+        if problems:
+            damaged += 1
+            print(f"{path}: DAMAGED" + "".join(f"\n  {problem}" for problem in problems))
+        else:
+            note = "" if has_checksums(path) else f" (sizes only: its {MARKER_FILE} predates checksums)"
+            print(f"{path}: OK{note}")
+    if not single:
+        for path in sorted(folder.iterdir()):
+            if _LEFTOVER_RE.fullmatch(path.name) and path.is_dir():
+                print(f"{path}: not a checkpoint (left by an interrupted save; the next run start removes it)")
+    if damaged:
+        print(f"{damaged} of {len(checkpoints)} checkpoint(s) damaged", file=sys.stderr)
+    return 1 if damaged else 0
+
+
+if __name__ == "__main__":
+    sys.exit(verify_main())

@@ -196,7 +196,7 @@ class CheckpointConfig:
     checkpoints_total_limit: int = 0
     """Keep the newest N complete checkpoints; 0 keeps all."""
     resume_from_checkpoint: str = ""
-    """A checkpoint folder, or "latest": the newest complete checkpoint-N in output_dir; empty starts fresh."""
+    """A checkpoint folder; "latest": the newest checkpoint-N that verifies (none does: an error); "none"/"": fresh."""
     save_consolidated_weights: bool = False
     """Also write the whole DiT in bf16 in the official layout into each checkpoint (consolidated/),
     streamed one tensor at a time (VideoX-Fun's zero3_save_16bit_model); tools/zero_to_bf16.py does

@@ -219,6 +219,30 @@ def build_schedule(optimizer: torch.optim.Optimizer, setup: EngineSetup) -> torc
     return build_lr_scheduler(optimizer, o.lr_scheduler, o.lr_warmup_steps, setup.total_steps)
 
 
+def restore_schedule(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, state: dict, optim: OptimConfig
+) -> None:
+    """Resume the lr schedule at the checkpoint's position with this run's [optim] values.
+
+    Call it on a freshly built engine after the optimizer state is loaded. The checkpoint gives only
+    the position (last_epoch); the base lrs (learning_rate, and half of it for a low-lr group) and the
+    AdamW values come from the config: resuming with a lower learning_rate after non-finite steps is
+    the advised fix, and the saved base_lrs and param groups (which the loaded optimizer state brought
+    back) would silently keep the old one. Every param group gets initial_lr = its base lr and lr =
+    base lr x the schedule's multiplier at that position, which is what the next update uses."""
+    if not isinstance(state, dict) or not isinstance(state.get("last_epoch"), int):
+        raise ValueError(f"not an lr scheduler state (no integer last_epoch): {str(state)[:200]}")
+    base_lrs = list(scheduler.base_lrs)  # built from this run's config
+    if len(base_lrs) != len(optimizer.param_groups):
+        raise ValueError(f"the lr schedule has {len(base_lrs)} base lrs for {len(optimizer.param_groups)} groups")
+    position = state["last_epoch"]
+    lrs = [base * fn(position) for base, fn in zip(base_lrs, scheduler.lr_lambdas, strict=True)]
+    scheduler.load_state_dict({**state, "base_lrs": base_lrs, "_last_lr": lrs})
+    betas = (optim.adam_beta1, optim.adam_beta2)
+    for group, base, lr in zip(optimizer.param_groups, base_lrs, lrs, strict=True):
+        group.update(initial_lr=base, lr=lr, betas=betas, eps=optim.adam_epsilon, weight_decay=optim.adam_weight_decay)
+
+
 def distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -306,7 +330,7 @@ class DDPEngine:
         load_named_optimizer_state(
             self.optimizer, self.names_by_param, optim_tensors, meta, folder / DDP_OPTIMIZER_FILE
         )
-        self.scheduler.load_state_dict(read_json(folder / SCHEDULER_FILE))
+        restore_schedule(self.optimizer, self.scheduler, read_json(folder / SCHEDULER_FILE), self.setup.optim)
         load_grad_scaler(self.scaler, folder)
 
     def full_state(self) -> Iterator[tuple[str, torch.Tensor]]:

@@ -51,6 +51,7 @@ from train.engine import (
     build_schedule,
     check_mixed_precision,
     held_bytes,
+    restore_schedule,
 )
 from train.models import DiTRecipe
 from wan import WanModel
@@ -440,11 +441,9 @@ class DeepSpeedEngine:
             raise ValueError(f"{folder / TAG}: DeepSpeed could not load this checkpoint: {err}") from err
         if path is None:
             raise ValueError(f"{folder / TAG}: DeepSpeed found no checkpoint to load")
-        self.scheduler.load_state_dict(read_json(folder / SCHEDULER_FILE))
-        # The optimizer state DeepSpeed restored carries the saved lr already; set it from the schedule
-        # anyway, so that the next update's lr never depends on what DeepSpeed chose to restore.
-        for group, lr in zip(self.torch_optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
-            group["lr"] = lr
+        # ZeRO updates with these very param groups: whatever DeepSpeed restored into them, the next
+        # update's lr and AdamW values are the config's at the checkpoint's schedule position.
+        restore_schedule(self.torch_optimizer, self.scheduler, read_json(folder / SCHEDULER_FILE), self.setup.optim)
 
     def expected_files(self) -> list[str]:
         """The DeepSpeed files (relative to the checkpoint folder) a save by this engine writes, all ranks."""

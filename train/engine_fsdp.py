@@ -54,6 +54,7 @@ from train.engine import (
     build_schedule,
     held_bytes,
     load_grad_scaler,
+    restore_schedule,
     save_grad_scaler,
     scaler_step,
 )
@@ -247,7 +248,7 @@ class FSDPEngine:
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=_OPTIONS)
         if not info.get("optimizer_stepped", True):
             self.optimizer.state.clear()  # saved before the first update: no AdamW state yet
-        self.scheduler.load_state_dict(scheduler_state)
+        restore_schedule(self.optimizer, self.scheduler, scheduler_state, self.setup.optim)
         load_grad_scaler(self.scaler, folder)
 
     # ----------------------------------------------------------------------------------------------

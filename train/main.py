@@ -24,13 +24,23 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from train.checkpoint import MERGE_ADVICE, Checkpointer, RNGState, read_json, read_marker, resolve_resume
+from train.checkpoint import (
+    CONFIG_FILE,
+    MERGE_ADVICE,
+    Checkpointer,
+    RNGState,
+    read_json,
+    read_marker,
+    remove_interrupted_saves,
+    resolve_resume,
+)
 from train.config import ConfigError, RunConfig, check_paths, config_to_toml, load_config
 from train.data.buckets import token_length_repeats
-from train.data.dataset import BadSampleTracker, pixels_to_model
+from train.data.dataset import BadDataError, BadSampleTracker, pixels_to_model
 from train.data.loader import build_dataloader
 from train.engine import ConsolidatedWeights, EngineSetup, StepResult, build_engine, check_mixed_precision
 from train.flow import FlowMatching, batch_positions
+from train.guard import hold_output_dir, release_output_dir, tie_rank_to_launcher
 from train.metrics import StepStats, StepTimer, build_metrics
 from train.models import Models, build_dit_recipe, build_models
 from wan.encoders import encode_i2v_condition, encode_latents
@@ -86,6 +96,20 @@ def count_steps(sampler, cfg: RunConfig) -> int:
     return total
 
 
+# (section, key) of the values a resume takes from this run's config where they differ from the
+# checkpoint's: the lr schedule's base lr and shape (its position comes from the checkpoint), clipping,
+# the AdamW values and the non-finite limit.
+RESUME_CHANGEABLE = (
+    ("optim", "learning_rate"), ("optim", "scale_lr"), ("optim", "lr_scheduler"), ("optim", "lr_warmup_steps"),
+    ("optim", "max_grad_norm"), ("optim", "adam_beta1"), ("optim", "adam_beta2"), ("optim", "adam_weight_decay"),
+    ("optim", "adam_epsilon"), ("train", "max_nonfinite_steps"),
+)  # fmt: skip
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (a streak of non-finite steps): said in one line, no traceback."""
+
+
 @dataclass
 class TrainerState:
     """The loop's position and counters: a checkpoint part (trainer_state.json)."""
@@ -95,6 +119,10 @@ class TrainerState:
     epoch_step: int = 0
     nonfinite_in_row: int = 0
     tracker: BadSampleTracker | None = None
+    # Not saved: this run's checkpointing. A scheduled save is put off while the last step was
+    # non-finite and made after the next finite one; last_saved is the step saved last.
+    save_due: bool = False
+    last_saved: int = -1
 
     def state_dict(self) -> dict:
         t = self.tracker
@@ -105,7 +133,9 @@ class TrainerState:
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.epoch, self.epoch_step = state["step"], state["epoch"], state["epoch_step"]
-        self.nonfinite_in_row = state["nonfinite_in_row"]
+        # A resume is the advised way out of a non-finite streak (often with a lower learning_rate): it
+        # gets max_nonfinite_steps afresh, not the rest of the streak that stopped the run.
+        self.nonfinite_in_row = 0
         self.tracker.served, self.tracker.skips = state["served"], state["skips"]
 
 
@@ -157,7 +187,11 @@ class Trainer:
         # they are still saved and restored per rank for code that might.
         torch.manual_seed(cfg.train.seed + self.rank)
         self.out = Path(cfg.train.output_dir)
+        hold_output_dir(self.out, self.rank)  # one job per output_dir: before anything is written there
         if self.rank == 0:
+            # A crashed or failed save's leftovers may hold the disk space the coming saves need.
+            for leftover in remove_interrupted_saves(self.out):
+                self.log(f"removed {leftover}, left by an interrupted or failed save")
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.toml").write_text(config_to_toml(cfg))
         barrier()
@@ -172,6 +206,7 @@ class Trainer:
         resume = resolve_resume(self.out, cfg.checkpoint.resume_from_checkpoint)
         if resume is not None:
             self.check_resumable(resume)  # before minutes of model building
+            self.report_resume_changes(resume)
         optim = cfg.optim
         if optim.scale_lr:  # VideoX-Fun's: the lr grows with the global batch (the config keeps the base lr)
             factor = t.train_batch_size * self.accumulation * self.world_size
@@ -210,6 +245,7 @@ class Trainer:
         if resume is not None:
             self.checkpointer.load(resume)
             s = self.state
+            s.last_saved = s.step  # a run with no step left does not write it again
             self.log(f"resumed from {resume} at step {s.step} (epoch {s.epoch}, step {s.epoch_step} of it)")
         self.metrics = build_metrics(
             self.out, rank=self.rank, total_steps=self.total_steps, start_step=self.state.step,
@@ -238,6 +274,26 @@ class Trainer:
             self.sampler.load_state_dict(read_json(path / "sampler.json"))
         except ValueError as err:
             raise ValueError(f"{path}: cannot continue its data order: {err}") from None
+
+    def report_resume_changes(self, path: Path) -> None:
+        """Say which values this run changes against the checkpoint's own config: the engines take the
+        lr and AdamW values from the config, not the checkpoint (a lower learning_rate is the advice
+        after non-finite steps), and the loop reads the rest from it every step."""
+        saved_file = path / CONFIG_FILE
+        if not saved_file.is_file():
+            return  # nothing to compare with
+        try:
+            saved = load_config(["--cfg", str(saved_file)])
+        except ConfigError as err:
+            self.log(f"{saved_file}: not compared with this run's config: {err}")
+            return
+        changes = [
+            f"{key} {getattr(getattr(saved, section), key)} -> {getattr(getattr(self.cfg, section), key)}"
+            for section, key in RESUME_CHANGEABLE
+            if getattr(getattr(saved, section), key) != getattr(getattr(self.cfg, section), key)
+        ]
+        if changes:
+            self.log("changed on resume: " + ", ".join(changes))
 
     # --- one optimizer step -----------------------------------------------------------------------
 
@@ -290,7 +346,9 @@ class Trainer:
         return token_length_repeats(f, h, w, d.token_sample_size, d.video_sample_n_frames)
 
     def micro_step(self, batch: dict, micro: int) -> MicroStats:
-        self.tracker.update(batch)
+        # Summed over the ranks before any forward: every rank stops at the same micro-step, out of no
+        # collective, and never trains on a batch slot that no sample could fill (BadSampleTracker).
+        self.tracker.update(batch, self.device, step=self.state.step + 1)
         copies = self.copies(batch["pixels"].shape)
         with self.timer.section("encode"):
             inputs = self.encode(batch)
@@ -336,9 +394,10 @@ class Trainer:
                 result = self.engine.step()
             s.step, s.epoch_step = s.step + 1, s.epoch_step + 1
             self.after_step(step_start, micro, result)
-        every = cfg.checkpoint.checkpointing_steps
-        if not every or s.step % every:
-            self.checkpointer.save(s.step)  # the final state, unless the last step just saved it
+        if s.nonfinite_in_row:  # no checkpoint of a skipped step (see after_step)
+            self.metrics.log_text(f"step {s.step}: no final checkpoint (the last update was skipped)")
+        elif s.last_saved != s.step:
+            self.save_checkpoint()  # the final state, unless the last step just saved it
         first, last = self.metrics.first_and_last_smoothed()
         self.metrics.close()
         self.log_bad_samples()
@@ -351,21 +410,10 @@ class Trainer:
         self.log(f"TensorBoard: tensorboard --logdir {self.out / cfg.logging.logging_dir}")
 
     def log_bad_samples(self) -> None:
-        """Every rank's bad files and counts, summed on rank 0."""
-        tracker = self.tracker
-        mine = {"served": tracker.served, "skips": tracker.skips, "bad": tracker.bad}
-        every = [mine]
-        if dist.is_initialized():
-            every = [None] * self.world_size
-            dist.all_gather_object(every, mine)
-        if self.rank == 0:
-            bad = {path: reason for e in every for path, reason in e["bad"].items()}
-            served, skips = sum(e["served"] for e in every), sum(e["skips"] for e in every)
-            self.log(
-                f"{served} samples served on {self.world_size} rank(s); {skips} failed loads and {tracker.refused} "
-                f"samples refused up front; {len(bad)} bad files in all"
-                + "".join(f"\n  {path}: {reason}" for path, reason in sorted(bad.items()))
-            )
+        """Every rank's bad files with their failed loads, listed by rank 0 (the counts are already
+        global: micro_step sums them). A collective: every rank calls it."""
+        listing = self.tracker.listing(self.tracker.gather())
+        self.log(listing)
 
     def after_step(self, step_start: float, micro: list[MicroStats], result: StepResult) -> None:
         cfg, s = self.cfg, self.state
@@ -391,17 +439,32 @@ class Trainer:
             what = "loss scale overflow" if overflow else f"non-finite loss {loss} / grad norm {result.grad_norm}"
             self.metrics.log_text(f"step {s.step}: {what}: update skipped")
             if s.nonfinite_in_row >= cfg.train.max_nonfinite_steps + (16 if overflow else 0):
-                raise RuntimeError(
+                raise TrainingStopped(
                     f"{s.nonfinite_in_row} steps in a row had a non-finite loss or gradient (max_nonfinite_steps="
                     f"{cfg.train.max_nonfinite_steps}); lower the learning rate or check the data and resume "
                     f"from the last checkpoint"
                 )
         every = cfg.checkpoint.checkpointing_steps
-        if every and s.step % every == 0:
-            self.checkpointer.save(s.step)
+        scheduled = bool(every) and s.step % every == 0
+        if skipped and scheduled:
+            # The skipped update left the weights as the last finite step did; saving now would only
+            # let checkpoints_total_limit prune the last good checkpoint during a non-finite streak.
+            s.save_due = True
+            self.metrics.log_text(
+                f"step {s.step}: checkpoint not saved (update skipped); saving after the next finite step"
+            )
+        elif not skipped and (scheduled or s.save_due):
+            self.save_checkpoint()
+
+    def save_checkpoint(self) -> None:
+        """Collective: checkpoint-{step}, only ever after a finite step (the callers see to it)."""
+        s = self.state
+        self.checkpointer.save(s.step)
+        s.save_due, s.last_saved = False, s.step
 
 
 def main(argv: list[str] | None = None) -> None:
+    tie_rank_to_launcher()  # first: a rank must not outlive a killed torchrun agent
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     notes: list[str] = []
     try:
@@ -417,12 +480,17 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:  # a user error found during setup (data, weights, checkpoint): no traceback
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    trainer.train()
+    try:
+        trainer.train()
+    except (TrainingStopped, BadDataError) as err:  # every rank stops alike; the message says why and what next
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
     # Only after a clean finish (a collective teardown while another rank failed would hang): every rank
     # done, the DDP reducer and loader workers freed while the process group still exists, then the
     # group. Exiting with live gloo work threads aborted ~1 in 4 CPU runs ("terminate called without an
     # active exception").
     barrier()
+    release_output_dir()  # every rank is done; the caller may leave with os._exit, which skips atexit
     del trainer
     gc.collect()
     if dist.is_initialized():

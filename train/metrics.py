@@ -15,13 +15,18 @@ What goes to TensorBoard (folder `output_dir/tensorboard`), at every step unless
   time/{name}_s                     the step's timed sections (see `StepTimer`)
   loss_by_timestep/bin_{k:02d}      mean loss of the samples whose timestep fell in bin k, per window
                                     of `log_every` steps (see `Metrics.log_step`)
+
+TensorBoard is a side channel: when its writer fails (a full disk, its folder removed) the run says so
+in one console line and writes no more events; training, the console lines and checkpoints go on.
 """
 
 import contextlib
 import math
 import shutil
 import sys
+import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -42,6 +47,44 @@ ETA_WINDOW = 20
 BAR_WIDTH = 20
 
 GIB = 2**30
+
+# TensorBoard's writer thread re-raises a write error after storing it for the next add_scalar, and
+# threading's default hook prints that as "Exception in thread ...". Each Metrics registers its writer's
+# threads here with a list that collects their errors instead: the Metrics reports them in one line.
+_WRITER_THREADS: "weakref.WeakKeyDictionary[threading.Thread, list[BaseException]]" = weakref.WeakKeyDictionary()
+_previous_excepthook = threading.excepthook
+_in_previous_hook = threading.local()
+
+
+def _writer_thread_excepthook(args: threading.ExceptHookArgs) -> None:
+    errors = _WRITER_THREADS.get(args.thread) if args.thread is not None else None
+    if errors is not None:
+        errors.append(args.exc_value)
+        return
+    if getattr(_in_previous_hook, "active", False):  # a hook installed over ours chained back to it
+        threading.__excepthook__(args)
+        return
+    _in_previous_hook.active = True
+    try:
+        _previous_excepthook(args)
+    finally:
+        _in_previous_hook.active = False
+
+
+def _start_summary_writer(log_dir: Path, purge_step: int, errors: list[BaseException]) -> SummaryWriter:
+    """A SummaryWriter whose background threads report their errors into `errors`, not to stderr."""
+    global _previous_excepthook
+    if threading.excepthook is not _writer_thread_excepthook:  # once per process, chained to the hook before
+        _previous_excepthook, threading.excepthook = threading.excepthook, _writer_thread_excepthook
+    before = set(threading.enumerate())
+    # purge_step=T hides every event with step >= T from earlier files of this folder; the first
+    # step this run writes is start_step + 1. flush_secs below the default 120 s so a crash loses
+    # less than a minute of points.
+    writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step, flush_secs=30)
+    for thread in set(threading.enumerate()) - before:
+        if type(thread).__module__.startswith("tensorboard"):
+            _WRITER_THREADS[thread] = errors
+    return writer
 
 
 def peak_memory_bytes(device: torch.device | str | None = None) -> int:
@@ -199,13 +242,15 @@ class Metrics:
         # None: the current CUDA device once CUDA is in use, else the process RSS (see peak_memory_bytes).
         self.device = torch.device(device) if device is not None else None
         self.log_dir = Path(output_dir) / log_dir  # an absolute log_dir is used as is
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        # purge_step=T hides every event with step >= T from earlier files of this folder; the first
-        # step this run writes is start_step + 1. flush_secs below the default 120 s so a crash loses
-        # less than a minute of points.
-        self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=start_step + 1, flush_secs=30)
         self._live_bar = progress_bar and _is_tty(self.stream)
         self._bar_line = ""  # the bar as last drawn, to redraw it under a log_text message
+        self._writer_errors: list[BaseException] = []  # of the writer's thread (see _start_summary_writer)
+        self.writer: SummaryWriter | None = None  # None once it failed: no more events
+        try:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self.writer = _start_summary_writer(self.log_dir, start_step + 1, self._writer_errors)
+        except Exception as err:  # a write of the first event: the same failure as any later one
+            self._tensorboard_failed(err)
 
         self._ema = 0.0
         self._ema_count = 0
@@ -241,7 +286,7 @@ class Metrics:
         # float() also takes the 0-dim tensors an engine may hand back (a grad norm from clip_grad_norm_).
         loss, lr, grad_norm = float(loss), float(lr), float(grad_norm)
         skipped = skipped or not math.isfinite(loss)
-        write = self.writer.add_scalar
+        write = self._add_scalar
 
         if skipped:
             self.skipped_nonfinite += 1
@@ -307,9 +352,29 @@ class Metrics:
 
     def _write_bins(self, step: int) -> None:
         for k in np.flatnonzero(self._bin_counts):
-            self.writer.add_scalar(f"loss_by_timestep/bin_{k:02d}", self._bin_sums[k] / self._bin_counts[k], step)
+            self._add_scalar(f"loss_by_timestep/bin_{k:02d}", self._bin_sums[k] / self._bin_counts[k], step)
         self._bin_sums[:] = 0.0
         self._bin_counts[:] = 0
+
+    def _add_scalar(self, tag: str, value: float, step: int) -> None:
+        if self.writer is None:
+            return
+        try:
+            self.writer.add_scalar(tag, value, step)
+        except Exception as err:  # an OSError, or the writer thread's error re-raised as it was
+            self._tensorboard_failed(err)
+
+    def _tensorboard_failed(self, err: BaseException) -> None:
+        """One console line, then no more events: a broken side channel must not stop the run."""
+        writer, self.writer = self.writer, None
+        self.log_text(
+            f"TensorBoard: writing to {self.log_dir} failed ({type(err).__name__}: {err}); no more events are "
+            "written this run, training goes on"
+        )
+        if writer is not None:  # stop its thread; the final flush fails again, quietly
+            for file_writer in list((writer.all_writers or {}).values()):
+                with contextlib.suppress(Exception):
+                    file_writer.close()
 
     def _eta_seconds(self, step: int) -> float | None:
         if not self._step_times:
@@ -372,7 +437,14 @@ class Metrics:
         self._closed = True
         if self._bin_counts.any():
             self._write_bins(self._last_step)
-        self.writer.close()
+        if self.writer is not None:
+            try:
+                self.writer.close()
+            except Exception as err:
+                self._tensorboard_failed(err)
+        if self.writer is not None and self._writer_errors:  # the thread failed on the last events
+            self._tensorboard_failed(self._writer_errors[0])
+        self.writer = None
         if self._live_bar and self._bar_line:
             self.stream.write("\n")
             self.stream.flush()

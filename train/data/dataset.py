@@ -6,21 +6,35 @@ from a generator seeded by (seed, epoch, step, sample index), so a resumed run d
 uninterrupted one would, whatever the number of DataLoader workers.
 
 Bad files never stop a batch: a sample that cannot give its frames (missing, corrupt, too short,
-too slow to decode) is replaced by another sample of the same bucket (up to `max_retries` distinct ones), and
-reported in the batch's `skipped` list so the training process can log each path once, count them
-and stop above a set fraction (`BadSampleTracker`). Workers are separate processes, so the report
-travels with the data.
+too slow to decode) is replaced, in this order, by
+1. up to `max_retries` distinct other samples of its bucket;
+2. up to `max_retries` samples of the other buckets of its kind that have the same shape at this step
+   (at small sizes several aspect ratios round to one height x width);
+3. the first sample of its kind that loads, over all of them in a random order, resized and cropped
+   to the step's height x width (so a bucket whose files are all broken still fills its steps).
+Every order is drawn from the item's (seed, epoch, step, sample index), so a resumed run, or one with
+another number of workers, replaces alike, and every slot keeps the step's shape. Only a slot that no
+sample of its kind can fill is left zero and reported in the batch's `errors`: the training process
+stops then, on every rank at once, rather than a DataLoader worker raising on one rank.
+
+Failed loads travel with the batch (`skipped`: workers are separate processes) to the training
+process, where `BadSampleTracker` logs each path once and counts them; in training the counts are
+summed over the ranks at every micro-step, so every rank stops at the same step when the global bad
+fraction passes `max_bad_fraction`, and rank 0 lists every rank's bad files.
 """
 
 import contextlib
 import logging
+import math
 import random
 import signal
 import threading
-from collections.abc import Callable, Hashable, Sequence
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import Dataset
 
 from train.data.buckets import (
@@ -137,7 +151,8 @@ class VideoDataset(Dataset):
 
     Returns {"pixels": [F, H, W, 3] uint8 as decoded (pixels_to_model turns a batch into the VAE's
     [B, 3, F, H, W] in [-1, 1] on the training device), "text": str, "index": int, "skipped":
-    [(path, reason), ...]}; every item of one step has the same shape. `keys` overrides the buckets
+    [(path, reason), ...]} (batches also carry "errors", the slots nothing could fill: index -1, zero
+    pixels); every item of one step has the same shape. `keys` overrides the buckets
     (kind, ratio) derived from the metadata, e.g. one square bucket per kind for a fixed-size run;
     `transfer` gives DataLoader workers reusable shared buffers for their batches."""
 
@@ -168,8 +183,10 @@ class VideoDataset(Dataset):
         self.decode_timeout = decode_timeout
         self.transfer = transfer
         self.members: dict[Hashable, list[int]] = {}
+        self.by_kind: dict[str, list[int]] = {}
         for index, key in enumerate(self.keys):
             self.members.setdefault(key, []).append(index)
+            self.by_kind.setdefault(key[0], []).append(index)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -202,17 +219,20 @@ class VideoDataset(Dataset):
             "text": [f["text"] for f in filled],
             "index": torch.tensor([f["index"] for f in filled]),
             "skipped": [s for f in filled for s in f["skipped"]],
+            "errors": [f["error"] for f in filled if "error" in f],
         }
 
     def _fill(self, item: tuple[int, dict], out: torch.Tensor) -> dict:
-        """Decode the item (or a replacement) into `out`; its text, index and the files skipped."""
+        """Decode the item (or a replacement) into `out`; its text, index and the files skipped. A slot
+        no sample of its kind can fill is zeroed, with index -1 and an "error" for the training process
+        (raising here would stop this rank alone, from a worker)."""
         index, extras = item
         rng = random.Random(derive_seed(self.seed, extras["epoch"], extras["step"], index))
         skipped = []
-        # Replacements: distinct other members of the same bucket (same shape), in an order drawn
-        # from this item's generator, so workers or not, a resumed run replaces alike.
+        # Drawn before any load, as always, so the frames and captions of good samples stay as they were.
         others = [m for m in self.members[self.keys[index]] if m != index]
-        for candidate in [index, *rng.sample(others, min(len(others), self.max_retries))]:
+        first = [index, *rng.sample(others, min(len(others), self.max_retries))]
+        for candidate in self._candidates(first, extras, out.shape):
             sample = self.samples[candidate]
             try:
                 with _time_limit(self.decode_timeout, str(sample.path)):
@@ -222,8 +242,53 @@ class VideoDataset(Dataset):
                 continue
             text = "" if rng.random() < self.caption_dropout else sample.text
             return {"text": text, "index": candidate, "skipped": skipped}
-        reasons = "; ".join(f"{path}: {reason}" for path, reason in skipped)
-        raise RuntimeError(f"{len(skipped)} samples in a row failed in bucket {self.keys[index]}: {reasons}")
+        out.zero_()
+        kind = self.keys[index][0]
+        shown = "; ".join(f"{path}: {reason}" for path, reason in skipped[:3])
+        error = (
+            f"no {kind} sample loads at {'x'.join(map(str, out.shape[:3]))} (frames x height x width; epoch "
+            f"{extras['epoch']}, data step {extras['step']}): all {len(skipped)} tried failed, e.g. {shown}"
+        )
+        return {"text": "", "index": -1, "skipped": skipped, "error": error}
+
+    def _candidates(self, first: list[int], extras: dict, shape: Sequence[int]) -> Iterator[int]:
+        """The item then its replacements, in the order of the module docstring. Stages 2 and 3 draw
+        from their own generator (the item's one also draws start frames, as many as loads were tried)."""
+        yield from first
+        index = first[0]
+        kind, ratio = self.keys[index]
+        tried = set(first)
+        frames, height, width = shape[:3]
+        rng = random.Random(derive_seed("replace", self.seed, extras["epoch"], extras["step"], index))
+        table = bucket_table(extras["size"])
+
+        def fits(i: int) -> bool:  # a clip known too short for this step is not a bad file: not tried
+            return i not in tried and (kind == "image" or (self.samples[i].num_frames or 0) >= frames)
+
+        peers = [
+            i
+            for key, members in self.members.items()
+            if key[0] == kind and key[1] != ratio and table[key[1]] == (height, width)
+            for i in members
+            if fits(i)
+        ]
+        for i in rng.sample(peers, min(len(peers), self.max_retries)):
+            tried.add(i)
+            yield i
+        # Every sample of the kind once, in an order drawn without listing the (maybe millions of) indices:
+        # start + k x stride modulo n, with a stride coprime to n, visits each exactly once.
+        pool = self.by_kind[kind]
+        n = len(pool)
+        start, stride = rng.randrange(n), 1
+        if n > 2:
+            stride = rng.randrange(1, n)
+            while math.gcd(stride, n) != 1:
+                stride = rng.randrange(1, n)
+        for k in range(n):
+            i = pool[(start + k * stride) % n]
+            if fits(i):
+                tried.add(i)
+                yield i
 
     def _load(self, sample: Sample, extras: dict, rng: random.Random, out: torch.Tensor) -> None:
         num_frames, height, width, _ = out.shape
@@ -264,13 +329,26 @@ def collate(batch: dict | list[dict]) -> dict:
         "text": [b["text"] for b in batch],
         "index": torch.tensor([b["index"] for b in batch]),
         "skipped": [s for b in batch for s in b["skipped"]],
+        "errors": [b["error"] for b in batch if "error" in b],
     }
 
 
+class BadDataError(RuntimeError):
+    """The run stops for its data; in training every rank raises it with the same message."""
+
+
 class BadSampleTracker:
-    """Logs each bad file once, counts skips against samples served, and stops the run with a clear
-    error when the bad fraction passes `max_bad_fraction` (after `min_samples` so one early failure
-    does not end a run)."""
+    """Logs each bad file once, counts failed loads against loads, and stops the run with BadDataError
+    when the bad fraction passes `max_bad_fraction` (once `min_samples` loads were made, so one early
+    failure does not end a run) or when a batch slot could not be filled at all.
+
+    In training, `update(batch, device)` sums the counts over the ranks (an all-reduce, so every rank
+    must call it at the same micro-step): every rank then holds the global totals in `served` and
+    `skips` and takes the same decision at the same step, and a stop gathers every rank's bad files
+    for one listing by rank 0 before every rank raises the same error. Without a device, or outside
+    torch.distributed, this process decides alone. `refused` counts samples left out before training;
+    every rank reads the same metadata, so it is counted once, not summed.
+    """
 
     def __init__(self, max_bad_fraction: float = 0.05, min_samples: int = 100):
         self.max_bad_fraction = max_bad_fraction
@@ -278,7 +356,9 @@ class BadSampleTracker:
         self.served = 0
         self.skips = 0
         self.refused = 0
-        self.bad: dict[str, str] = {}
+        self.bad: dict[str, str] = {}  # this rank's bad files and their first reason
+        self.failures: Counter[str] = Counter()  # this rank's failed loads per file
+        self.errors: list[str] = []  # this rank's batch slots that nothing could fill
 
     def _note(self, path: str, reason: str) -> None:
         if path not in self.bad:
@@ -291,19 +371,80 @@ class BadSampleTracker:
             self.refused += 1
             self._note(path, reason)
 
-    def update(self, batch: dict) -> None:
-        self.served += len(batch["index"])
+    def update(self, batch: dict, device: torch.device | None = None, step: int | None = None) -> None:
+        """Count a batch from VideoDataset; raise BadDataError when the run must stop. With `device`
+        under torch.distributed this is a collective (see the class docstring); `step` names the
+        training step in the error."""
+        served = int((batch["index"] >= 0).sum())
         for path, reason in batch["skipped"]:
-            self.skips += 1
+            self.failures[path] += 1
             self._note(path, reason)
-        attempts = self.served + self.skips + self.refused
-        failed = self.skips + self.refused
-        if attempts >= self.min_samples and failed / attempts > self.max_bad_fraction:
-            raise RuntimeError(
-                f"{failed} of {attempts} sample loads failed ({len(self.bad)} distinct files), more than "
-                f"max_bad_fraction={self.max_bad_fraction}; first ones: "
-                + "; ".join(f"{p}: {r}" for p, r in list(self.bad.items())[:5])
+        errors = list(batch.get("errors", ()))
+        self.errors.extend(errors)
+        counts = [served, len(batch["skipped"]), len(errors)]
+        distributed = device is not None and dist.is_initialized()
+        if distributed:
+            summed = torch.tensor(counts, dtype=torch.float64, device=device)
+            dist.all_reduce(summed)
+            counts = [round(c) for c in summed.tolist()]
+        self.served += counts[0]
+        self.skips += counts[1]
+        failed, attempts = self.skips + self.refused, self.served + self.skips + self.refused
+        where = f"at step {step}: " if step is not None else ""
+        if counts[2]:
+            reason = f"{where}{counts[2]} batch slot(s) could not be filled by any sample"
+        elif attempts >= self.min_samples and failed / attempts > self.max_bad_fraction:
+            reason = (
+                f"{where}{failed} of {attempts} sample loads failed ({failed / attempts:.3f}, more than "
+                f"max_bad_fraction={self.max_bad_fraction})"
             )
+        else:
+            return
+        ranks = self.gather() if distributed else [self.mine()]
+        listing = self.listing(ranks)
+        if not distributed or dist.get_rank() == 0:
+            log.error("stopping for bad data %s\n%s", reason, listing)
+        bad = sorted({p for r in ranks for p in r["bad"]})
+        slots = [e for r in ranks for e in r["errors"]]
+        detail = f"; {slots[0]}" if slots else f"; first ones: {', '.join(bad[:5])}" if bad else ""
+        raise BadDataError(
+            f"bad data {reason}, over {len(ranks)} rank(s) with {len(bad)} distinct bad files{detail}. Every "
+            f"bad file of every rank is listed above (rank 0's log); fix or drop them, raise max_bad_fraction, "
+            f"or resume from the last checkpoint"
+        )
+
+    def mine(self) -> dict:
+        """This rank's part of the listing (picklable)."""
+        return {"bad": dict(self.bad), "failures": dict(self.failures), "errors": list(self.errors)}
+
+    def gather(self) -> list[dict]:
+        """Every rank's `mine()`, in rank order (a collective under torch.distributed)."""
+        if not dist.is_initialized():
+            return [self.mine()]
+        every: list = [None] * dist.get_world_size()
+        dist.all_gather_object(every, self.mine())
+        return every
+
+    def listing(self, ranks: list[dict]) -> str:
+        """Totals, then one line per bad file of any rank: reason, failed loads and the ranks that met it."""
+        bad: dict[str, str] = {}
+        counts: Counter[str] = Counter()
+        seen: dict[str, list[int]] = {}
+        for rank, part in enumerate(ranks):
+            for path, reason in part["bad"].items():
+                bad.setdefault(path, reason)
+                counts[path] += part["failures"].get(path, 0)
+                seen.setdefault(path, []).append(rank)
+        lines = [
+            f"{self.served} samples served on {len(ranks)} rank(s); {self.skips} failed loads and {self.refused} "
+            f"samples refused up front; {len(bad)} bad files in all"
+        ]
+        for path in sorted(bad):
+            n = counts[path]
+            what = f"{n} failed load{'s' if n != 1 else ''}" if n else "refused up front"
+            lines.append(f"  {path}: {bad[path]} ({what}; rank {', '.join(map(str, seen[path]))})")
+        lines += [f"  rank {rank}: {e}" for rank, part in enumerate(ranks) for e in part["errors"]]
+        return "\n".join(lines)
 
     def summary(self) -> str:
         return (

@@ -4,7 +4,9 @@ DistributedBucketBatchSampler -> VideoDataset -> DataLoader (workers, pinned mem
 Field names are VideoX-Fun's, so a user's old flags carry over.
 """
 
+import functools
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from train.data.metadata import Sample, load_metadata
 from train.data.probe import fill_sizes
 from train.data.sampler import DistributedBucketBatchSampler
 from train.data.transfer import TransferPool
+from train.guard import tie_worker_to_parent
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +66,10 @@ class DataConfig:
     prefetch_factor: int = 2
     """Batches each worker prepares ahead."""
     max_bad_fraction: float = 0.05
-    """Stop the run when more than this fraction of sample loads fail (after 100 loads)."""
+    """Stop the run when more than this fraction of sample loads fail, summed over all ranks (after 100 loads)."""
     max_retries: int = 3
-    """Replacement samples tried when a file fails, before the step fails."""
+    """Replacements tried from a failed file's bucket, then from same-shape buckets, before any sample of its
+    kind is tried (see train/data/dataset.py)."""
     decode_timeout: float = 60.0
     """Seconds one sample may take to decode before it counts as bad (0: no limit)."""
 
@@ -168,6 +172,7 @@ def build_dataloader(
     loader = DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers, pin_memory=pin_memory,
         prefetch_factor=config.prefetch_factor if workers else None, persistent_workers=workers > 0,
+        worker_init_fn=functools.partial(tie_worker_to_parent, os.getpid()),  # no worker outlives its rank
     )  # fmt: skip
     tracker = BadSampleTracker(max_bad_fraction=config.max_bad_fraction)
     tracker.record_refused(skipped)
