@@ -93,6 +93,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--engine", default="ddp")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--start_s", type=float, default=5.0, help="seconds a restart takes to start training")
+    parser.add_argument("--window_s", type=float, default=10.0, help="kills land in [start_s, start_s + window_s]")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     root = Path(tempfile.mkdtemp(prefix="soak-"))
@@ -125,7 +127,7 @@ def main() -> None:
         restarts += 1
         disturbed = target == "save"
         if target in ("rank", "worker", "agent"):
-            time.sleep(rng.uniform(4, 12))  # past start-up, somewhere in training or a save
+            time.sleep(rng.uniform(args.start_s, args.start_s + args.window_s))  # in training or a save
             ranks = children(proc.pid)
             victims = {"agent": [proc.pid], "rank": ranks, "worker": [w for r in ranks for w in children(r)]}[target]
             if victims and proc.poll() is None:
@@ -149,6 +151,8 @@ def main() -> None:
         if target == "save" and proc.returncode != 0:
             kills["save"] += 1
         not_verified += verify_all(out)
+        print(f"restart {restarts}: target {target}, {'killed' if disturbed else 'not killed'}, exit {proc.returncode}",
+              file=sys.stderr, flush=True)  # fmt: skip
         if proc.returncode == 0:
             got = losses(out)
             if set(got) == set(want):  # a finished run: every step compared with the uninterrupted one

@@ -50,22 +50,25 @@ def scalars(out: Path, tag: str) -> dict[int, float]:
     return {e.step: e.value for e in events.Scalars(tag)}
 
 
-def test_a_nan_streak_never_prunes_the_last_good_checkpoint(data, tmp_path, capsys):
+@pytest.mark.parametrize("engine", ["ddp", "zero2", "zero3", "fsdp"])
+def test_a_nan_streak_never_prunes_the_last_good_checkpoint(data, tmp_path, capsys, engine):
     """Steps 4 on are NaN with a checkpoint every step and a limit of 1: steps 4 and 5 save nothing (the
     run stops at 6, the third in a row), so checkpoint-3 stays, and it holds the weights the run ended
-    with (skipped updates change nothing), all finite."""
+    with (skipped updates change nothing), all finite. Every engine, one process."""
     out = tmp_path / "out"
-    args = ["--max_train_steps=10", "--checkpointing_steps=1", "--checkpoints_total_limit=1", "--max_nonfinite_steps=3"]
+    args = ["--max_train_steps=10", "--checkpointing_steps=1", "--checkpoints_total_limit=1", "--max_nonfinite_steps=3",
+            f"--engine={engine}", "--save_consolidated_weights"]  # fmt: skip
     trainer = in_process(data, out, *args)
     nan_at(trainer, set(range(4, 11)))
     with pytest.raises(RuntimeError, match="3 steps in a row had a non-finite loss"):
         trainer.train()
     assert trainer.state.step == 6
     assert checkpoints(out) == ["checkpoint-3"] and find_latest(out).name == "checkpoint-3"
-    saved = load_file(out / "checkpoint-3" / "model.safetensors")
-    assert all(torch.isfinite(t).all() for t in saved.values())
-    now = dict(trainer.engine.module.named_parameters())
-    assert saved.keys() == now.keys() and all(torch.equal(saved[n], now[n]) for n in saved)
+    saved = dict(trainer.engine.full_state())  # the weights now: every engine gathers them the same way
+    consolidated = load_file(out / "checkpoint-3" / "consolidated" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in consolidated.values())
+    for name, tensor in consolidated.items():  # the checkpoint's bf16 export equals the live weights
+        assert torch.equal(tensor, saved[name].to(tensor.dtype)), name
     printed = capsys.readouterr().out
     for step in (4, 5):
         assert printed.count(f"step {step}: checkpoint not saved (update skipped)") == 1, printed[-3000:]
