@@ -10,6 +10,7 @@ the uninterrupted run's (compared exactly: CPU runs resume bit for bit).
 """
 
 import argparse
+import logging
 import os
 import random
 import signal
@@ -70,6 +71,8 @@ def command(out: Path, data: Path, steps: int, engine: str) -> list[str]:
 
 
 def losses(out: Path) -> dict[int, float]:
+    # Restarts rewrite the steps after their checkpoint; TensorBoard keeps the newest and says so per file.
+    logging.getLogger("tensorboard").setLevel(logging.ERROR)
     events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
     return {e.step: e.value for e in events.Scalars("train/loss")}
@@ -171,12 +174,12 @@ def main() -> None:
         f"\n{args.engine}, 2 ranks, {args.steps} steps, checkpoint every 4 (keep 3); uninterrupted run {reference_s:.0f} s"
     )
     print(
-        "\n| kills | rank | worker | agent | mid-save | restarts | lost runs | complete but not verifying "
-        "| orphaned processes after agent kill | steps with another loss |"
+        "\n| kills | rank | worker | agent | mid-save | restarts | runs finished | lost runs "
+        "| complete but not verifying | processes left 10 s after an agent kill | steps with another loss |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     print(f"| {total} | {kills['rank']} | {kills['worker']} | {kills['agent']} | {kills['save']} | {restarts} | "
-          f"{lost} | {not_verified} | {orphans} | {differ} of {len(want)} |")  # fmt: skip
+          f"{finished} | {lost} | {not_verified} | {orphans} | {differ} of {compared} |")  # fmt: skip
 
 
 if __name__ == "__main__":
