@@ -286,7 +286,7 @@ def apply_model_yaml(cfg, explicit: set[str]) -> tuple[list[str], list[str]]:
     `cfg`: its scheduler shift and text length are used unless the run sets them (then they must agree),
     its VAE file name is used, and every other value that matters is checked against what the release
     folder holds. Returns (problems, notes). `explicit`: the "section.key"s the TOML or CLI set."""
-    import yaml  # PyYAML comes with transformers
+    import yaml  # only --config_path needs it
 
     from train.models import CLIP_FILE, T5_FILE, TOKENIZER_DIR, VAE_FILE
     from wan.modules.t5 import T5_PRESETS
