@@ -81,9 +81,8 @@ OPTIONS: dict[str, Option] = {
     "initial_grad_norm_ratio": _ignored(
         "max_grad_norm clips on every engine from step 0; VideoX-Fun's ramp (DDP runs only) is not reproduced"
     ),
-    "train_sampling_steps": Option(
-        "mapped", "1000 only: timesteps span the scheduler's 1000 training steps", target="", values={"1000": ""}
-    ),
+    # No key of ours: their_option accepts 1000 (what we do) and refuses anything else.
+    "train_sampling_steps": Option("mapped", "1000 only: timesteps span the scheduler's 1000 training steps"),
     "selective_ac": Option(
         "mapped",
         "a fraction p of DiT blocks recomputed in backward: gradient_checkpointing_every = round(1/p) "
