@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint bench-dit bench-t5 bench-vae bench-data bench-probe bench-train clean
+.PHONY: install demo test test-fast lint bench-dit bench-t5 bench-vae bench-data bench-probe bench-train bench-sample clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -22,11 +22,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The demo: tiny random Wan models trained on a synthetic dataset by 2 CPU processes (a fresh run each time).
+# The demo: tiny random Wan models trained on a synthetic dataset by 2 CPU processes (a fresh run each time),
+# then one short video sampled from the final checkpoint (tools/sample.py prints where the files went).
 demo: $(STAMP)
 	$(PY) -m tools.make_demo_data output/demo-data
 	rm -rf output/debug
 	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc_per_node 2 -m train.main --cfg configs/debug.toml
+	$(PY) -m tools.sample --checkpoint output/debug/checkpoint-100 --frames 9 --size 64x64 --steps 10 \
+		--prompt "a blue square moves top to bottom over a green background" --out output/debug/demo-sample
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -55,6 +58,9 @@ bench-probe: $(STAMP)
 
 bench-train: $(STAMP)
 	$(PY) bench/train_step.py
+
+bench-sample: $(STAMP)
+	$(PY) bench/sample.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -20,6 +20,7 @@ from train.config import (
     help_text,
     load_config,
 )
+from train.validation import ValidationConfig
 
 DATA = "--train_data_dir=/data"  # DataConfig needs a data source; every valid load gives one
 
@@ -64,6 +65,7 @@ def test_sections_are_the_public_ones():
     assert config.SECTIONS == {
         "model": ModelConfig, "data": DataConfig, "train": TrainConfig, "optim": OptimConfig,
         "checkpoint": CheckpointConfig, "logging": LoggingConfig, "parallel": ParallelConfig,
+        "validation": ValidationConfig,
     }  # fmt: skip
 
 
@@ -243,9 +245,16 @@ NON_DEFAULT = {
                      offload_optimizer=True, offload_param=True, reduce_bucket_size=1, allgather_bucket_size=2,
                      overlap_comm=False, stage3_prefetch_bucket_size=3, stage3_param_persistence_threshold=0,
                      stage3_max_live_parameters=5, reshard_after_forward=False, reduce_every_micro_step=False),
+    "validation": dict(validation_prompts=["a \"dog\", running", "🎬"], validation_images=["ü.png", "b.png"],
+                       validation_steps=7, validation_epochs=2, validation_height=32, validation_width=48,
+                       validation_num_frames=5, validation_inference_steps=3, validation_guidance_scale=1.0 / 3,
+                       validation_shift=2.5, validation_sampler="euler", validation_negative_prompt="",
+                       validation_seed=2**40, validation_data_meta="held.json", validation_data_dir="/held",
+                       eval_steps=9, eval_quantiles=[0.05, 0.5], eval_max_samples=3),
 }  # fmt: skip
-# Fields left at their default: use_fsdp (not with use_deepspeed), report_to (one allowed value).
-LEFT_DEFAULT = {"use_fsdp", "report_to"}
+# Fields left at their default: use_fsdp (not with use_deepspeed), report_to (one allowed value),
+# eval_holdout (not with validation_data_meta).
+LEFT_DEFAULT = {"use_fsdp", "report_to", "eval_holdout"}
 
 
 def test_round_trip(tmp_path, monkeypatch):
@@ -283,3 +292,29 @@ def test_did_you_mean_only_for_close_spellings():
     for far in ("--wandb_entity=me", "--push_to_wandb=1"):  # no close key here
         (problem,) = [p for p in problems_of([DATA, far]) if far.split("=")[0] in p]
         assert "did you mean" not in problem, problem
+
+
+def test_validation_section(tmp_path):
+    """Prompts hold commas: each command-line token is one prompt; numbers lists; the checks listed."""
+    cfg = load_config([DATA, "--validation_prompts", "a dog, running", "a cat", "--seed", "3"])
+    assert cfg.validation.validation_prompts == ["a dog, running", "a cat"] and cfg.train.seed == 3
+    assert load_config([DATA, "--validation_prompts=a dog, running"]).validation.validation_prompts == [
+        "a dog, running"
+    ]
+    cfg = load_config([DATA, "--validation_prompts", '["a", "b, c"]', "--eval_quantiles=0.25,0.5"])
+    assert cfg.validation.validation_prompts == ["a", "b, c"] and cfg.validation.eval_quantiles == [0.25, 0.5]
+    path = write(tmp_path, "[validation]\neval_quantiles = [0.1, 0.9]\nvalidation_prompts = ['x']\n")
+    assert load_config([DATA, "--cfg", path]).validation.eval_quantiles == [0.1, 0.9]
+    assert has(problems_of([DATA, "--eval_quantiles=0.5,1.5"]), "eval_quantiles must be", "(0, 1)")
+    assert has(problems_of([DATA, "--eval_quantiles=[true]"]), "--eval_quantiles", "a list of numbers")
+    assert has(problems_of([DATA, "--validation_height=100"]), "validation_height must be a multiple of 16")
+    assert has(problems_of([DATA, "--validation_num_frames=10"]), "validation_num_frames must be 4k+1")
+    assert has(problems_of([DATA, "--validation_sampler=ddim"]), "validation_sampler must be one of unipc, euler")
+    assert has(problems_of([DATA, "--validation_images=a.png"]), "validation_images", "text-to-video")
+    i2v = [DATA, "--train_mode=i2v", "--preset=debug-i2v", "--validation_prompts", "a", "b", "c"]
+    assert has(problems_of([*i2v, "--validation_images", "x.png", "y.png"]), "one per prompt (3), got 2")
+    assert load_config([*i2v, "--validation_images", "x.png"]).validation.validation_images == ["x.png"]
+    # VideoX-Fun's --validation_paths is our validation_images
+    assert load_config([*i2v, "--validation_paths", "x.png"]).validation.validation_images == ["x.png"]
+    assert has(problems_of([DATA, "--eval_holdout=2", "--validation_data_meta=v.json"]), "use one held-out set")
+    assert load_config([DATA, "--validation_prompts="]).validation.validation_prompts == []

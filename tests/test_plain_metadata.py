@@ -52,7 +52,7 @@ def plain(tmp_path_factory) -> tuple[Path, list[str]]:
 def run(meta: Path, out: Path, steps: int):
     args = [
         "--cfg", str(REPO / "configs" / "debug.toml"), f"--train_data_meta={meta}", "--train_data_dir=",
-        f"--output_dir={out}", "--mixed_precision=fp32", "--progress_bar=false", "--dataloader_num_workers=0",
+        "--eval_holdout=0", "--validation_prompts=[]", f"--output_dir={out}", "--mixed_precision=fp32", "--progress_bar=false", "--dataloader_num_workers=0",
         f"--max_train_steps={steps}", "--checkpointing_steps=2", "--resume_from_checkpoint=latest",
         "--video_sample_n_frames=9",
     ]  # fmt: skip

@@ -228,6 +228,7 @@ COMPANIONS = {
     "fsdp_sharding_strategy": ["--use_fsdp"], "fsdp_offload_params": ["--use_fsdp"],
     "deepspeed_config_file": ["--use_deepspeed"], "zero3_save_16bit_model": ["--zero_stage", "3", "--use_deepspeed"],
     "zero_stage": ["--use_deepspeed"], "video_sample_size": ["--token_sample_size=256"],
+    "validation_paths": ["--train_mode=i2v", "--pretrained_model_name_or_path=models/wan-i2v"],
 }  # fmt: skip
 
 
@@ -356,14 +357,16 @@ def test_a_pasted_line_trains_on_two_ranks(tmp_path):
         f"--output_dir={tmp_path / 'out'} --gradient_checkpointing --mixed_precision=no --adam_weight_decay=3e-2 "
         "--adam_epsilon=1e-10 --vae_mini_batch=1 --max_grad_norm=0.05 --random_hw_adapt "
         "--training_with_video_token_length --enable_bucket --uniform_sampling --low_vram "
-        '--train_mode="normal" --trainable_modules blocks head --validation_prompts "a dog" "a cat" '
-        "--report_to tensorboard --progress_bar=false"
+        '--train_mode="normal" --trainable_modules blocks head --validation_prompts "a dog, running" "a cat" '
+        "--validation_steps=2 --validation_inference_steps=2 --report_to tensorboard --progress_bar=false"
     )
     proc = torchrun(data, tmp_path / "out", *flags, nproc=2, base=False)
     out = proc.stdout + proc.stderr
     assert "it fell" in out or "did NOT fall" in out
     assert "DiT on the zero2 engine" in out
-    for note in ("--validation_prompts: no effect here", "--deepspeed_multinode_launcher: no effect here",
+    samples = sorted(p.name for p in (tmp_path / "out" / "samples").glob("step-*/*.mp4"))  # steps 2 and 3 (end)
+    assert len(samples) == 4 and "running" in samples[0], samples  # a comma stays inside its prompt
+    for note in ("--deepspeed_multinode_launcher: no effect here",
                  "scripts/wan2.1/train.py: no effect here", "mixed_precision 'no' is 'fp32' here"):  # fmt: skip
         assert out.count(note) == 1, (note, out[-3000:])
 

@@ -26,6 +26,7 @@ except ModuleNotFoundError:  # Python 3.10
 from train.data.loader import DataConfig
 from train.flow import MODE_SCALE_RANGE, WEIGHTING_SCHEMES
 from train.lr import LR_SCHEDULERS
+from train.validation import ValidationConfig
 from train.videox_fun import FLAG, OPTIONS, VALUES, apply_model_yaml, settle, their_option
 from wan.configs import DIT_PRESETS
 
@@ -306,16 +307,35 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def problems(self) -> list[str]:
         out = [f"[{f.name}] {p}" for f in fields(self) for p in getattr(self, f.name).problems()]
-        # Cross-section checks go here (none yet: i2v needs nothing outside [model] so far).
+        v = self.validation
+        if v.validation_images and self.model.train_mode != "i2v":
+            out.append(
+                '[validation] validation_images are first frames for train_mode = "i2v"; this run is text-to-video'
+            )
+        if self.model.train_mode == "i2v" and v.validation_prompts:
+            n, m = len(v.validation_images), len(v.validation_prompts)
+            if n not in (1, m):
+                out.append(
+                    f"[validation] i2v needs one validation image for all prompts or one per prompt ({m}), got {n}"
+                )
+        if v.eval_holdout and self.data.train_data_meta == "" and self.data.train_data_dir == "":
+            out.append("[validation] eval_holdout needs a training set to hold clips out of")
         return out
 
 
 # Section name -> class; the loader looks keys up here (tests add a section to make a key ambiguous).
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(RunConfig)}
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list[str]: "a list of strings"}
+_TYPE_NAMES = {
+    str: "a string", int: "an integer", float: "a number", bool: "a boolean", list[str]: "a list of strings",
+    list[float]: "a list of numbers",
+}  # fmt: skip
+# List keys whose items are prose (prompts hold commas): on the command line each token is one item,
+# never split at commas (a TOML array ["a", "b"] also works).
+PROSE_LISTS = ("validation_prompts",)
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
@@ -363,10 +383,14 @@ def _from_toml(value: Any, typ: Any) -> Any:
         ok = isinstance(value, (int, typ)) and not isinstance(value, bool)  # bool is an int subclass
     elif typ == list[str]:
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    elif typ == list[float]:
+        ok = isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
     else:
         raise TypeError(f"config fields of type {typ} are not supported")
     if not ok:
         raise ValueError
+    if typ == list[float]:
+        return [float(v) for v in value]
     return float(value) if typ is float else list(value) if typ == list[str] else value
 
 
@@ -377,10 +401,14 @@ def _from_cli(text: str, typ: Any) -> Any:
         return _BOOLS[text.lower()]
     if typ is int or typ is float:
         return typ(text)
-    if typ == list[str]:
+    if typ == list[str] or typ == list[float]:
         if text.lstrip().startswith("["):  # a TOML array: ["a", "b"]
-            return _from_toml(tomllib.loads(f"v = {text}")["v"], typ)
-        return [part.strip() for part in text.split(",") if part.strip()]
+            try:
+                return _from_toml(tomllib.loads(f"v = {text}")["v"], typ)
+            except tomllib.TOMLDecodeError:
+                raise ValueError from None
+        parts = [part.strip() for part in text.split(",") if part.strip()]
+        return parts if typ == list[str] else [float(part) for part in parts]
     return _from_toml(text, typ)
 
 
@@ -476,10 +504,11 @@ def load_config(argv: list[str], notes: list[str] | None = None) -> RunConfig:
                 if loc or theirs or name == "cfg":
                     cli_problems.append(f"{flag} needs a value")
                 continue
-            elif typ == list[str] or (theirs and theirs.takes == VALUES):
+            elif typ in (list[str], list[float]) or (theirs and theirs.takes == VALUES):
                 # VideoX-Fun's spelling of a list: --trainable_modules blocks head (argparse nargs="+").
                 values = list(itertools.takewhile(lambda t: not t.startswith("--"), argv[i:]))
-                parts = [part.strip() for value in values for part in value.split(",") if part.strip()]
+                prose = loc is not None and loc[1] in PROSE_LISTS  # prompts hold commas: one token, one item
+                parts = values if prose else [p.strip() for value in values for p in value.split(",") if p.strip()]
                 text = values[0] if len(values) == 1 else json.dumps(parts)  # one value: a,b or ["a", "b"]
                 i += len(values)
             else:
@@ -505,7 +534,9 @@ def load_config(argv: list[str], notes: list[str] | None = None) -> RunConfig:
             continue
         typ = _types(SECTIONS[section])[key]
         try:
-            setattr(getattr(cfg, section), key, _from_cli(text, typ))
+            prose = key in PROSE_LISTS and not text.lstrip().startswith("[")
+            value = ([text] if text.strip() else []) if prose else _from_cli(text, typ)  # --validation_prompts= : none
+            setattr(getattr(cfg, section), key, value)
             explicit.add(f"{section}.{key}")
             from_cli.add(f"{section}.{key}")
         except ValueError:
@@ -562,6 +593,13 @@ def check_paths(cfg: RunConfig) -> list[str]:
         need(d.train_data_meta, "train_data_meta", "file or folder")
     if d.train_data_dir:
         need(d.train_data_dir, "train_data_dir", "folder")
+    v = cfg.validation
+    for image in v.validation_images:
+        need(image, "validation_images", "file")
+    if v.validation_data_meta:
+        need(v.validation_data_meta, "validation_data_meta", "file or folder")
+    if v.validation_data_dir:
+        need(v.validation_data_dir, "validation_data_dir", "folder")
     return out
 
 
@@ -590,7 +628,7 @@ def config_to_toml(cfg: RunConfig) -> str:
 
 
 def _type_name(typ: Any) -> str:
-    return "list[str]" if typ == list[str] else typ.__name__
+    return "list[str]" if typ == list[str] else "list[float]" if typ == list[float] else typ.__name__
 
 
 def help_text() -> str:

@@ -78,6 +78,12 @@ class Engine(Protocol):
 
     def forward(self, *args, **kwargs) -> torch.Tensor: ...
 
+    def inference_forward(self, *args, **kwargs) -> torch.Tensor:
+        """The DiT's prediction under no_grad in the training precision, outside the training
+        bookkeeping (validation sampling, the eval loss). Collective under zero3 and fsdp: every rank
+        calls it the same number of times (inputs may differ)."""
+        ...
+
     def micro_step(self, last: bool) -> contextlib.AbstractContextManager: ...
 
     def backward(self, loss: torch.Tensor) -> None: ...
@@ -281,6 +287,12 @@ class DDPEngine:
     def forward(self, *args, **kwargs) -> torch.Tensor:
         with self.precision:
             return self.model(*args, **kwargs)
+
+    @torch.no_grad()
+    def inference_forward(self, *args, **kwargs) -> torch.Tensor:
+        # The bare module, not the DDP wrapper: no collective, so ranks may sample different counts.
+        with self.precision:
+            return self.module(*args, **kwargs)
 
     @contextlib.contextmanager
     def micro_step(self, last: bool) -> Iterator[None]:

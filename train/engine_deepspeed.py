@@ -359,6 +359,12 @@ class DeepSpeedEngine:
         # regions); fp32: nothing to do.
         return self.engine(*args, **kwargs)
 
+    @torch.no_grad()
+    def inference_forward(self, *args, **kwargs) -> torch.Tensor:
+        # The module, past the engine's training bookkeeping; under zero3 its hooks gather each
+        # module's parameters from every rank, so this is a collective there.
+        return self.engine.module(*args, **kwargs)
+
     @contextlib.contextmanager
     def micro_step(self, last: bool) -> Iterator[None]:
         # We own the accumulation boundary (DeepSpeed's micro-step counter would otherwise expect an

@@ -154,6 +154,11 @@ class FSDPEngine:
         # No autocast here: with bf16 gathered weights the model opens its own (see __init__); fp32 runs plain.
         return self.model(*args, **kwargs)
 
+    @torch.no_grad()
+    def inference_forward(self, *args, **kwargs) -> torch.Tensor:
+        # Collective: each block's parameters are all-gathered by every rank.
+        return self.model(*args, **kwargs)
+
     @contextlib.contextmanager
     def micro_step(self, last: bool) -> Iterator[None]:
         if not self.setup.parallel.reduce_every_micro_step:

@@ -19,6 +19,7 @@ Shapes: B samples, C latent channels, F/H/W latent frames/height/width.
 
 import math
 import operator
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -178,6 +179,32 @@ class FlowMatching:
             for p in _ints("positions", positions)
         ]
         return torch.stack(noise).to(device)
+
+    def sigma_quantile(self, q: float) -> float:
+        """The q-quantile (0 < q < 1) of the shifted sigmas `sample_sigmas` draws, in float64, for
+        measuring a loss at fixed points of the training timestep distribution (train/eval_loss.py).
+
+        Closed forms, as every density here has one: the unshifted u's quantile, then the shift and the
+        clamp (both monotone increasing, so they map quantiles to quantiles):
+        - uniform (and uniform_sampling, whose strata make u uniform over a global batch): u_q = q;
+        - logit_normal: u_q = sigmoid(logit_mean + logit_std * Phi^-1(q));
+        - mode: u = f(v) with v ~ U(0, 1) and f non-increasing on [0, 1] for every allowed mode_scale
+          (f' = -1 + mode_scale * (pi/2 sin(pi v) - 1) <= 0), so P(u <= f(1 - q)) = P(v >= 1 - q) = q
+          and u_q = f(1 - q).
+        """
+        q = float(q)
+        if not 0 < q < 1:
+            raise ValueError(f"a quantile must lie in (0, 1), got {q}")
+        if self.uniform_sampling or self.weighting_scheme not in ("logit_normal", "mode"):
+            u = q
+        elif self.weighting_scheme == "logit_normal":
+            z = statistics.NormalDist().inv_cdf(q)
+            x = self.logit_mean + self.logit_std * z
+            u = 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))  # no overflow
+        else:
+            v = 1 - q
+            u = 1 - v - self.mode_scale * (math.cos(math.pi * v / 2) ** 2 - 1 + v)
+        return min(max(shift_sigma(u, self.shift), SIGMA_EPS), 1 - SIGMA_EPS)
 
     def timesteps(self, sigmas: torch.Tensor) -> torch.Tensor:
         """The DiT's t [B] float32 = sigma * num_train_timesteps (continuous, not rounded to integers)."""

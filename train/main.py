@@ -39,10 +39,12 @@ from train.data.buckets import token_length_repeats
 from train.data.dataset import BadDataError, BadSampleTracker, pixels_to_model
 from train.data.loader import build_dataloader
 from train.engine import ConsolidatedWeights, EngineSetup, StepResult, build_engine, check_mixed_precision
+from train.eval_loss import build_eval_loss
 from train.flow import FlowMatching, batch_positions
 from train.guard import hold_output_dir, release_output_dir, tie_rank_to_launcher
 from train.metrics import StepStats, StepTimer, build_metrics
 from train.models import Models, build_dit_recipe, build_models
+from train.validation import ValidationSampler, sampling_options
 from wan.encoders import encode_i2v_condition, encode_latents
 
 log = logging.getLogger("train")
@@ -198,9 +200,11 @@ class Trainer:
 
         m = cfg.model
         self.accumulation = t.gradient_accumulation_steps
+        held_out: list = []  # eval_holdout: training samples kept out of training for the eval loss
         self.loader, self.sampler, self.tracker = build_dataloader(
             cfg.data, t.train_batch_size, self.rank, self.world_size, t.seed,
             pin_memory=self.device.type == "cuda", accumulation_steps=self.accumulation, cache_dir=self.out,
+            holdout=cfg.validation.eval_holdout, holdout_seed=cfg.validation.validation_seed, held_out=held_out,
         )  # fmt: skip
         self.total_steps = count_steps(self.sampler, cfg)
         resume = resolve_resume(self.out, cfg.checkpoint.resume_from_checkpoint)
@@ -253,7 +257,19 @@ class Trainer:
             loss_smoothing=cfg.logging.loss_smoothing, timestep_bins=cfg.logging.timestep_bins,
             log_dir=cfg.logging.logging_dir,
         )  # fmt: skip
+        self.metrics.add_text("config", f"```toml\n{config_to_toml(cfg)}\n```", self.state.step)
         self.timer = StepTimer(self.device)
+        self.validation: ValidationSampler | None = None
+        if cfg.validation.sampling_enabled():  # prompts, and validation_steps or validation_epochs
+            d = cfg.data
+            self.validation = ValidationSampler(
+                cfg.validation, sampling_options(cfg.validation, d.video_sample_size, d.video_sample_n_frames, t.shift),
+                models=self.models, engine=self.engine, engine_name=cfg.parallel.engine, dit_config=recipe.config,
+                rank=self.rank, world_size=self.world_size, device=self.device, output_dir=self.out,
+                metrics=self.metrics, offload=m.low_vram,
+            )  # fmt: skip
+        self.last_validated = self.state.step  # a resumed run samples again only after a step of its own
+        self.eval_loss = build_eval_loss(self, held_out)  # None unless [validation] asks for one
 
     def log(self, message: str) -> None:
         if self.rank == 0:
@@ -313,6 +329,8 @@ class Trainer:
             else:
                 return
             s.epoch, s.epoch_step = s.epoch + 1, 0
+            if self.validation is not None and self.validation.due_after_epoch(s.epoch):
+                self.validate()  # the epoch's last step (and its checkpoint) is done
 
     def timed(self, batches: Iterator[dict], count: int) -> Iterator[dict]:
         for _ in range(count):
@@ -387,6 +405,8 @@ class Trainer:
             f"training {self.total_steps} steps from step {s.step}: {self.world_size} rank(s) x batch "
             f"{cfg.train.train_batch_size} x {self.accumulation} micro-steps on {self.device}"
         )
+        if self.eval_loss is not None:
+            self.eval_loss.baseline(s.step)  # step 0 of a fresh run: the starting weights' eval loss
         for micro_batches in self.optimizer_steps():
             step_start = time.perf_counter()
             micro = [self.micro_step(batch, i) for i, batch in enumerate(micro_batches)]
@@ -398,6 +418,10 @@ class Trainer:
             self.metrics.log_text(f"step {s.step}: no final checkpoint (the last update was skipped)")
         elif s.last_saved != s.step:
             self.save_checkpoint()  # the final state, unless the last step just saved it
+        if self.validation is not None and self.last_validated != s.step:
+            self.validate()  # the final weights, unless the last step just sampled them
+        if self.eval_loss is not None:
+            self.eval_loss.at_end(s.step)  # the final weights, unless just evaluated
         first, last = self.metrics.first_and_last_smoothed()
         self.metrics.close()
         self.log_bad_samples()
@@ -455,6 +479,20 @@ class Trainer:
             )
         elif not skipped and (scheduled or s.save_due):
             self.save_checkpoint()
+        if self.eval_loss is not None:
+            self.eval_loss.after_step(s.step)  # after the checkpoint: an eval never costs the run a save
+        if self.validation is not None and self.validation.due_after_step(s.step) and s.step < self.total_steps:
+            # After the step's checkpoint, so sampling never costs the run; the last step's follows
+            # the final checkpoint (train).
+            self.validate()
+
+    def validate(self) -> None:
+        """Collective: sample the validation prompts with the current weights (train/validation.py)."""
+        s = self.state
+        if self.last_validated == s.step:  # the epoch's end fell on a validation step
+            return
+        self.validation.run(s.step)
+        self.last_validated = s.step
 
     def save_checkpoint(self) -> None:
         """Collective: checkpoint-{step}, only ever after a finite step (the callers see to it)."""

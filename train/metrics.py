@@ -15,6 +15,11 @@ What goes to TensorBoard (folder `output_dir/tensorboard`), at every step unless
   time/{name}_s                     the step's timed sections (see `StepTimer`)
   loss_by_timestep/bin_{k:02d}      mean loss of the samples whose timestep fell in bin k, per window
                                     of `log_every` steps (see `Metrics.log_step`)
+Written by the trainer through add_scalar / add_image / add_text, not every step:
+  config (text)                     the resolved config, once at the start of a run
+  validation/{i:03d} (image)        contact sheet of validation prompt i (train/validation.py)
+  validation/{i:03d}_prompt (text)  its prompt and seed
+  validation/seconds                wall time of a validation pass
 
 TensorBoard is a side channel: when its writer fails (a full disk, its folder removed) the run says so
 in one console line and writes no more events; training, the console lines and checkpoints go on.
@@ -364,6 +369,28 @@ class Metrics:
         except Exception as err:  # an OSError, or the writer thread's error re-raised as it was
             self._tensorboard_failed(err)
 
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        """One TensorBoard scalar outside the per-step set (validation/seconds, an eval loss)."""
+        self._add_scalar(tag, float(value), step)
+
+    def add_image(self, tag: str, image: np.ndarray, step: int) -> None:
+        """An RGB uint8 image [H, W, 3] (a validation contact sheet) in TensorBoard's images tab."""
+        if self.writer is None:
+            return
+        try:
+            self.writer.add_image(tag, np.ascontiguousarray(image), step, dataformats="HWC")
+        except Exception as err:  # as _add_scalar: the side channel fails quietly
+            self._tensorboard_failed(err)
+
+    def add_text(self, tag: str, text: str, step: int) -> None:
+        """A text summary (markdown) in TensorBoard's text tab: a validation prompt, the run's config."""
+        if self.writer is None:
+            return
+        try:
+            self.writer.add_text(tag, text, step)
+        except Exception as err:
+            self._tensorboard_failed(err)
+
     def _tensorboard_failed(self, err: BaseException) -> None:
         """One console line, then no more events: a broken side channel must not stop the run."""
         writer, self.writer = self.writer, None
@@ -459,6 +486,15 @@ class NullMetrics:
         pass
 
     def log_text(self, message: str) -> None:
+        pass
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        pass
+
+    def add_image(self, tag: str, image: np.ndarray, step: int) -> None:
+        pass
+
+    def add_text(self, tag: str, text: str, step: int) -> None:
         pass
 
     def first_and_last_smoothed(self) -> tuple[float | None, float | None]:

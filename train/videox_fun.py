@@ -40,7 +40,6 @@ def _refused(note: str, takes: str = FLAG) -> Option:
 
 
 _TORCHRUN = "torchrun sets it (--nnodes, --node_rank, --nproc_per_node, --master_addr, --master_port; see launch/)"
-_VALIDATION = "validation sampling during training is not built yet; sample afterwards from a checkpoint"
 
 OPTIONS: dict[str, Option] = {
     # --- scripts/wan2.1/train.py ---------------------------------------------------------------------
@@ -49,10 +48,9 @@ OPTIONS: dict[str, Option] = {
     "variant": _ignored("weights are read from the local pretrained_model_name_or_path folder (no Hub download)"),
     "cache_dir": _ignored("nothing is downloaded, so there is nothing to cache"),
     "non_ema_revision": _ignored("weights are read from the local folder (no Hub download)"),
-    "validation_prompts": _ignored(_VALIDATION, VALUES),
-    "validation_paths": _ignored(_VALIDATION, VALUES),
-    "validation_epochs": _ignored(_VALIDATION),
-    "validation_steps": _ignored(_VALIDATION),
+    "validation_paths": Option(
+        "mapped", "i2v first frames of the validation prompts", VALUES, target="validation.validation_images"
+    ),
     "random_flip": _ignored("VideoX-Fun's Wan2.1 script defines it but never flips", FLAG),
     "multi_stream": _ignored("the VAE encodes on the training stream; results are the same", FLAG),
     "push_to_hub": _ignored("VideoX-Fun never pushes either; upload the tools/zero_to_bf16.py folder yourself", FLAG),
@@ -165,7 +163,8 @@ SAME: tuple[str, ...] = (
     "token_sample_size", "video_sample_size", "image_sample_size", "video_sample_stride", "video_sample_n_frames",
     "video_repeat", "config_path", "transformer_path", "vae_path", "trainable_modules",
     "trainable_modules_low_learning_rate", "tokenizer_max_length", "use_deepspeed", "use_fsdp", "low_vram",
-    "train_mode", "weighting_scheme", "logit_mean", "logit_std", "mode_scale",
+    "train_mode", "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "validation_prompts",
+    "validation_steps", "validation_epochs",
 )  # fmt: skip
 
 THEIR_DEFAULTS: dict[str, str] = {
@@ -184,6 +183,7 @@ THEIR_DEFAULTS: dict[str, str] = {
     "video_sample_n_frames": "17",
     "video_repeat": "0 (= 1)",
     "weighting_scheme": "none",
+    "validation_epochs": "5",
 }
 
 _NOTES_OF_SAME: dict[str, str] = {
@@ -198,6 +198,8 @@ _NOTES_OF_SAME: dict[str, str] = {
     "trainable_modules_low_learning_rate": "a second AdamW group at half the learning rate, on every engine",
     "weighting_scheme": "also 'uniform' (= none)",
     "lr_scheduler": "constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial",
+    "validation_prompts": "sampled with the release's sampler (UniPC, guidance 5.0, its negative prompt), mp4 + TensorBoard",
+    "validation_steps": "also once at the end of training",
 }
 
 

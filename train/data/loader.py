@@ -7,6 +7,7 @@ Field names are VideoX-Fun's, so a user's old flags carry over.
 import functools
 import logging
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader
 from train.data.dataset import BadSampleTracker, SizeOptions, VideoDataset, bucket_keys, collate, make_choose
 from train.data.metadata import Sample, load_metadata
 from train.data.probe import fill_sizes
-from train.data.sampler import DistributedBucketBatchSampler
+from train.data.sampler import DistributedBucketBatchSampler, derive_seed
 from train.data.transfer import TransferPool
 from train.guard import tie_worker_to_parent
 
@@ -109,6 +110,26 @@ def plausible(sample: Sample) -> str | None:
     return None
 
 
+def hold_out(samples: list[Sample], count: int, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """(training samples, held-out samples): `count` distinct files drawn by a generator seeded with
+    `seed` alone, so every rank, every rerun and every resume of the same data and seed holds out the
+    same ones. Both lists keep the listed order. A file listed more than once is held out with all its
+    entries (the first one is evaluated), so no copy of it trains."""
+    paths = list(dict.fromkeys(s.path for s in samples))
+    if count >= len(paths):
+        raise ValueError(
+            f"eval_holdout = {count} would hold out all {len(paths)} usable files and leave nothing to train on; "
+            "hold out fewer, or give a separate validation_data_meta"
+        )
+    chosen = set(random.Random(derive_seed("eval_holdout", seed)).sample(paths, count))
+    held, seen = [], set()
+    for s in samples:
+        if s.path in chosen and s.path not in seen:
+            seen.add(s.path)
+            held.append(s)
+    return [s for s in samples if s.path not in chosen], held
+
+
 def build_dataloader(
     config: DataConfig,
     batch_size: int,
@@ -118,6 +139,9 @@ def build_dataloader(
     pin_memory: bool = False,
     accumulation_steps: int = 1,
     cache_dir: Path | None = None,
+    holdout: int = 0,
+    holdout_seed: int = 0,
+    held_out: list[Sample] | None = None,
 ) -> tuple[DataLoader, DistributedBucketBatchSampler, BadSampleTracker]:
     """The run's DataLoader (accumulation_steps micro-batches of batch_size per optimizer step), its
     sampler (set_epoch / state_dict for resume) and the tracker that counts bad samples; samples
@@ -126,7 +150,12 @@ def build_dataloader(
 
     Sizes the metadata leaves out are read from the files' headers (train/data/probe.py: spread over
     the ranks, so under torch.distributed every rank must call this) and kept in
-    `cache_dir/metadata_cache/` when cache_dir is given (the run's output_dir), so a restart reads none."""
+    `cache_dir/metadata_cache/` when cache_dir is given (the run's output_dir), so a restart reads none.
+
+    holdout > 0 keeps that many usable samples out of training (the eval loss's held-out set, see
+    `hold_out`; drawn with holdout_seed after max_train_samples and the refusals) and appends them to
+    `held_out`: they are not in the dataset at all, so neither the sampler nor a bad file's
+    replacement can ever serve them."""
     problems = config.problems()
     if problems:
         raise ValueError("invalid data config:\n  " + "\n  ".join(problems))
@@ -146,6 +175,10 @@ def build_dataloader(
             kept.append(sample)
     if not kept:
         raise ValueError(f"no usable samples in {config.train_data_meta or config.train_data_dir}")
+    if holdout:
+        kept, held = hold_out(kept, holdout, holdout_seed)
+        if held_out is not None:
+            held_out.extend(held)
 
     keys = bucket_keys(kept)
     if not config.enable_bucket:

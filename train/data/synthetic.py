@@ -16,83 +16,17 @@ from pathlib import Path
 import av
 import numpy as np
 
+from wan.media import fixed_quality, write_mp4
+
 INDEX_COLS, INDEX_ROWS = 4, 3
 INDEX_BITS = INDEX_COLS * INDEX_ROWS
 DARK, LIGHT = 40, 215  # well inside the limited range 16..235, 88 levels from the 128 threshold
 
 
-def _has_encoder(name: str) -> bool:
-    try:
-        av.Codec(name, "w")
-    except Exception:
-        return False
-    return True
-
-
-# h264 where this PyAV build has x264 (the wheels do); mpeg4 part 2 is in every FFmpeg build.
-VIDEO_CODEC = "libx264" if _has_encoder("libx264") else "mpeg4"
-
-
-def _rate(fps: float) -> Fraction:
-    return Fraction(fps).limit_denominator(1001)
-
-
-def rgb_to_yuv420p(rgb: np.ndarray) -> np.ndarray:
-    """BT.601 limited-range yuv420p, (H * 3 / 2, W) as PyAV's from_ndarray takes it, converted here:
-    swscale's converter reads uninitialised row padding for some widths, so the same frames did not
-    always give the same bytes (and the demo data must be deterministic)."""
-    r, g, b = (rgb[..., c].astype(np.float64) for c in range(3))
-    y = 16 + (65.481 * r + 128.553 * g + 24.966 * b) / 255
-    u = 128 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255
-    v = 128 + (112.0 * r - 93.786 * g - 18.214 * b) / 255
-    height, width = y.shape
-
-    def half(plane: np.ndarray) -> np.ndarray:  # the mean of each 2x2 block
-        return plane.reshape(height // 2, 2, width // 2, 2).mean(axis=(1, 3)).ravel()
-
-    planes = np.concatenate([y.ravel(), half(u), half(v)]).reshape(height * 3 // 2, width)
-    return np.clip(np.rint(planes), 0, 255).astype(np.uint8)
-
-
-def _fixed_quality(context: av.CodecContext, q: int) -> None:
-    """A constant quantiser, ffmpeg's `-q:v q` (1 best .. 31 worst) for mpeg4 and mjpeg."""
-    context.qscale = True  # the QSCALE flag
-    context.global_quality = q * 118  # FF_QP2LAMBDA
-
-
 def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: float = 16, qp: int = 20) -> Path:
-    """Encode RGB uint8 frames (H, W, 3; H and W even, as yuv420p needs) as a video (.mp4, .mkv, ...:
-    the container follows the extension) in h264 at constant quantiser qp (or mpeg4 when x264 is
-    missing), deterministically: one encoder thread, our own RGB->YUV conversion, no rate control."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as container:
-        stream = None
-        count = 0
-        for frame in frames:
-            frame = np.ascontiguousarray(frame, dtype=np.uint8)
-            if stream is None:
-                height, width = frame.shape[:2]
-                if frame.ndim != 3 or frame.shape[2] != 3 or height % 2 or width % 2:
-                    raise ValueError(f"{path}: frames must be (H, W, 3) with even H and W, got {frame.shape}")
-                stream = container.add_stream(VIDEO_CODEC, rate=_rate(fps))
-                stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-                stream.codec_context.thread_count = 1
-                if VIDEO_CODEC == "libx264":
-                    # constant qp, not crf: this x264 gave different bytes run to run in crf mode
-                    stream.options = {"qp": str(qp), "preset": "veryfast"}
-                else:
-                    _fixed_quality(stream.codec_context, 3)
-            video_frame = av.VideoFrame.from_ndarray(rgb_to_yuv420p(frame), format="yuv420p")
-            video_frame.pts, video_frame.time_base = count, Fraction(1) / _rate(fps)
-            count += 1
-            for packet in stream.encode(video_frame):
-                container.mux(packet)
-        if stream is None:
-            raise ValueError(f"{path}: no frames to write")
-        for packet in stream.encode(None):
-            container.mux(packet)
-    return path
+    """Encode RGB uint8 frames (H, W, 3; H and W even, as yuv420p needs) as a video, deterministically:
+    wan/media.py `write_mp4`, the project's one video encoder."""
+    return write_mp4(path, frames, fps=fps, qp=qp)
 
 
 def write_image(path: str | Path, image: np.ndarray) -> Path:
@@ -110,7 +44,7 @@ def write_image(path: str | Path, image: np.ndarray) -> Path:
     context.width, context.height, context.pix_fmt = image.shape[1], image.shape[0], pix_fmt
     context.time_base = Fraction(1, 1)
     if codec == "mjpeg":
-        _fixed_quality(context, 2)
+        fixed_quality(context, 2)
     frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format=pix_fmt)
     frame.pts = 0
     data = b"".join(bytes(p) for p in context.encode(frame)) + b"".join(bytes(p) for p in context.encode(None))
