@@ -19,16 +19,15 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from train_runs import REPO, base_args, data
+from train_runs import REPO, base_args, data, write_release_folder
 
 from tools.sample import build_parser, i2v_size, load_checkpoint_dit, main, plan
 from tools.zero_to_bf16 import merge
 from train.config import load_config
 from train.main import Trainer
-from train.models import T5_FILE, TOKENIZER_DIR, VAE_FILE, build_models
-from wan import T5_PRESETS, UMT5Encoder, WanModel, WanVAE, dit_preset, vae_preset
+from train.models import build_models
+from wan import WanModel, dit_preset
 from wan.media import contact_sheet, prompt_slug, sheet_layout, video_to_frames, write_mp4, write_png
-from wan.modules.tokenizer import DEBUG_TOKENIZER
 from wan.pipeline import SamplingOptions, generate
 
 __all__ = ["data"]  # a fixture
@@ -163,24 +162,9 @@ def test_i2v_keeps_the_aspect_of_the_image(i2v_checkpoint, tmp_path):
     assert entry["options"]["num_inference_steps"] == 3 and entry["options"]["shift"] == 5.0
 
 
-def write_release_folder(root: Path) -> None:
-    """A Wan2.1 release folder of the debug models (the layout train/models.py release_files reads)."""
-    torch.manual_seed(3)
-    dit = WanModel(**dit_preset("debug"))
-    torch.nn.init.normal_(dit.head.head.weight, std=0.02)  # a zero head would sample pure noise
-    dit.save_pretrained(root)
-    torch.save(WanVAE(**vae_preset("debug")).state_dict(), root / VAE_FILE)
-    t5 = UMT5Encoder(**T5_PRESETS["debug"])
-    torch.save({k: v.to(torch.bfloat16) for k, v in t5.state_dict().items()}, root / T5_FILE)
-    tokenizer = root / TOKENIZER_DIR
-    tokenizer.mkdir(parents=True)
-    shutil.copy(DEBUG_TOKENIZER, tokenizer / "spiece.model")
-    (tokenizer / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer", "extra_ids": 0}))
-
-
 def test_a_release_folder_and_a_transformer_folder(tmp_path):
     release, copy = tmp_path / "Wan2.1-T2V-tiny", tmp_path / "merged"
-    write_release_folder(release)
+    write_release_folder(release, seed=3, head_std=0.02)
     WanModel.from_pretrained(release).save_pretrained(copy)  # a DiT folder, as zero_to_bf16 writes one
     common = ["--prompt", PROMPT, "--size", "64x32", "--frames", "5", *FAST]
     assert sample("--model", release, "--out", tmp_path / "a", *common) == 0
@@ -195,7 +179,7 @@ def test_a_release_folder_and_a_transformer_folder(tmp_path):
 
 def test_a_run_from_a_release_folder_uses_its_encoders_and_moves_with_model(data, tmp_path):
     release = tmp_path / "release"
-    write_release_folder(release)
+    write_release_folder(release, seed=3, head_std=0.02)
     ckpt = train(data, tmp_path / "run", f"--pretrained_model_name_or_path={release}")
     common = ["--prompt", PROMPT, "--size", "32x32", "--frames", "5", *FAST]
     assert sample("--checkpoint", ckpt, "--out", tmp_path / "a", *common) == 0

@@ -4,9 +4,7 @@ middle of a checkpoint save loses nothing and the resumed run is bitwise the uni
 trainable_modules freezes the rest, i2v trains, bad configs are refused with every problem listed,
 and non-finite losses skip updates and stop the run."""
 
-import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,14 +13,13 @@ import pytest
 import torch
 from ranks import free_port
 from safetensors.torch import load_file
-from train_runs import REPO, assert_close_runs, base_args, data, final_weights, losses, torchrun
+from train_runs import REPO, assert_close_runs, base_args, data, final_weights, losses, torchrun, write_release_folder
 
 from train.checkpoint import KILL_ENV, find_latest
 from train.config import load_config
 from train.main import Trainer
-from train.models import T5_FILE, TOKENIZER_DIR, VAE_FILE
-from wan import T5_PRESETS, UMT5Encoder, WanModel, WanVAE, dit_preset, vae_preset
-from wan.modules.tokenizer import DEBUG_TOKENIZER
+from train.models import T5_FILE
+from wan import WanModel, dit_preset
 
 __all__ = ["data"]  # a fixture
 
@@ -149,22 +146,6 @@ def test_two_nodes_by_rendezvous_train_as_one_node(data, tmp_path):
     outputs = [node.communicate(timeout=600)[0] for node in nodes]
     assert all(node.returncode == 0 for node in nodes), "\n".join(o[-3000:] for o in outputs)
     assert_close_runs(tmp_path / "two_nodes", tmp_path / "one_node", 4)
-
-
-def write_release_folder(root: Path) -> WanModel:
-    """A tiny Wan2.1-T2V release folder in the official layout: DiT config.json + safetensors,
-    Wan2.1_VAE.pth, the umT5 .pth in bf16, and the google/umt5-xxl tokenizer folder."""
-    torch.manual_seed(7)
-    dit = WanModel(**dit_preset("debug"))
-    dit.save_pretrained(root)
-    torch.save(WanVAE(**vae_preset("debug")).state_dict(), root / VAE_FILE)
-    t5 = UMT5Encoder(**T5_PRESETS["debug"])
-    torch.save({k: v.to(torch.bfloat16) for k, v in t5.state_dict().items()}, root / T5_FILE)
-    tokenizer = root / TOKENIZER_DIR
-    tokenizer.mkdir(parents=True)
-    shutil.copy(DEBUG_TOKENIZER, tokenizer / "spiece.model")
-    (tokenizer / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer", "extra_ids": 0}))
-    return dit
 
 
 def test_trains_from_a_release_folder(data, tmp_path):

@@ -1,7 +1,9 @@
 """Helpers for tests that run the trainer as a user does (torchrun, real processes, gloo) and read
 what it wrote (TensorBoard losses, checkpoints)."""
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,8 +16,30 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from tools.make_demo_data import make_demo_data
 from train.checkpoint import find_latest
+from train.models import T5_FILE, TOKENIZER_DIR, VAE_FILE
+from wan import T5_PRESETS, UMT5Encoder, WanModel, WanVAE, dit_preset, vae_preset
+from wan.modules.tokenizer import DEBUG_TOKENIZER
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def write_release_folder(root: Path, seed: int = 7, head_std: float = 0.0) -> WanModel:
+    """A tiny Wan2.1-T2V release folder in the official layout: DiT config.json + safetensors,
+    Wan2.1_VAE.pth, the umT5 .pth in bf16, and the google/umt5-xxl tokenizer folder. head_std > 0
+    gives the DiT a random head (the init's zero head would sample pure noise)."""
+    torch.manual_seed(seed)
+    dit = WanModel(**dit_preset("debug"))
+    if head_std:
+        torch.nn.init.normal_(dit.head.head.weight, std=head_std)
+    dit.save_pretrained(root)
+    torch.save(WanVAE(**vae_preset("debug")).state_dict(), root / VAE_FILE)
+    t5 = UMT5Encoder(**T5_PRESETS["debug"])
+    torch.save({k: v.to(torch.bfloat16) for k, v in t5.state_dict().items()}, root / T5_FILE)
+    tokenizer = root / TOKENIZER_DIR
+    tokenizer.mkdir(parents=True)
+    shutil.copy(DEBUG_TOKENIZER, tokenizer / "spiece.model")
+    (tokenizer / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer", "extra_ids": 0}))
+    return dit
 
 
 @pytest.fixture(scope="module")

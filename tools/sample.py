@@ -317,26 +317,14 @@ def load_checkpoint_dit(
     """The DiT of training checkpoint `path` (any engine), read one tensor at a time as
     tools/zero_to_bf16.py merges it (tensors the checkpoint lacks come from the run's base model),
     cast to `dtype` and placed on `device`: no merged copy on disk, one copy in memory."""
-    from tools.zero_to_bf16 import READERS, Base, open_checkpoint
+    from tools.zero_to_bf16 import READERS, Base, fitting_model, open_checkpoint
 
     path = Path(path)
     ckpt = open_checkpoint(path)
     base_model = Base(ckpt, base)
     sources = READERS[ckpt.engine](path, ckpt.world_size, None)
-    try:
-        with torch.device("meta"):
-            model = WanModel(**base_model.config)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"the DiT config of {base_model.describe} is not a WanModel: {err}") from None
+    model = fitting_model(path, base_model, sources)
     expected = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
-    problems = [f"unexpected tensor {name}" for name in sources if name not in expected]
-    problems += [
-        f"{name} has shape {list(s.shape)} in the checkpoint, the model has {list(expected[name])}"
-        for name, s in sources.items()
-        if name in expected and s.shape != expected[name]
-    ]
-    if problems:
-        raise ValueError(f"{path} does not fit the DiT of {base_model.describe}: " + "; ".join(problems[:10]))
     if any(name not in sources for name in expected):
         base_model.check(model)
     for name in expected:

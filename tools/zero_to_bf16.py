@@ -536,6 +536,27 @@ class Base:
 # The merge
 
 
+def fitting_model(ckpt_dir: Path, base_model: Base, sources: dict[str, Source]) -> WanModel:
+    """The run's DiT on the meta device, after checking that every tensor the checkpoint holds is one
+    of its tensors with its shape (ValueError listing what does not fit)."""
+    try:
+        with torch.device("meta"):
+            model = WanModel(**base_model.config)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"the DiT config of {base_model.describe} is not a WanModel: {err}") from None
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    problems = [f"unexpected tensor {name}" for name in sources if name not in expected]
+    problems += [
+        f"{name} has shape {list(s.shape)} in the checkpoint, the model has {list(expected[name])}"
+        for name, s in sources.items()
+        if name in expected and s.shape != expected[name]
+    ]
+    if problems:
+        shown = problems[:20] + ([f"and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        raise ValueError(f"{ckpt_dir} does not fit the DiT of {base_model.describe}:\n  " + "\n  ".join(shown))
+    return model
+
+
 @dataclass
 class Summary:
     files: list[Path]
@@ -573,22 +594,8 @@ def merge(
     log(f"{ckpt_dir}: step {ckpt.step}, engine {ckpt.engine}, world size {ckpt.world_size}")
     sources = READERS[ckpt.engine](ckpt_dir, ckpt.world_size, tag)
 
-    try:
-        with torch.device("meta"):
-            model = WanModel(**base_model.config)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"the DiT config of {base_model.describe} is not a WanModel: {err}") from None
+    model = fitting_model(ckpt_dir, base_model, sources)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    problems = [f"unexpected tensor {name}" for name in sources if name not in expected]
-    problems += [
-        f"{name} has shape {list(s.shape)} in the checkpoint, the model has {list(expected[name])}"
-        for name, s in sources.items()
-        if name in expected and s.shape != expected[name]
-    ]
-    if problems:
-        shown = problems[:20] + ([f"and {len(problems) - 20} more"] if len(problems) > 20 else [])
-        raise ValueError(f"{ckpt_dir} does not fit the DiT of {base_model.describe}:\n  " + "\n  ".join(shown))
-
     out_dtype = OUT_DTYPES[dtype]
     rename = official_to_diffusers_key if fmt == "diffusers" else (lambda name: name)
     items = [ShardItem(rename(name), name, shape, out_dtype) for name, shape in expected.items()]

@@ -56,7 +56,7 @@ import torch
 import torch.distributed as dist
 
 from train.data.buckets import bucket_table, nearest_ratio, valid_frame_count
-from train.data.loader import DataConfig, plausible
+from train.data.loader import DataConfig, drop_implausible
 from train.data.metadata import Sample, load_metadata
 from train.data.probe import fill_sizes
 from train.data.sampler import derive_seed
@@ -113,14 +113,7 @@ def eval_samples(
     folder = validation.validation_data_dir or data.train_data_dir or None
     samples = load_metadata(meta, folder, skipped)[:limit]
     samples = fill_sizes(samples, meta, folder, cache_dir, skipped, rank=rank)
-    kept = []
-    for sample in samples:
-        reason = plausible(sample)
-        if reason:
-            skipped.append((str(sample.path), reason))
-        else:
-            kept.append(sample)
-    return kept, skipped
+    return drop_implausible(samples, skipped), skipped
 
 
 # --- the evaluation -------------------------------------------------------------------------------------

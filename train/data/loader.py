@@ -130,6 +130,18 @@ def hold_out(samples: list[Sample], count: int, seed: int) -> tuple[list[Sample]
     return [s for s in samples if s.path not in chosen], held
 
 
+def drop_implausible(samples: list[Sample], skipped: list[tuple[str, str]]) -> list[Sample]:
+    """The samples `plausible` accepts; the others go to `skipped` as (path, reason)."""
+    kept = []
+    for sample in samples:
+        reason = plausible(sample)
+        if reason:
+            skipped.append((str(sample.path), reason))
+        else:
+            kept.append(sample)
+    return kept
+
+
 def build_dataloader(
     config: DataConfig,
     batch_size: int,
@@ -166,13 +178,7 @@ def build_dataloader(
     samples = fill_sizes(
         samples, config.train_data_meta or None, config.train_data_dir or None, cache_dir, skipped, rank=rank
     )
-    kept = []
-    for sample in samples:
-        reason = plausible(sample)
-        if reason:
-            skipped.append((str(sample.path), reason))
-        else:
-            kept.append(sample)
+    kept = drop_implausible(samples, skipped)
     if not kept:
         raise ValueError(f"no usable samples in {config.train_data_meta or config.train_data_dir}")
     if holdout:
