@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint bench-dit bench-t5 bench-vae bench-data bench-probe bench-train bench-sample clean
+.PHONY: install demo test test-fast lint bench-dit bench-t5 bench-vae bench-data bench-probe bench-train bench-sample bench-step clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -61,6 +61,9 @@ bench-train: $(STAMP)
 
 bench-sample: $(STAMP)
 	$(PY) bench/sample.py
+
+bench-step: $(STAMP)
+	$(PY) bench/gpu_step.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

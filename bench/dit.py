@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import measure_peak, run_worker  # noqa: E402
+from train.flops import forward_flops  # noqa: E402
 
 
 def build_config(args) -> dict:
@@ -32,22 +33,9 @@ def build_config(args) -> dict:
     )  # fmt: skip
 
 
-def step_flops(cfg: dict, batch: int, frames: int, height: int, width: int) -> int:
-    """Matmul FLOPs of one forward pass (2 per multiply-add); backward is twice that."""
-    d, ffn, layers, text_len = cfg["dim"], cfg["ffn_dim"], cfg["num_layers"], cfg["text_len"]
-    s = frames * (height // 2) * (width // 2)
-    per_block = (
-        2 * s * d * d * 4  # self-attention q, k, v, o
-        + 2 * s * s * d * 2  # self-attention scores and weighted sum
-        + 2 * s * d * d * 2  # cross-attention q, o
-        + 2 * text_len * d * d * 2  # cross-attention k, v on the text
-        + 2 * s * text_len * d * 2  # cross-attention scores and weighted sum
-        + 2 * s * d * ffn * 2  # feed-forward
-    )
-    embed = 2 * s * cfg["in_dim"] * 4 * d + 2 * text_len * (cfg["text_dim"] * d + d * d)
-    time_emb = 2 * (256 * d + d * d + d * 6 * d)
-    head = 2 * s * d * 4 * cfg["out_dim"]
-    return batch * (layers * per_block + embed + time_emb + head)
+def step_flops(cfg: dict, batch: int, frames: int, height: int, width: int) -> float:
+    """Matmul FLOPs of one forward pass (2 per multiply-add; backward is twice that): train/flops.py."""
+    return forward_flops(cfg, batch, (frames, height, width))
 
 
 def worker(args) -> None:
@@ -60,7 +48,7 @@ def worker(args) -> None:
         model = WanModel(**cfg)
         torch.nn.init.normal_(model.head.head.weight, std=0.02)
         if args.checkpointing:
-            model.set_gradient_checkpointing(True)
+            model.set_gradient_checkpointing(args.checkpoint_mode)
     else:
         from diffusers import WanTransformer3DModel
 
@@ -123,6 +111,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="timing processes per implementation, alternating")
+    parser.add_argument("--checkpoint_mode", choices=["full", "selective"], default="full",
+                        help="our DiT's mode in the checkpointing rows (diffusers' is always full)")  # fmt: skip
     parser.add_argument("--impl", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--measure", choices=["time", "memory"], help=argparse.SUPPRESS)

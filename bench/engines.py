@@ -71,7 +71,9 @@ def worker(args: argparse.Namespace) -> None:
     config.pop("_class_name")
 
     def recipe() -> DiTRecipe:
-        return DiTRecipe(config=config, weights=DiTWeights(args.release, config, 0), gradient_checkpointing=True)
+        return DiTRecipe(
+            config=config, weights=DiTWeights(args.release, config, 0), gradient_checkpointing=args.checkpointing
+        )
 
     parallel = ParallelConfig(engine=args.engine, reduce_bucket_size=args.bucket, allgather_bucket_size=args.bucket)
     setup = EngineSetup(
@@ -145,7 +147,7 @@ def run_engine(engine: str, args: argparse.Namespace, release: Path, out: Path) 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
            "--worker", engine, "--release", str(release), "--out", str(out)]  # fmt: skip
     cmd += [f"--{k}={v}" for k, v in vars(args).items() if k in ("dim", "ffn", "heads", "layers", "text_dim",
-                                                                  "frames", "size", "steps", "warmup", "precision", "bucket")]  # fmt: skip
+                                                                  "checkpointing", "frames", "size", "steps", "warmup", "precision", "bucket")]  # fmt: skip
     env = {**MEMORY_ENV, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
@@ -185,6 +187,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--checkpointing", default="full", choices=("full", "selective", "none"),
+                        help="the DiT's gradient checkpointing mode")  # fmt: skip
     parser.add_argument("--bucket", type=int, default=500_000_000, help="DeepSpeed reduce/allgather bucket elements")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--no-merge", action="store_true")

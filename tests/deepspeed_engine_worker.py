@@ -232,7 +232,7 @@ def run(out: Path, engine_name: str, rank: int, world: int) -> dict:
     # Host offload (torch AdamW on the host partitions) and gradient checkpointing (non-reentrant, under
     # ZeRO-3 too) against DDP after SAVE_AT steps.
     r = recipe()
-    r.gradient_checkpointing = True
+    r.gradient_checkpointing = "full"
     offload = setup(engine_name)
     offload.parallel.offload_optimizer = True
     offload.parallel.offload_param = engine_name == "zero3"

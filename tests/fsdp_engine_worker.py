@@ -49,7 +49,7 @@ def recipe(trainable: list[str] | None = None, checkpointing: bool = False) -> D
         config=dit_preset("debug"),
         weights=Weights("", dit_preset("debug"), seed=42),
         trainable_modules=trainable or ["."],
-        gradient_checkpointing=checkpointing,
+        gradient_checkpointing="full" if checkpointing else "none",
     )
 
 

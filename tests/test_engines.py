@@ -29,7 +29,14 @@ ENGINES = ("ddp", "zero2", "zero3", "fsdp")
 STEPS = 6
 # Tiny models never partition under ZeRO-3 below DeepSpeed's persistence threshold (1e5 elements):
 # 0 makes every parameter sharded, so the test exercises the real ZeRO-3 path.
-ENGINE_ARGS = {"ddp": [], "zero2": [], "zero3": ["--stage3_param_persistence_threshold=0"], "fsdp": []}
+# zero3 and fsdp checkpoint selectively (debug.toml: full), which gives the gradients of full checkpointing
+# bit for bit (tests/test_dit_checkpointing.py): their runs still equal DDP's, and cover selective
+# checkpointing under sharded parameters.
+ENGINE_ARGS = {
+    "ddp": [], "zero2": [],
+    "zero3": ["--stage3_param_persistence_threshold=0", "--gradient_checkpointing=selective"],
+    "fsdp": ["--gradient_checkpointing=selective", "--selective_checkpoint_matmuls"],
+}  # fmt: skip
 # Losses of different engines differ by float summation order only (measured: equal to float32 precision).
 RTOL = 1e-6
 
@@ -195,7 +202,7 @@ def test_videox_fun_use_deepspeed_resolves_with_the_seed_values(name, engine):
     assert (d.video_sample_stride, d.video_sample_n_frames) == (3, 81)
     assert (o.learning_rate, o.lr_scheduler, o.lr_warmup_steps) == (2e-5, "constant_with_warmup", 100)
     assert (o.adam_weight_decay, o.adam_epsilon, o.max_grad_norm) == (3e-2, 1e-10, 0.05)
-    assert (c.checkpointing_steps, t.mixed_precision, cfg.model.gradient_checkpointing) == (50, "bf16", True)
+    assert (c.checkpointing_steps, t.mixed_precision, cfg.model.gradient_checkpointing) == (50, "bf16", "full")
 
 
 @pytest.mark.slow

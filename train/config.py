@@ -31,6 +31,15 @@ from train.videox_fun import FLAG, OPTIONS, VALUES, apply_model_yaml, settle, th
 from wan.configs import DIT_PRESETS
 
 TRAIN_MODES = ("normal", "i2v")
+CHECKPOINTING_MODES = ("full", "selective", "none")
+ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math", "fa3")
+# String keys that also take a boolean (their older spelling): true / false -> these values.
+BOOLEAN_CHOICES: dict[tuple[str, str], dict[bool, str]] = {
+    ("model", "gradient_checkpointing"): {True: "full", False: "none"},
+}
+BOOLEAN_CHOICE_WORDS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("model", "gradient_checkpointing"): CHECKPOINTING_MODES
+}
 MIXED_PRECISIONS = ("bf16", "fp16", "fp32")
 REPORT_TO = ("tensorboard",)
 ENGINES = ("ddp", "zero2", "zero3", "fsdp")
@@ -69,10 +78,20 @@ class ModelConfig:
     trainable_modules_low_learning_rate: list[str] = field(default_factory=list)
     """Parameter name substrings that train at half the learning rate (when trainable_modules does
     not already match them)."""
-    gradient_checkpointing: bool = False
-    """Recompute DiT block activations in the backward pass (less memory, ~30% more compute)."""
+    gradient_checkpointing: str = "none"
+    """Activation checkpointing of the DiT blocks: "full" (recompute each block in backward: least
+    memory, ~1/3 more compute), "selective" (keep the attention outputs, recompute the cheap rest) or
+    "none". true / false mean "full" / "none"."""
     gradient_checkpointing_every: int = 1
     """Checkpoint every k-th block only (1: all blocks)."""
+    selective_checkpoint_matmuls: bool = False
+    """With gradient_checkpointing = "selective", also keep the large matmul outputs (more memory,
+    less recompute)."""
+    compile: bool = False
+    """torch.compile each DiT block (bucketed shapes; recompiles are counted and logged)."""
+    attention_backend: str = "auto"
+    """SDPA kernel: "auto" (cuDNN on Hopper, flash elsewhere, FlashAttention-3 when flash_attn_interface
+    is installed; the math kernel on the CPU), "cudnn", "flash", "efficient", "math" or "fa3"."""
     low_vram: bool = False
     """Keep the VAE, text and image encoders off the GPU except while they encode."""
     vae_mini_batch: int = 1
@@ -80,6 +99,10 @@ class ModelConfig:
 
     def problems(self) -> list[str]:
         out = _choice("train_mode", self.train_mode, TRAIN_MODES) + _choice("preset", self.preset, tuple(DIT_PRESETS))
+        out += _choice("gradient_checkpointing", self.gradient_checkpointing, CHECKPOINTING_MODES)
+        out += _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        if self.selective_checkpoint_matmuls and self.gradient_checkpointing != "selective":
+            out.append('selective_checkpoint_matmuls needs gradient_checkpointing = "selective"')
         if not self.trainable_modules:
             out.append('trainable_modules is empty: nothing would train ("." trains all)')
         out += _at_least(self, 1, "gradient_checkpointing_every", "vae_mini_batch", "tokenizer_max_length")
@@ -221,6 +244,8 @@ class LoggingConfig:
     """TensorBoard folder, relative to output_dir (VideoX-Fun's name; an absolute path is used as is)."""
     report_to: str = "tensorboard"
     """Where curves go: "tensorboard" (the only built-in tracker; wandb can sync its folder)."""
+    peak_tflops: float = 0.0
+    """The accelerator's dense bf16 peak in TFLOP/s for MFU; 0: from the GPU's name (none on the CPU)."""
 
     def problems(self) -> list[str]:
         out = _at_least(self, 1, "log_every", "timestep_bins")
@@ -231,6 +256,8 @@ class LoggingConfig:
             )
         if not self.logging_dir:
             out.append("logging_dir must not be empty")
+        if not self.peak_tflops >= 0:
+            out.append(f"peak_tflops must be >= 0 (0: from the GPU's name), got {self.peak_tflops}")
         if not 0 <= self.loss_smoothing < 1:
             out.append(f"loss_smoothing must be in [0, 1), got {self.loss_smoothing}")
         return out
@@ -324,6 +351,14 @@ class RunConfig:
                 )
         if v.eval_holdout and self.data.train_data_meta == "" and self.data.train_data_dir == "":
             out.append("[validation] eval_holdout needs a training set to hold clips out of")
+        if self.model.compile and self.parallel.engine == "zero3":
+            # Measured (debug DiT, CPU, deepspeed 0.19.8): ZeRO-3's gather / release hooks on every
+            # submodule break each compiled block into ~a dozen graphs, and a step ran ~100x slower.
+            out.append(
+                "[model] compile = true does not work with [parallel] engine = 'zero3': DeepSpeed's "
+                "per-module parameter hooks break every compiled block into many small graphs (slower "
+                "than eager); use engine 'fsdp' (sharded like zero3, compiles) or 'zero2' / 'ddp', or compile = false"
+            )
         return out
 
 
@@ -461,6 +496,8 @@ def _apply_toml(cfg: RunConfig, path: str, problems: list[str], explicit: set[st
             if key not in types:
                 problems.append(f"{path}: unknown key [{top}] {key}{_hint(key, types)}")
                 continue
+            if isinstance(value, bool) and (top, key) in BOOLEAN_CHOICES:
+                value = BOOLEAN_CHOICES[top, key][value]
             try:
                 setattr(getattr(cfg, top), key, _from_toml(value, types[key]))
                 explicit.add(f"{top}.{key}")
@@ -497,8 +534,10 @@ def load_config(argv: list[str], notes: list[str] | None = None) -> RunConfig:
         typ = _types(SECTIONS[loc[0]])[loc[1]] if loc else None
         if not eq:
             nxt = argv[i] if i < len(argv) else None
-            flag_like = typ is bool or (theirs and theirs.takes == FLAG)
-            if flag_like and (nxt is None or nxt.startswith("--") or nxt.lower() not in _BOOLS):
+            flag_like = typ is bool or (theirs and theirs.takes == FLAG) or (loc is not None and loc in BOOLEAN_CHOICES)
+            # the next token's words a flag may take: a boolean, or for BOOLEAN_CHOICES keys a choice too
+            words = set(_BOOLS) | (set(BOOLEAN_CHOICE_WORDS.get(loc, ())) if loc else set())
+            if flag_like and (nxt is None or nxt.startswith("--") or nxt.lower() not in words):
                 text = "true"  # a bare boolean flag (the next token is not a boolean: the script path, say)
             elif nxt is None or nxt.startswith("--"):
                 if loc or theirs or name == "cfg":
@@ -534,6 +573,8 @@ def load_config(argv: list[str], notes: list[str] | None = None) -> RunConfig:
             continue
         typ = _types(SECTIONS[section])[key]
         try:
+            if (section, key) in BOOLEAN_CHOICES and text.lower() in _BOOLS:
+                text = BOOLEAN_CHOICES[section, key][_BOOLS[text.lower()]]
             prose = key in PROSE_LISTS and not text.lstrip().startswith("[")
             value = ([text] if text.strip() else []) if prose else _from_cli(text, typ)  # --validation_prompts= : none
             setattr(getattr(cfg, section), key, value)

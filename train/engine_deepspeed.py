@@ -331,7 +331,7 @@ class DeepSpeedEngine:
         trainable = dict(meta.named_parameters())
         for name, param in model.named_parameters():
             param.requires_grad_(trainable[name].requires_grad)
-        model.checkpointed_blocks = set(meta.checkpointed_blocks)
+        model.set_gradient_checkpointing(**meta.gradient_checkpointing_settings)
         del meta
 
         rank0 = _rank() == 0

@@ -40,12 +40,14 @@ from train.data.dataset import BadDataError, BadSampleTracker, pixels_to_model
 from train.data.loader import build_dataloader
 from train.engine import ConsolidatedWeights, EngineSetup, StepResult, build_engine, check_mixed_precision
 from train.eval_loss import build_eval_loss
+from train.flops import device_peak_tflops, micro_batch_flops
 from train.flow import FlowMatching, batch_positions
 from train.guard import hold_output_dir, release_output_dir, tie_rank_to_launcher
 from train.metrics import StepStats, StepTimer, build_metrics
-from train.models import Models, build_dit_recipe, build_models
+from train.models import CompileWatch, Models, build_dit_recipe, build_models
 from train.validation import ValidationSampler, sampling_options
 from wan.encoders import encode_i2v_condition, encode_latents
+from wan.modules.attention import device_label, set_attention_backend
 
 log = logging.getLogger("train")
 
@@ -163,6 +165,7 @@ class MicroStats:
     timesteps: torch.Tensor  # [B] on the CPU
     per_sample_loss: torch.Tensor  # [B]
     tokens: int
+    flops: float = 0.0  # model FLOPs (forward x 3, recompute excluded) from x0's real shape
 
 
 class Trainer:
@@ -225,7 +228,11 @@ class Trainer:
             from train.engine_deepspeed import deepspeed_config
 
             deepspeed_config(setup, self.world_size)
+        # The attention kernel, chosen explicitly (an unavailable one is refused here, before any model).
+        kernel = set_attention_backend(m.attention_backend, self.device)
+        self.log(f"attention: {kernel if kernel != 'default' else 'torch default'} ({device_label(self.device)})")
         recipe = build_dit_recipe(m, t.seed)
+        self.dit_config = recipe.config  # the step's FLOPs are counted from it (train/flops.py)
         self.models: Models = build_models(m, self.device, t.seed)
         self.engine = build_engine(recipe, setup)
         trainable, total = recipe.parameter_counts()
@@ -233,6 +240,7 @@ class Trainer:
             f"DiT on the {cfg.parallel.engine} engine: {trainable:,} of {total:,} parameters train "
             f"({100 * trainable / total:.1f}%)"
         )
+        self.compile_watch = CompileWatch() if m.compile else None  # graphs torch.compile makes, logged
         self.state = TrainerState(tracker=self.tracker)
         self.checkpointer = Checkpointer(
             self.out, rank=self.rank, world_size=self.world_size,
@@ -255,7 +263,7 @@ class Trainer:
             self.out, rank=self.rank, total_steps=self.total_steps, start_step=self.state.step,
             log_every=cfg.logging.log_every, progress_bar=cfg.logging.progress_bar,
             loss_smoothing=cfg.logging.loss_smoothing, timestep_bins=cfg.logging.timestep_bins,
-            log_dir=cfg.logging.logging_dir,
+            log_dir=cfg.logging.logging_dir, peak_tflops=device_peak_tflops(self.device, cfg.logging.peak_tflops),
         )  # fmt: skip
         self.metrics.add_text("config", f"```toml\n{config_to_toml(cfg)}\n```", self.state.step)
         self.timer = StepTimer(self.device)
@@ -270,6 +278,18 @@ class Trainer:
             )  # fmt: skip
         self.last_validated = self.state.step  # a resumed run samples again only after a step of its own
         self.eval_loss = build_eval_loss(self, held_out)  # None unless [validation] asks for one
+
+    def report_compiles(self, what: str, seconds: float) -> None:
+        """[model] compile: one line when torch.compile made new graphs (a new bucket shape, or the first
+        no_grad pass), and the TensorBoard scalar train/recompiles (graphs compiled so far)."""
+        fresh = self.compile_watch.new()
+        if fresh:
+            total = self.compile_watch.seen
+            self.log(
+                f"torch.compile: {fresh} new graph(s) of the DiT blocks for {what} ({seconds:.1f} s with the "
+                f"compile), {total} so far"
+            )
+            self.metrics.add_scalar("train/recompiles", total, self.state.step + 1)
 
     def log(self, message: str) -> None:
         if self.rank == 0:
@@ -387,6 +407,7 @@ class Trainer:
         x_t = self.flow.add_noise(x0, noise, sigmas)
         target = self.flow.target(x0, noise)
         t = self.flow.timesteps(sigmas)
+        started = time.perf_counter()
         with self.engine.micro_step(last=micro == self.accumulation - 1):
             with self.timer.section("forward"):
                 pred = self.engine.forward(
@@ -395,9 +416,12 @@ class Trainer:
                 loss, per_sample = self.flow.loss(pred, target, sigmas)
             with self.timer.section("backward"):
                 self.engine.backward(loss)
+        if self.compile_watch is not None:
+            self.report_compiles(f"latents {list(x0.shape)}", time.perf_counter() - started)
         _, f, h, w = x0.shape[1:]
         tokens = b * f * (h // 2) * (w // 2)  # latent patches of 1x2x2
-        return MicroStats(loss.item(), t.detach().cpu(), per_sample.detach().cpu(), tokens)
+        flops = micro_batch_flops(self.dit_config, tuple(x0.shape), self.cfg.model).model
+        return MicroStats(loss.item(), t.detach().cpu(), per_sample.detach().cpu(), tokens, flops)
 
     def train(self) -> None:
         cfg, s, t0 = self.cfg, self.state, time.perf_counter()
@@ -442,8 +466,9 @@ class Trainer:
     def after_step(self, step_start: float, micro: list[MicroStats], result: StepResult) -> None:
         cfg, s = self.cfg, self.state
         with self.timer.section("logging"):
-            mine = [sum(m.loss for m in micro), sum(len(m.timesteps) for m in micro), sum(m.tokens for m in micro)]
-            loss_sum, samples, tokens = all_reduce_sum(mine, self.device)
+            mine = [sum(m.loss for m in micro), sum(len(m.timesteps) for m in micro), sum(m.tokens for m in micro),
+                    sum(m.flops for m in micro)]  # fmt: skip
+            loss_sum, samples, tokens, flops = all_reduce_sum(mine, self.device)
             loss = loss_sum / (self.accumulation * self.world_size)
             skipped = not result.updated or not math.isfinite(loss)
             s.nonfinite_in_row = s.nonfinite_in_row + 1 if skipped else 0
@@ -453,7 +478,8 @@ class Trainer:
         stats = StepStats(
             loss=loss, lr=result.lr, grad_norm=result.grad_norm, samples=int(samples), tokens=int(tokens),
             step_time=time.perf_counter() - step_start, data_wait=sections.pop("data_wait", 0.0),
-            timesteps=timesteps, per_sample_loss=per_sample, sections=sections, skipped=skipped,
+            timesteps=timesteps, per_sample_loss=per_sample, sections=sections, skipped=skipped, flops=flops,
+            ranks=self.world_size,
         )  # fmt: skip
         self.metrics.log_step(s.step, stats)
         if skipped:
@@ -491,8 +517,11 @@ class Trainer:
         s = self.state
         if self.last_validated == s.step:  # the epoch's end fell on a validation step
             return
+        started = time.perf_counter()
         self.validation.run(s.step)
         self.last_validated = s.step
+        if self.compile_watch is not None:
+            self.report_compiles("validation sampling", time.perf_counter() - started)
 
     def save_checkpoint(self) -> None:
         """Collective: checkpoint-{step}, only ever after a finite step (the callers see to it)."""

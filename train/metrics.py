@@ -12,6 +12,12 @@ What goes to TensorBoard (folder `output_dir/tensorboard`), at every step unless
   train/samples_per_s, train/tokens_per_s, train/step_time_s, train/data_wait_s
   train/peak_memory_gib             CUDA max allocated on a GPU, else the process's peak RSS (VmHWM)
   train/skipped_nonfinite           how many steps this run skipped for a non-finite loss or gradient
+  perf/tflops                       achieved model TFLOP/s per GPU: the step's model FLOPs (forward x 3
+                                    from its real shapes, recompute excluded: train/flops.py) / ranks
+                                    / step time
+  perf/mfu                          perf/tflops / the accelerator's dense bf16 peak (only when known:
+                                    [logging] peak_tflops, or the GPU's name; never on a CPU)
+  perf/tokens_per_s                 video tokens per second per GPU
   time/{name}_s                     the step's timed sections (see `StepTimer`)
   loss_by_timestep/bin_{k:02d}      mean loss of the samples whose timestep fell in bin k, per window
                                     of `log_every` steps (see `Metrics.log_step`)
@@ -143,6 +149,11 @@ class StepStats:
     """Seconds of the step's timed sections (see StepTimer)."""
     skipped: bool = False
     """The update was skipped for a non-finite loss or gradient."""
+    flops: float = 0.0
+    """Model FLOPs of the step over all ranks (forward x 3 from the real shapes, recompute excluded;
+    train/flops.py); 0: no perf/ scalars."""
+    ranks: int = 1
+    """Ranks the step ran on: perf/ values are per GPU."""
 
 
 class StepTimer:
@@ -227,6 +238,7 @@ class Metrics:
         stream: TextIO | None = None,
         device: torch.device | str | None = None,
         log_dir: str = "tensorboard",
+        peak_tflops: float | None = None,
     ) -> None:
         if rank != 0:
             raise ValueError(f"Metrics writes files and is for rank 0 only (got rank {rank}); use build_metrics")
@@ -238,6 +250,7 @@ class Metrics:
         if not 0.0 <= loss_smoothing < 1.0:
             raise ValueError(f"loss_smoothing is an EMA decay in [0, 1), got {loss_smoothing}")
         self.total_steps = total_steps
+        self.peak_tflops = peak_tflops  # dense bf16 TFLOP/s of one GPU; None: no MFU
         self.start_step = start_step
         self.log_every = log_every
         self.loss_smoothing = loss_smoothing
@@ -308,6 +321,9 @@ class Metrics:
         if step_time > 0:
             write("train/samples_per_s", samples / step_time, step)
             write("train/tokens_per_s", tokens / step_time, step)
+        perf = self._perf(stats)
+        for name, value in perf.items():
+            write(f"perf/{name}", value, step)
         peak_gib = peak_memory_bytes(self.device) / GIB
         write("train/peak_memory_gib", peak_gib, step)
         for name, seconds in (sections or {}).items():
@@ -324,12 +340,26 @@ class Metrics:
             self._write_bins(step)
 
         if self._live_bar:
-            self._bar_line = self._progress_line(step, loss, lr, grad_norm, samples, step_time, peak_gib, bar=True)
+            self._bar_line = self._progress_line(
+                step, loss, lr, grad_norm, samples, step_time, peak_gib, bar=True, perf=perf
+            )
             self._draw(self._bar_line)
         elif window_end or self._steps_logged == 1 or step >= self.total_steps:
-            line = self._progress_line(step, loss, lr, grad_norm, samples, step_time, peak_gib, bar=False)
+            line = self._progress_line(step, loss, lr, grad_norm, samples, step_time, peak_gib, bar=False, perf=perf)
             self.stream.write(line + "\n")
             self.stream.flush()
+
+    def _perf(self, stats: "StepStats") -> dict[str, float]:
+        """Per-GPU throughput of the step: tflops (achieved model TFLOP/s), mfu (of peak_tflops, when
+        known) and tokens_per_s; empty without FLOPs or time."""
+        if not stats.flops or stats.step_time <= 0:
+            return {}
+        ranks = max(stats.ranks, 1)
+        tflops = stats.flops / ranks / stats.step_time / 1e12
+        out = {"tflops": tflops, "tokens_per_s": stats.tokens / ranks / stats.step_time}
+        if self.peak_tflops:
+            out["mfu"] = tflops / self.peak_tflops
+        return out
 
     def _update_ema(self, loss: float) -> float:
         # Bias-corrected like Adam's moments: the raw EMA starts at 0 and would read low for the first
@@ -419,6 +449,7 @@ class Metrics:
         peak_gib: float,
         *,
         bar: bool,
+        perf: dict[str, float] | None = None,
     ) -> str:
         fraction = min(step / self.total_steps, 1.0)
         head = f"step {step}/{self.total_steps} {100 * fraction:3.0f}%"
@@ -435,6 +466,9 @@ class Metrics:
         parts += [f"lr {lr:.2e}", f"grad {grad_norm:.3g}"]
         if step_time > 0:
             parts.append(f"{step_time:.2f} s/step {samples / step_time:.1f} samples/s")
+        if perf:
+            tflops = f"{perf['tflops']:.3g} TFLOP/s/GPU"
+            parts.append(tflops + (f" MFU {100 * perf['mfu']:.1f}%" if "mfu" in perf else ""))
         parts.append(f"peak {peak_gib:.1f} GiB")
         return " | ".join(parts)
 

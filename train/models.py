@@ -148,8 +148,14 @@ class DiTRecipe:
     trainable_modules: list[str] = field(default_factory=lambda: ["."])
     trainable_modules_low_learning_rate: list[str] = field(default_factory=list)
     """Substrings of parameters that also train, at half the learning rate (trainable_modules wins)."""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: str = "none"
+    """"full", "selective" or "none" (train/config.py CHECKPOINTING_MODES)."""
     gradient_checkpointing_every: int = 1
+    selective_checkpoint_matmuls: bool = False
+    """With "selective": also keep the mm/addmm outputs."""
+    compile: bool = False
+    """torch.compile each block in place (after the trainable flags and checkpointing, before the
+    engine wraps the model): see compile_dit."""
 
     def build(self) -> WanModel:
         """The DiT on the meta device, its folder's weights checked against it, trainable parameters
@@ -159,8 +165,12 @@ class DiTRecipe:
             model = WanModel(**self.config)
         self.weights.check(model)
         apply_trainable_modules(model, self.trainable_modules, self.trainable_modules_low_learning_rate)
-        if self.gradient_checkpointing:
-            model.set_gradient_checkpointing(True, every=self.gradient_checkpointing_every)
+        model.set_gradient_checkpointing(
+            self.gradient_checkpointing, every=self.gradient_checkpointing_every,
+            save_matmuls=self.selective_checkpoint_matmuls,
+        )  # fmt: skip
+        if self.compile:
+            compile_dit(model)
         return model
 
     def parameter_counts(self) -> tuple[int, int]:
@@ -206,7 +216,49 @@ def build_dit_recipe(model_cfg, seed: int) -> DiTRecipe:
         config=config, weights=DiTWeights(folder, config, seed, override), trainable_modules=m.trainable_modules,
         trainable_modules_low_learning_rate=m.trainable_modules_low_learning_rate,
         gradient_checkpointing=m.gradient_checkpointing, gradient_checkpointing_every=m.gradient_checkpointing_every,
+        selective_checkpoint_matmuls=m.selective_checkpoint_matmuls, compile=m.compile,
     )  # fmt: skip
+
+
+# Compiled graphs one code object may keep (dynamo's recompile_limit, 8 by default). Every block shares
+# one (dynamo inlines the modules: parameters are graph inputs, so one graph serves all blocks), and
+# each bucket shape x grad mode (training, no_grad evaluation) is one graph with dynamic=False. Past the
+# limit dynamo runs new shapes eagerly (with a warning), so set it well above any bucket table.
+COMPILE_RECOMPILE_LIMIT = 1024
+
+
+def compile_dit(model: WanModel) -> None:
+    """torch.compile each DiT block in place (WanModel.compile_blocks) with static shapes: the data
+    pipeline yields a bounded set of bucket shapes, each compiled once on first use (counted by
+    CompileWatch). Call after the trainable flags and checkpointing are set, before the engine wraps
+    the model (DDP, fully_shard), as torchtitan does."""
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, COMPILE_RECOMPILE_LIMIT)
+    dynamo_config.accumulated_recompile_limit = max(
+        dynamo_config.accumulated_recompile_limit, 4 * COMPILE_RECOMPILE_LIMIT
+    )
+    model.compile_blocks(dynamic=False)
+
+
+class CompileWatch:
+    """Counts the graphs torch.compile has made in this process (dynamo's unique_graphs counter): with
+    compiled DiT blocks, one per new bucket shape and grad mode (more only if a block graph-breaks)."""
+
+    def __init__(self):
+        self.seen = self.total()
+
+    @staticmethod
+    def total() -> int:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+
+    def new(self) -> int:
+        """Graphs compiled since the last call."""
+        total = self.total()
+        fresh, self.seen = total - self.seen, total
+        return fresh
 
 
 def release_files(root: Path, i2v: bool) -> dict[str, Path]:

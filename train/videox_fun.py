@@ -246,11 +246,11 @@ def settle(cfg, selective: float | None, from_cli: set[str], notes: list[str]) -
             setattr(getattr(cfg, section), key, aliases[value])
             notes.append(f"{key} {value!r} is {aliases[value]!r} here")
     if selective is not None:
-        if cfg.model.gradient_checkpointing:
+        if cfg.model.gradient_checkpointing != "none":
             notes.append("--selective_ac: no effect: gradient_checkpointing already recomputes every block")
         else:
             every = max(1, round(1 / selective))
-            cfg.model.gradient_checkpointing, cfg.model.gradient_checkpointing_every = True, every
+            cfg.model.gradient_checkpointing, cfg.model.gradient_checkpointing_every = "full", every
             notes.append(f"--selective_ac={selective:g}: one DiT block in {every} is recomputed in backward")
     source = cfg.parallel.deepspeed_config
     if source and "parallel.engine" not in from_cli and cfg.parallel.engine in ("ddp", "zero2"):

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from wan.modules import dit_weights
 from wan.modules.attention import attention
+from wan.modules.checkpointing import checkpoint_block, normalize_mode
 from wan.modules.precision import autocast_for_weights
 
 ROPE_MAX_POSITIONS = 1024  # positions per axis in the reference RoPE tables
@@ -307,6 +307,9 @@ class WanModel(nn.Module):
         self.rope = RotaryEmbedding(dim // num_heads)
 
         self.checkpointed_blocks: set[int] = set()
+        self.checkpoint_mode = "none"  # for the blocks in checkpointed_blocks: "full" or "selective"
+        self.checkpoint_every = 1
+        self.checkpoint_save_matmuls = False
         # On the meta device there is nothing to initialise (and init ops there cost a one-time
         # ~75 MB import of torch's decompositions): call init_weights() after to_empty().
         if not self.patch_embedding.weight.is_meta:
@@ -338,12 +341,24 @@ class WanModel(nn.Module):
         self.head.modulation.copy_(torch.randn_like(self.head.modulation) / self.dim**0.5)
         self.rope.reset_tables()
 
-    def set_gradient_checkpointing(self, enabled: bool = True, every: int = 1) -> None:
-        """Recompute block activations in backward. With every=k only blocks 0, k, 2k, ... are
-        checkpointed: a trade between memory and the ~1/3 extra compute of full checkpointing."""
+    def set_gradient_checkpointing(self, mode: str | bool = "full", every: int = 1, save_matmuls: bool = False) -> None:
+        """Recompute block activations in backward (wan/modules/checkpointing.py). mode "full" (or
+        True) keeps each checkpointed block's inputs only; "selective" also keeps the attention
+        kernels' outputs (with save_matmuls the mm/addmm outputs too) and recomputes the rest; "none"
+        (or False) turns it off. With every=k only blocks 0, k, 2k, ... are checkpointed: a trade
+        between memory and the ~1/3 extra compute of full checkpointing."""
+        mode = normalize_mode(mode)
         if every < 1:
             raise ValueError(f"gradient checkpointing 'every' must be >= 1, got {every}")
-        self.checkpointed_blocks = set(range(0, len(self.blocks), every)) if enabled else set()
+        if save_matmuls and mode != "selective":
+            raise ValueError(f"save_matmuls needs selective gradient checkpointing, got mode {mode!r}")
+        self.checkpoint_mode, self.checkpoint_every, self.checkpoint_save_matmuls = mode, every, save_matmuls
+        self.checkpointed_blocks = set(range(0, len(self.blocks), every)) if mode != "none" else set()
+
+    @property
+    def gradient_checkpointing_settings(self) -> dict:
+        """set_gradient_checkpointing's arguments as last set (to copy them onto another build)."""
+        return dict(mode=self.checkpoint_mode, every=self.checkpoint_every, save_matmuls=self.checkpoint_save_matmuls)
 
     # ----------------------------------------------------------------------------------------------
     def forward(
@@ -396,7 +411,10 @@ class WanModel(nn.Module):
         grad_on = torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             if grad_on and i in self.checkpointed_blocks:
-                x = checkpoint(block, x, e0, context, image_context, rope, use_reentrant=False)
+                x = checkpoint_block(
+                    block, x, e0, context, image_context, rope,
+                    mode=self.checkpoint_mode, save_matmuls=self.checkpoint_save_matmuls,
+                )  # fmt: skip
             else:
                 x = block(x, e0, context, image_context, rope)
 
@@ -432,3 +450,15 @@ class WanModel(nn.Module):
         """Write the official layout: config.json and safetensors, sharded with an index when larger
         than max_shard_size."""
         dit_weights.save_dit(self, folder, max_shard_size=max_shard_size, dtype=dtype)
+
+    def compile_blocks(self, **options) -> None:
+        """torch.compile each transformer block in place (`block.compile`, torchtitan's recipe): the
+        module tree, parameter names and state dicts stay the official ones, and an engine may wrap the
+        blocks afterwards (DDP, fully_shard). `options` go to torch.compile (the trainer passes
+        dynamic=False: shapes come from a bounded set of buckets, one compile each).
+
+        The float32 norm + modulation, RoPE and the gated residual updates are left to the compiler:
+        inductor fuses those elementwise chains (and the casts between bf16 and float32) into a few
+        kernels, so the model keeps no hand-fused versions of them."""
+        for block in self.blocks:
+            block.compile(**options)

@@ -1,0 +1,455 @@
+"""Will a config fit? Per-GPU memory of every bucket the config's data options can produce.
+
+    python -m train.plan --cfg configs/14b_zero3.toml --gpus 8 --gpu_memory 80GB [--section.key=value ...]
+
+Per GPU, for each (kind, size, frames) the data options can draw (its largest aspect bucket, which
+binds), as a micro-batch of train_batch_size x the token-length repeats:
+
+  model states   parameters, gradients, fp32 master weights and AdamW state of the DiT by the
+                 engine's layout (the ZeRO / FSDP formulas below, trainable subset, offload flags),
+                 plus the frozen encoders on the GPU: umT5 (bf16, replicated), VAE (fp32), CLIP
+                 (i2v); with low_vram they come to the GPU only while encoding (counted then).
+  activations    what autograd keeps for backward, measured exactly on fake tensors of the real shapes
+                 (wan/modules/checkpointing.py: saved_bytes_per_block) for each block's mode: the
+                 checkpointed blocks under the configured mode, the others under "none"; plus the
+                 embeddings and head. bf16 weight copies of autocast count under ddp (fp32 weights);
+                 the sharded / bf16 engines hold no such copies.
+  buffers        DeepSpeed's reduce / all-gather buckets, FSDP's all-gathered blocks and one block's
+                 unsharded gradient, the recompute's one-block peak (a checkpointed block's "none"
+                 activations during its backward), and the activation gradients in flight (2 x the
+                 residual stream).
+
+Model states per GPU (Ψ all DiT parameters, Ψt trainable, N GPUs, bf16 mixed precision):
+  ddp      4Ψ (fp32 params, also the master) + 4Ψt grads + 8Ψt AdamW
+  zero2    2Ψ (bf16 params) + (2 grads + 4 master + 8 AdamW) Ψt / N
+  zero3    (2Ψ + (2 + 4 + 8) Ψt) / N
+  fsdp     (4Ψ + (4 + 8) Ψt) / N  (fp32 shards are the master; bf16 is gathered per block)
+offload_optimizer moves master + AdamW to host memory, offload_param the parameter shards. fp32
+training: 4-byte params and grads, and DeepSpeed keeps an fp32 master apart from the fp32 params.
+
+The verdict: fits when the peak (states + max(activations + buffers, the largest encoder while
+encoding with low_vram)) + a CUDA context of 1 GiB is within gpu_memory x (1 - headroom).
+"""
+
+import argparse
+import functools
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from train.config import ConfigError, RunConfig, load_config
+from train.data.buckets import (
+    MIN_VIDEO_FRAMES,
+    bucket_table,
+    downsample_choices,
+    downsampled_size,
+    frames_for_token_budget,
+    token_length_repeats,
+    token_length_sizes,
+)
+
+GB, GIB = 10**9, 2**30
+CUDA_CONTEXT = 1 * GIB
+VAE_STRIDE = (4, 8, 8)  # pixel frames -> latent: 1 + (F - 1) / 4; sides / 8
+
+
+def parse_bytes(text: str) -> int:
+    """'80GB', '80GiB', '141G', '8e10' -> bytes (GB = 10^9, GiB = 2^30; a bare G means GB)."""
+    t = text.strip().upper().replace(" ", "")
+    for suffix, unit in (("GIB", GIB), ("GB", GB), ("G", GB), ("MIB", 2**20), ("MB", 10**6), ("B", 1)):
+        if t.endswith(suffix):
+            return int(float(t[: -len(suffix)]) * unit)
+    return int(float(t))
+
+
+# ----------------------------------------------------------------------------------------------------
+# What the data can produce
+
+
+@dataclass(frozen=True)
+class Bucket:
+    kind: str  # "video" or "image"
+    size: int | float  # the training size the bucket table is scaled to
+    frames: int  # pixel frames
+    height: int
+    width: int
+    ratios: int  # aspect buckets at this size (this one has the most pixels)
+    repeats: int  # training_with_video_token_length copies of a small batch
+
+    def latent(self) -> tuple[int, int, int]:
+        return 1 + (self.frames - 1) // VAE_STRIDE[0], self.height // VAE_STRIDE[1], self.width // VAE_STRIDE[2]
+
+
+def data_buckets(cfg: RunConfig) -> list[Bucket]:
+    """Every (kind, size, frames) the [data] options can draw (train/data/dataset.py make_choose), each
+    with its largest aspect bucket; shorter random_frame_crop lengths are smaller and left out. The
+    clips' own sizes are unknown here: every size the rules allow is listed."""
+    d = cfg.data
+    shapes: set[tuple[str, int | float, int]] = set()
+    if d.random_hw_adapt:
+        ratios, _ = downsample_choices(d.image_sample_size, d.image_sample_size / d.video_sample_size)
+        shapes |= {("image", downsampled_size(d.image_sample_size, r), 1) for r in ratios}
+    else:
+        shapes.add(("image", d.image_sample_size, 1))
+    if d.random_hw_adapt and d.training_with_video_token_length:
+        for size in token_length_sizes(d.video_sample_size, d.image_sample_size):
+            shapes.add(("video", size, frames_for_token_budget(size, d.token_sample_size, d.video_sample_n_frames)))
+    elif d.random_hw_adapt:
+        ratios, _ = downsample_choices(d.video_sample_size)
+        shapes |= {("video", downsampled_size(d.video_sample_size, r), d.video_sample_n_frames) for r in ratios}
+    else:
+        shapes.add(("video", d.video_sample_size, max(d.video_sample_n_frames, MIN_VIDEO_FRAMES)))
+    out = []
+    for kind, size, frames in shapes:
+        table = bucket_table(size) if d.enable_bucket else {1.0: (int(size) // 16 * 16,) * 2}
+        h, w = max(table.values(), key=lambda hw: hw[0] * hw[1])
+        repeats = 1
+        if d.training_with_video_token_length and not d.random_hw_adapt:
+            repeats = token_length_repeats(frames, h, w, d.token_sample_size, d.video_sample_n_frames)
+        out.append(Bucket(kind, size, frames, h, w, len(set(table.values())), repeats))
+    return sorted(out, key=lambda b: (b.kind != "video", -b.frames * b.height * b.width))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The models
+
+
+def dit_config(cfg: RunConfig) -> tuple[dict, str]:
+    """(WanModel kwargs, where they came from): the folder's config.json, else the preset its name
+    suggests (14B / 1.3B, I2V), else [model] preset."""
+    from wan import dit_preset
+
+    m = cfg.model
+    for folder in (m.transformer_path, m.pretrained_model_name_or_path):
+        path = Path(folder) / "config.json" if folder else None
+        if path is not None and path.is_file():
+            config = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+            return config, str(path)
+    name = (m.pretrained_model_name_or_path or m.transformer_path).lower()
+    i2v = m.train_mode == "i2v"
+    guess = "i2v-14B" if "14b" in name and i2v else "14B" if "14b" in name else "1.3B" if "1.3b" in name else None
+    if guess:
+        return dit_preset(guess), f"preset {guess} (from the name {name!r}; no config.json here)"
+    return dit_preset(m.preset), f"preset {m.preset}"
+
+
+@functools.cache
+def _param_counts(config_json: str, trainable: tuple[str, ...], low: tuple[str, ...]) -> dict:
+    from train.models import apply_trainable_modules
+    from wan import WanModel
+
+    config = json.loads(config_json)
+    with torch.device("meta"):
+        model = WanModel(**config)
+    apply_trainable_modules(model, list(trainable), list(low))
+    blocks = [sum(p.numel() for p in b.parameters()) for b in model.blocks]
+    return {
+        "total": sum(p.numel() for p in model.parameters()),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "largest_block": max(blocks, default=0),
+        "block_linear": sum(mod.weight.numel() for mod in model.blocks[0].modules() if isinstance(mod, torch.nn.Linear))
+        if blocks
+        else 0,
+    }
+
+
+def param_counts(cfg: RunConfig, config: dict) -> dict:
+    m = cfg.model
+    return _param_counts(
+        json.dumps(config, sort_keys=True), tuple(m.trainable_modules), tuple(m.trainable_modules_low_learning_rate)
+    )
+
+
+@functools.cache
+def encoder_bytes(debug: bool, i2v: bool) -> dict[str, int]:
+    """Bytes of the frozen encoders as build_models holds them: umT5 bf16, VAE fp32, CLIP (i2v) fp16."""
+    from wan import CLIP_PRESETS, T5_PRESETS, CLIPVision, UMT5Encoder, WanVAE, vae_preset
+
+    def count(module: torch.nn.Module, nbytes: int) -> int:
+        return sum(p.numel() for p in module.parameters()) * nbytes
+
+    with torch.device("meta"):
+        out = {
+            "umT5": count(UMT5Encoder(**T5_PRESETS["debug" if debug else "umt5-xxl"]), 2),
+            "VAE": count(WanVAE(**vae_preset("debug" if debug else "wan2.1")), 4),
+        }
+        if i2v:
+            out["CLIP"] = count(CLIPVision(**CLIP_PRESETS["debug" if debug else "vit-h-14"]), 2)
+    return out
+
+
+def model_state_bytes(cfg: RunConfig, counts: dict, gpus: int) -> dict[str, float]:
+    """Per-GPU bytes of the DiT's params, grads, master weights and AdamW state on the GPU, and what
+    offloading puts in host memory ("host"), by the formulas of the module docstring."""
+    p = cfg.parallel
+    psi, psi_t = counts["total"], counts["trainable"]
+    fp32 = cfg.train.mixed_precision == "fp32"
+    n = gpus
+    if p.engine == "ddp":
+        out = {"params": 4 * psi, "grads": 4 * psi_t, "master": 0, "optimizer": 8 * psi_t}
+    elif p.engine == "fsdp":
+        out = {"params": 4 * psi / n, "grads": 4 * psi_t / n, "master": 0, "optimizer": 8 * psi_t / n}
+    else:
+        low = 4 if fp32 else 2
+        shard = n if p.engine == "zero3" else 1
+        out = {
+            "params": low * psi / shard,
+            "grads": low * psi_t / n,
+            "master": 4 * psi_t / n,
+            "optimizer": 8 * psi_t / n,
+        }
+    host = 0.0
+    if p.offload_optimizer:
+        host += out["master"] + out["optimizer"]
+        out["master"] = out["optimizer"] = 0
+        if p.engine == "fsdp":  # CPUOffloadPolicy: the fp32 shards (the master) and their grads too
+            host += out["params"] + out["grads"]
+            out["params"] = out["grads"] = 0
+    if p.offload_param and p.engine in ("zero3", "fsdp"):
+        host += out["params"]
+        out["params"] = 0
+    out["host"] = host
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Activations
+
+
+def _fake_bytes(config_json: str, mode: str, save_matmuls: bool, tokens: int, batch: int, dtype: torch.dtype) -> int:
+    from wan.modules.checkpointing import saved_bytes_per_block
+
+    return saved_bytes_per_block(json.loads(config_json), mode, save_matmuls, tokens, dtype, batch)
+
+
+_fake_bytes = functools.lru_cache(maxsize=None)(_fake_bytes)
+
+
+@functools.cache
+def _outside_blocks_bytes(config_json: str, batch: int, latent: tuple[int, int, int], dtype: torch.dtype) -> int:
+    """What the embeddings and the head keep for backward (fake tensors), the loss's inputs included."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from wan import WanModel
+    from wan.modules.checkpointing import _StorageCounter
+
+    config = dict(json.loads(config_json), num_layers=0)
+    i2v = config.get("model_type") == "i2v"
+    with FakeTensorMode(), torch.device("cpu"):
+        model = WanModel(**config).train()
+        counter = _StorageCounter(exclude=list(model.parameters()))
+        c = 16 if not i2v else 16
+        x = torch.empty(batch, c, *latent)
+        y = torch.empty(batch, config["in_dim"] - c, *latent) if i2v else None
+        clip = torch.empty(batch, 257, config.get("image_dim", 1280)) if i2v else None
+        context = torch.empty(batch, config.get("text_len", 512), config["text_dim"])
+
+        def pack(t):
+            counter.add(t)
+            return t
+
+        autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+            pred = model(x, torch.full((batch,), 500.0), context, clip_fea=clip, y=y)
+            (pred.float() - x).square().mean()
+    return counter.nbytes
+
+
+@dataclass
+class Activations:
+    saved: float  # autograd's saved tensors over the whole model for one micro-batch
+    recompute_peak: float  # one checkpointed block's "none" activations during its backward
+    in_flight: float  # activation gradients in flight
+    detail: dict = field(default_factory=dict)
+
+
+def activation_bytes(
+    cfg: RunConfig, config: dict, counts: dict, batch: int, latent: tuple[int, int, int]
+) -> Activations:
+    """Saved activations of a micro-batch of `batch` samples of `latent` (frames, height, width)."""
+    m = cfg.model
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision, torch.float32)
+    key = json.dumps(config, sort_keys=True)
+    pt, ph, pw = config.get("patch_size", (1, 2, 2))
+    tokens = (latent[0] // pt) * (latent[1] // ph) * (latent[2] // pw)
+    layers = config["num_layers"]
+    mode = m.gradient_checkpointing
+    checkpointed = 0 if mode == "none" else len(range(0, layers, m.gradient_checkpointing_every))
+    # autocast's bf16 weight copies exist only with fp32 weights (ddp); the other engines compute
+    # with bf16 parameters (gathered and freed under zero3 / fsdp).
+    copies = 2 * counts["block_linear"] if dtype != torch.float32 and cfg.parallel.engine != "ddp" else 0
+    none = _fake_bytes(key, "none", False, tokens, batch, dtype) - copies
+    if checkpointed:
+        ckpt = _fake_bytes(key, mode, m.selective_checkpoint_matmuls, tokens, batch, dtype)
+    else:
+        ckpt = 0
+    outside = _outside_blocks_bytes(key, batch, latent, dtype)
+    # The inputs every block shares (text context in the compute dtype, e0 and the RoPE tables in fp32,
+    # i2v's image context): saved_bytes_per_block leaves them out; one copy lives through the backward.
+    d, text_len = config["dim"], config.get("text_len", 512)
+    image = 257 if config.get("model_type") == "i2v" else 0
+    shared = (
+        batch * (text_len + image) * d * dtype.itemsize
+        + batch * 6 * d * 4
+        + 2 * tokens * (d // config["num_heads"] // 2) * 4
+    )
+    saved = checkpointed * ckpt + (layers - checkpointed) * none + outside + shared
+    residual = batch * tokens * config["dim"] * 4
+    return Activations(
+        saved=saved, recompute_peak=none if checkpointed else 0, in_flight=2 * residual,
+        detail={"per_block_none": none, "per_block_checkpointed": ckpt, "outside_blocks": outside, "shared": shared,
+                "tokens": tokens},
+    )  # fmt: skip
+
+
+def buffer_bytes(cfg: RunConfig, counts: dict, acts: Activations) -> dict[str, float]:
+    p = cfg.parallel
+    out = {"recompute": acts.recompute_peak, "grad_in_flight": acts.in_flight}
+    block = counts["largest_block"]
+    if p.engine == "zero2":
+        out["deepspeed"] = p.reduce_bucket_size * 4 * (2 if p.overlap_comm else 1) + p.allgather_bucket_size * 2
+    elif p.engine == "zero3":
+        live = min(p.stage3_max_live_parameters, 2 * block) * 2
+        out["deepspeed"] = p.reduce_bucket_size * 4 + p.stage3_prefetch_bucket_size * 2 + live
+    elif p.engine == "fsdp":
+        out["fsdp"] = 2 * block * 2 + block * 4  # current + prefetched bf16 block, one block's fp32 grads
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclass
+class Row:
+    bucket: Bucket
+    micro_batch: int
+    tokens: int
+    states: float
+    encoders: float
+    activations: float
+    buffers: float
+    peak: float
+    fits: bool
+
+
+def plan(cfg: RunConfig, gpus: int, gpu_memory: int, headroom: float = 0.1) -> tuple[list[Row], dict]:
+    config, source = dit_config(cfg)
+    counts = param_counts(cfg, config)
+    states = model_state_bytes(cfg, counts, gpus)
+    debug = not cfg.model.pretrained_model_name_or_path and cfg.model.preset.startswith("debug")
+    encoders = encoder_bytes(debug, cfg.model.train_mode == "i2v")
+    on_gpu = 0 if cfg.model.low_vram else sum(encoders.values())
+    while_encoding = max(encoders.values()) if cfg.model.low_vram else 0
+    state_total = sum(v for k, v in states.items() if k != "host")
+    limit = gpu_memory * (1 - headroom)
+    rows = []
+    for bucket in data_buckets(cfg):
+        batch = cfg.train.train_batch_size * bucket.repeats
+        acts = activation_bytes(cfg, config, counts, batch, bucket.latent())
+        buffers = sum(buffer_bytes(cfg, counts, acts).values())
+        peak = state_total + on_gpu + max(acts.saved + buffers, while_encoding) + CUDA_CONTEXT
+        rows.append(
+            Row(bucket, batch, acts.detail["tokens"], state_total, on_gpu, acts.saved, buffers, peak, peak <= limit)
+        )
+    info = {"config": config, "source": source, "counts": counts, "states": states, "encoders": encoders,
+            "limit": limit, "gpus": gpus, "gpu_memory": gpu_memory}  # fmt: skip
+    return rows, info
+
+
+def advice(cfg: RunConfig, rows: list[Row], info: dict) -> list[str]:
+    """What to change when a bucket does not fit, most effective first."""
+    if all(r.fits for r in rows):
+        return []
+    m, p = cfg.model, cfg.parallel
+    out = []
+    if m.gradient_checkpointing != "full" or m.gradient_checkpointing_every != 1:
+        out.append('[model] gradient_checkpointing = "full" with gradient_checkpointing_every = 1 (least activations)')
+    if p.engine in ("ddp", "zero2"):
+        out.append('[parallel] engine = "zero3" or "fsdp" (shards the parameters too)')
+    if not p.offload_optimizer and p.engine != "ddp":
+        out.append("[parallel] offload_optimizer = true (master weights and AdamW state in host memory)")
+    if not p.offload_param and p.engine in ("zero3", "fsdp"):
+        out.append("[parallel] offload_param = true (parameter shards in host memory)")
+    if not m.low_vram:
+        out.append("[model] low_vram = true (encoders on the GPU only while encoding)")
+    if cfg.train.train_batch_size > 1:
+        out.append("[train] train_batch_size = 1 with gradient_accumulation_steps for the same global batch")
+    if any(r.bucket.repeats > 1 and not r.fits for r in rows):
+        out.append("training_with_video_token_length repeats small batches 2x/4x: a larger token_sample_size "
+                   "budget or a smaller video_sample_n_frames changes it")  # fmt: skip
+    worst = max((r for r in rows if not r.fits and r.bucket.kind == "video"), key=lambda r: r.peak, default=None)
+    if worst is not None:
+        frames = fewest_fitting_frames(cfg, worst, info)
+        what = f"at most {frames} frames" if frames else "no frame count fits"
+        out.append(f"at size {worst.bucket.size} ({worst.bucket.height}x{worst.bucket.width}): {what} "
+                   "(video_sample_n_frames, or a token budget)")  # fmt: skip
+    return out
+
+
+def fewest_fitting_frames(cfg: RunConfig, row: Row, info: dict) -> int:
+    """The most pixel frames (4k+1) of row's bucket that fit, 0 when none does."""
+    config, counts = info["config"], info["counts"]
+    for frames in range(row.bucket.frames, 0, -4):
+        b = Bucket(row.bucket.kind, row.bucket.size, frames, row.bucket.height, row.bucket.width, 1, row.bucket.repeats)
+        acts = activation_bytes(cfg, config, counts, row.micro_batch, b.latent())
+        peak = row.states + row.encoders + acts.saved + sum(buffer_bytes(cfg, counts, acts).values()) + CUDA_CONTEXT
+        if peak <= info["limit"]:
+            return frames
+    return 0
+
+
+def report(cfg: RunConfig, rows: list[Row], info: dict) -> str:
+    c, counts, states = info["config"], info["counts"], info["states"]
+    m, p = cfg.model, cfg.parallel
+    lines = [
+        f"DiT {info['source']}: dim {c['dim']}, {c['num_layers']} blocks, {counts['total'] / 1e9:.2f} B parameters, "
+        f"{counts['trainable'] / 1e9:.2f} B trainable",
+        f"engine {p.engine} on {info['gpus']} GPUs of {info['gpu_memory'] / GB:.0f} GB "
+        f"(limit {info['limit'] / GB:.1f} GB with headroom), {cfg.train.mixed_precision}, checkpointing "
+        f"{m.gradient_checkpointing}" + (f" every {m.gradient_checkpointing_every}" if m.gradient_checkpointing_every > 1 else "")
+        + (" + matmuls" if m.selective_checkpoint_matmuls else "") + f", micro-batch {cfg.train.train_batch_size}",
+        "model states per GPU: " + ", ".join(f"{k} {v / GB:.2f} GB" for k, v in states.items() if k != "host")
+        + (f" (+ {states['host'] / GB:.1f} GB in host memory)" if states["host"] else ""),
+        "frozen encoders: " + ", ".join(f"{k} {v / GB:.2f} GB" for k, v in info["encoders"].items())
+        + (" (low_vram: on the GPU only while encoding)" if m.low_vram else " (on every GPU)"),
+        "",
+        "| kind | size | frames | bucket HxW (of n) | micro-batch | tokens | states GB | encoders GB | activations GB "
+        "| buffers GB | peak GB | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for r in rows:
+        b = r.bucket
+        rep = f" (x{b.repeats} repeats)" if b.repeats > 1 else ""
+        lines.append(
+            f"| {b.kind} | {b.size} | {b.frames} | {b.height}x{b.width} ({b.ratios}) | {r.micro_batch}{rep} | "
+            f"{r.tokens * r.micro_batch:,} | {r.states / GB:.1f} | {r.encoders / GB:.1f} | {r.activations / GB:.1f} | "
+            f"{r.buffers / GB:.1f} | {r.peak / GB:.1f} | {'fits' if r.fits else 'DOES NOT FIT'} |"
+        )
+    tips = advice(cfg, rows, info)
+    if tips:
+        lines += ["", "does not fit everywhere; what would help:"] + [f"  - {t}" for t in tips]
+    else:
+        lines += ["", "every bucket fits."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpus", type=int, default=8)
+    parser.add_argument("--gpu_memory", default="80GB", help="per GPU: 80GB, 141GB, 24GiB, ...")
+    parser.add_argument("--headroom", type=float, default=0.1, help="fraction kept free (fragmentation)")
+    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(rest)
+    except ConfigError as err:
+        sys.exit(str(err))
+    rows, info = plan(cfg, args.gpus, parse_bytes(args.gpu_memory), args.headroom)
+    print(report(cfg, rows, info))
+
+
+if __name__ == "__main__":
+    main()
