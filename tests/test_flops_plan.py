@@ -157,3 +157,11 @@ def test_gpu_step_bench_quick_cpu_table():
     ).stdout  # fmt: skip
     assert "| width | size | impl | checkpointing |" in out
     assert "| toy-1.3B | toy-480p | ours | selective | off |" in out and "| diffusers | full |" in out
+    row = next(line for line in out.splitlines() if "| toy-1.3B | toy-480p | ours | selective | off |" in line)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert float(cells[6]) == pytest.approx(float(cells[5]) / diffusers_full_seconds(out), abs=0.01)
+
+
+def diffusers_full_seconds(table: str) -> float:
+    row = next(line for line in table.splitlines() if "| toy-1.3B | toy-480p | diffusers | full | off |" in line)
+    return float(row.strip("|").split("|")[5])
