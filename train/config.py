@@ -29,10 +29,10 @@ from train.lr import LR_SCHEDULERS
 from train.validation import ValidationConfig
 from train.videox_fun import FLAG, OPTIONS, VALUES, apply_model_yaml, settle, their_option
 from wan.configs import DIT_PRESETS
+from wan.modules.attention import ATTENTION_BACKENDS
+from wan.modules.checkpointing import CHECKPOINTING_MODES
 
 TRAIN_MODES = ("normal", "i2v")
-CHECKPOINTING_MODES = ("full", "selective", "none")
-ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math", "fa3")
 # String keys that also take a boolean (their older spelling): true / false -> these values.
 BOOLEAN_CHOICES: dict[tuple[str, str], dict[bool, str]] = {
     ("model", "gradient_checkpointing"): {True: "full", False: "none"},

@@ -149,7 +149,7 @@ class DiTRecipe:
     trainable_modules_low_learning_rate: list[str] = field(default_factory=list)
     """Substrings of parameters that also train, at half the learning rate (trainable_modules wins)."""
     gradient_checkpointing: str = "none"
-    """"full", "selective" or "none" (train/config.py CHECKPOINTING_MODES)."""
+    """"full", "selective" or "none" (wan/modules/checkpointing.py CHECKPOINTING_MODES)."""
     gradient_checkpointing_every: int = 1
     selective_checkpoint_matmuls: bool = False
     """With "selective": also keep the mm/addmm outputs."""
