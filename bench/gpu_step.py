@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
                     label = mode + (" + matmuls" if matmuls else "")
                     mem = f"{r['peak'] / 2**30:.2f}" if cuda else "-"
                     mfu = f"{100 * tflops / peak:.1f}%" if peak else "-"
-                    print(f"| {width} | {size} | {impl} | {label} | {'on' if compiled else 'off'} | {r['s']:.3f} | "
+                    print(f"| {width} | {size} | {impl} | {label} | {'on' if compiled else 'off'} | {r['s']:.4g} | "
                           f"{ratio} | {mem} | {r['activations'] / 2**30:.3f} | {tflops:.3g} | {mfu} |",
                           flush=True)  # fmt: skip
 
