@@ -385,7 +385,7 @@ def advice(cfg: RunConfig, rows: list[Row], info: dict) -> list[str]:
     if worst is not None:
         frames = fewest_fitting_frames(cfg, worst, info)
         what = f"at most {frames} frames" if frames else "no frame count fits"
-        out.append(f"at size {worst.bucket.size} ({worst.bucket.height}x{worst.bucket.width}): {what} "
+        out.append(f"at size {worst.bucket.size:.4g} ({worst.bucket.height}x{worst.bucket.width}): {what} "
                    "(video_sample_n_frames, or a token budget)")  # fmt: skip
     return out
 
@@ -425,7 +425,7 @@ def report(cfg: RunConfig, rows: list[Row], info: dict) -> str:
         b = r.bucket
         rep = f" (x{b.repeats} repeats)" if b.repeats > 1 else ""
         lines.append(
-            f"| {b.kind} | {b.size} | {b.frames} | {b.height}x{b.width} ({b.ratios}) | {r.micro_batch}{rep} | "
+            f"| {b.kind} | {b.size:.4g} | {b.frames} | {b.height}x{b.width} ({b.ratios}) | {r.micro_batch}{rep} | "
             f"{r.tokens * r.micro_batch:,} | {r.states / GB:.1f} | {r.encoders / GB:.1f} | {r.activations / GB:.1f} | "
             f"{r.buffers / GB:.1f} | {r.peak / GB:.1f} | {'fits' if r.fits else 'DOES NOT FIT'} |"
         )
