@@ -246,3 +246,16 @@ def test_one_rank_gives_the_two_rank_eval_loss_and_repeats_it(data, ddp_runs, tm
     for step in EVAL_STEPS:
         assert results[step].loss == pytest.approx(two[step]["loss"], rel=RTOL), step
     assert torch.equal(again.per_clip, results[STEPS].per_clip) and again.loss == results[STEPS].loss
+
+
+def test_a_resume_with_another_holdout_is_refused_naming_it(data, tmp_path):
+    """The held-out clips are not in the training data, so changing eval_holdout changes the data order:
+    the resume is refused before any model is built, and the message names eval_holdout."""
+    out = tmp_path / "out"
+    args = [*base_args(data, out), "--max_train_steps=1", "--checkpointing_steps=1", "--validation_prompts=[]"]
+    trainer = Trainer(load_config([*args, "--eval_holdout=2", "--eval_steps=0"]))
+    trainer.train()
+    del trainer
+    release_output_dir()
+    with pytest.raises(ValueError, match="eval_holdout 2 / validation_seed 0 in the checkpoint, 3 / 0 now"):
+        Trainer(load_config([*args, "--eval_holdout=3", "--max_train_steps=2"]))

@@ -309,7 +309,25 @@ class Trainer:
         try:  # the data plan needs the same global batch (loaded again with the other parts)
             self.sampler.load_state_dict(read_json(path / "sampler.json"))
         except ValueError as err:
-            raise ValueError(f"{path}: cannot continue its data order: {err}") from None
+            raise ValueError(f"{path}: cannot continue its data order: {err}{self.holdout_hint(path)}") from None
+
+    def holdout_hint(self, path: Path) -> str:
+        """Why the data changed when the held-out clips did: they are not in the training data."""
+        try:
+            saved = load_config(["--cfg", str(path / CONFIG_FILE)]).validation
+        except (ConfigError, OSError):
+            return ""
+        now = self.cfg.validation
+        if (saved.eval_holdout, saved.validation_seed if saved.eval_holdout else 0) == (
+            now.eval_holdout,
+            now.validation_seed if now.eval_holdout else 0,
+        ):
+            return ""
+        return (
+            f" (eval_holdout {saved.eval_holdout} / validation_seed {saved.validation_seed} in the checkpoint, "
+            f"{now.eval_holdout} / {now.validation_seed} now: held-out clips are taken out of the training data, "
+            "so resume with the checkpoint's values)"
+        )
 
     def report_resume_changes(self, path: Path) -> None:
         """Say which values this run changes against the checkpoint's own config: the engines take the
