@@ -47,7 +47,7 @@ def test_step_scalars_and_smoothed_loss(tmp_path):
     assert [v for _, v in s["train/lr"]] == pytest.approx([1e-4, 2e-4, 3e-4], rel=1e-6)
     assert s["train/grad_norm"] == [(1, 0.5), (2, 0.5), (3, 0.5)]
     assert [v for _, v in s["train/samples_per_s"]] == pytest.approx([4.0] * 3)
-    assert [v for _, v in s["train/tokens_per_s"]] == pytest.approx([4000.0] * 3)
+    assert [v for _, v in s["train/tokens_per_s_global"]] == pytest.approx([4000.0] * 3)
     assert [v for _, v in s["train/step_time_s"]] == pytest.approx([2.0] * 3)
     assert [v for _, v in s["train/data_wait_s"]] == pytest.approx([0.25] * 3)
     assert [v for _, v in s["time/forward_s"]] == pytest.approx([0.5] * 3)

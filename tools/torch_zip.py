@@ -9,12 +9,13 @@ import math
 import pickle
 import zipfile
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from train.checkpoint import RestrictedUnpickler  # one restricted unpickler, DCP's index uses it too
 
 
 class Stub:
@@ -159,27 +160,6 @@ def _rebuild_from_type_v2(func, new_type, args, state):
     if func not in (_rebuild_tensor_v2, _rebuild_parameter) or new_type is not _TensorType:
         raise pickle.UnpicklingError(f"unexpected tensor rebuild {func!r} -> {new_type!r}")
     return func(*args)
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Builds only what `allowed` maps (module, name) to; everything else is refused, naming it."""
-
-    def __init__(self, file, path: Path, allowed: Callable[[str, str], Any], storage: Callable | None = None):
-        super().__init__(file)
-        self.path, self.allowed, self.storage = path, allowed, storage
-
-    def find_class(self, module: str, name: str) -> Any:
-        found = self.allowed(module, name)
-        if found is None:
-            raise pickle.UnpicklingError(
-                f"{self.path}: refusing to unpickle {module}.{name} (not a class this merger expects in a checkpoint)"
-            )
-        return found
-
-    def persistent_load(self, pid: Any) -> Any:
-        if self.storage is None:
-            raise pickle.UnpicklingError(f"{self.path}: unexpected persistent id {pid!r}")
-        return self.storage(pid)
 
 
 def _torch_allowed(module: str, name: str) -> Any:

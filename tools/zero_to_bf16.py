@@ -42,11 +42,9 @@ import argparse
 import json
 import math
 import os
-import pickle
 import sys
 import time
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,8 +60,8 @@ import torch
 if __package__ in (None, ""):  # run as a script: python tools/zero_to_bf16.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.torch_zip import LazyTensor, RestrictedUnpickler, Stub, load_torch_zip  # noqa: E402
-from train.checkpoint import CONFIG_FILE, MARKER_FILE, read_marker  # noqa: E402
+from tools.torch_zip import LazyTensor, Stub, load_torch_zip  # noqa: E402
+from train.checkpoint import CONFIG_FILE, DCP_METADATA_FILE, MARKER_FILE, load_dcp, read_dcp_metadata, read_marker  # noqa: E402
 from train.models import DiTWeights  # noqa: E402
 from wan import WanModel, dit_preset  # noqa: E402
 from wan.modules.dit_weights import (  # noqa: E402
@@ -350,50 +348,16 @@ def read_zero3(ckpt: Path, world_size: int, tag: str | None) -> dict[str, Source
     return read_deepspeed(ckpt, world_size, tag, 3)
 
 
-_DCP_CLASSES = {
-    "torch.distributed.checkpoint.metadata": {
-        "Metadata", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-        "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING",
-    },
-    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"},
-}  # fmt: skip
-
-
-def _dcp_allowed(module: str, name: str) -> Any:
-    """DCP's .metadata: its own dataclasses, sizes, dtypes and paths; nothing else."""
-    if name in _DCP_CLASSES.get(module, ()):
-        import importlib
-
-        return getattr(importlib.import_module(module), name)
-    if module == "torch" and name == "Size":
-        return torch.Size
-    if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-        return getattr(torch, name)
-    if (module, name) == ("torch.serialization", "_get_layout"):
-        return torch.serialization._get_layout  # a lookup of torch's layouts by name
-    if (module, name) == ("collections", "OrderedDict"):
-        return OrderedDict
-    if module == "builtins" and name in ("set", "frozenset"):
-        return {"set": set, "frozenset": frozenset}[name]
-    return None
-
-
 def read_fsdp(ckpt: Path, world_size: int, tag: str | None) -> dict[str, Source]:
     """FSDP: a DCP folder; each "model.<name>" key is read alone (dcp.load into one empty tensor, no
     process group), which reads only that key's chunks."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     folder = ckpt / DCP_DIR
-    meta_path = folder / ".metadata"
+    meta_path = folder / DCP_METADATA_FILE
     if not meta_path.is_file():
         raise ValueError(f"{meta_path}: missing (an fsdp checkpoint is a DCP save in {DCP_DIR}/)")
-    with open(meta_path, "rb") as f:
-        try:
-            metadata = RestrictedUnpickler(f, meta_path, _dcp_allowed).load()
-        except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as err:
-            raise ValueError(f"{meta_path}: cannot read: {err}") from None
+    metadata = read_dcp_metadata(folder)  # a pickle: read by the restricted unpickler, once
     # Every file the metadata points into must be there and long enough.
     ends: dict[str, int] = {}
     for info in metadata.storage_data.values():
@@ -405,12 +369,6 @@ def read_fsdp(ckpt: Path, world_size: int, tag: str | None) -> dict[str, Source]
         if path.stat().st_size < end:
             raise ValueError(f"{path}: {path.stat().st_size} bytes, {meta_path} needs {end} (truncated)")
 
-    class Reader(dcp.FileSystemReader):
-        # The metadata was read once, safely: every load of one key reuses it.
-        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            return metadata
-
-    reader = Reader(str(folder))
     sources = {}
     for key, md in metadata.state_dict_metadata.items():
         if not key.startswith(DCP_MODEL_PREFIX) or not isinstance(md, TensorStorageMetadata):
@@ -422,7 +380,7 @@ def read_fsdp(ckpt: Path, world_size: int, tag: str | None) -> dict[str, Source]
             tensor = torch.empty(shape, dtype=dtype)
             with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
                 warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
-                dcp.load({"model": {name: tensor}}, storage_reader=reader, no_dist=True)
+                load_dcp({"model": {name: tensor}}, folder, metadata, no_dist=True)
             return tensor
 
         sources[name] = Source(shape, dtype, read, f"{DCP_DIR}/ {key}")

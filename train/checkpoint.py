@@ -21,20 +21,23 @@ damaged checkpoint to the newest that verifies. A save that fails (a full disk) 
 files before raising, and a run's start removes what crashed saves left (`remove_interrupted_saves`).
 No state is gathered to one rank. Our own files
 are safetensors or JSON; DeepSpeed's and DCP's are pickles, read back with torch.load(weights_only=True)
-(DeepSpeed: three of its data classes allowed) or DCP's own reader, never a blanket unpickle. All
-ranks must see the same output_dir (a shared filesystem).
+(DeepSpeed: three of its data classes allowed) or, DCP's index, a restricted unpickler that builds only
+DCP's metadata classes (`read_dcp_metadata`, `load_dcp`), never a blanket unpickle: a crafted pickle
+fails verification and every load. All ranks must see the same output_dir (a shared filesystem).
 """
 
 import errno
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
 import signal
 import sys
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,8 +67,8 @@ def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
 # ----------------------------------------------------------------------------------------------------
 # Durable file writes, checksummed as they are written
 
-# Errors of a write that ran out of room: the disk, a quota, or a file size limit.
-_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+# Errors of a write that ran out of room: the disk, a quota, or a file size limit; as a save's error says it.
+_NO_ROOM = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota full", errno.EFBIG: "file size limit reached"}
 
 # (size, crc32) of each file _write_durably wrote, by absolute path, taken from the bytes as they went
 # out: Checkpointer.save takes its files' entries from here instead of reading them back. Files not
@@ -102,6 +105,19 @@ def _free_bytes(path: Path) -> int | None:
     return None
 
 
+def _held_bytes(folder: Path) -> int:
+    """The disk space the files under `folder` hold (allocated blocks, not sizes); files that vanish
+    while it counts (another rank removing them) count as 0."""
+    held = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                held += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except OSError:
+                pass
+    return held
+
+
 def _write_durably(path: Path, write: Callable[[Any], None], nbytes: int | None = None) -> None:
     """Write through `write(file)` to a temporary name, fsync, rename to `path`, fsync the folder:
     a reader sees either no file or the whole file. `nbytes` (the file's size, when known) goes into
@@ -117,10 +133,10 @@ def _write_durably(path: Path, write: Callable[[Any], None], nbytes: int | None 
     except BaseException as err:
         part.unlink(missing_ok=True)
         if isinstance(err, OSError) and err.errno in _NO_ROOM:
+            # No free space stated here: measured now, it would miss the blocks of other ranks' files of
+            # this save, still open; Checkpointer._failed states it with them counted.
             need = f"{nbytes} bytes" if nbytes is not None else "its bytes"
-            raise OSError(
-                err.errno, f"{path}: {os.strerror(err.errno)} writing {need}; {_free_bytes(path)} bytes free there"
-            ) from err
+            raise OSError(err.errno, f"{path}: {os.strerror(err.errno)} writing {need}") from err
         raise
     _WRITTEN[os.path.abspath(path)] = (out.size, out.crc)
     _fsync_dir(path.parent)
@@ -246,6 +262,138 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not valid JSON: {err}") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pickles in checkpoints, read without running code
+#
+# DCP's index (`dcp/.metadata`) is a plain pickle, and torch's FileSystemReader.read_metadata unpickles
+# it blindly, as DefaultLoadPlanner does every non-tensor value of a DCP save (the optimizer's
+# param_groups): a crafted checkpoint, its COMPLETE marker updated to match, would run code on every
+# rank that resumes it. Every reader of a DCP folder (resume, verify, merge, sample) goes through
+# read_dcp_metadata and load_dcp.
+
+DCP_METADATA_FILE = ".metadata"  # DCP's name for the index rank 0 writes last
+
+_UNPICKLE_ERRORS = (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, IndexError, KeyError)
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Builds only what `allowed` maps (module, name) to; everything else is refused, naming it."""
+
+    def __init__(self, file, path: Path, allowed: Callable[[str, str], Any], storage: Callable | None = None):
+        super().__init__(file)
+        self.path, self.allowed, self.storage = path, allowed, storage
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = self.allowed(module, name)
+        if found is None:
+            raise pickle.UnpicklingError(
+                f"{self.path}: refusing to unpickle {module}.{name} (not a class this file is expected to hold)"
+            )
+        return found
+
+    def persistent_load(self, pid: Any) -> Any:
+        if self.storage is None:
+            raise pickle.UnpicklingError(f"{self.path}: unexpected persistent id {pid!r}")
+        return self.storage(pid)
+
+
+_DCP_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+        "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"},
+}  # fmt: skip
+
+
+def _dcp_allowed(module: str, name: str) -> Any:
+    """DCP's .metadata: its own dataclasses, sizes, dtypes and paths; nothing else."""
+    if name in _DCP_CLASSES.get(module, ()):
+        import importlib
+
+        return getattr(importlib.import_module(module), name)
+    if module == "torch" and name == "Size":
+        return torch.Size
+    if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+        return getattr(torch, name)
+    if (module, name) == ("torch.serialization", "_get_layout"):
+        return torch.serialization._get_layout  # a lookup of torch's layouts by name
+    if (module, name) == ("collections", "OrderedDict"):
+        return OrderedDict
+    if module == "builtins" and name in ("set", "frozenset"):
+        return {"set": set, "frozenset": frozenset}[name]
+    return None
+
+
+def read_dcp_metadata(folder: Path) -> Any:
+    """The index (a torch.distributed.checkpoint Metadata) of DCP save `folder`, unpickled by a
+    restricted unpickler that builds only DCP's own metadata classes, sizes, dtypes and paths.
+    ValueError naming the file when it is missing, damaged or holds anything else (nothing in it runs)."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    path = Path(folder) / DCP_METADATA_FILE
+    if not path.is_file():
+        raise ValueError(f"{path}: missing from the checkpoint (DCP's index, written last by rank 0)")
+    with open(path, "rb") as f:
+        try:
+            metadata = RestrictedUnpickler(f, path, _dcp_allowed).load()
+        except _UNPICKLE_ERRORS as err:
+            raise ValueError(f"{path}: cannot read: {str(err).removeprefix(f'{path}: ')}") from None
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict):
+        raise ValueError(f"{path}: not a DCP index (holds a {type(metadata).__name__})")
+    if not isinstance(metadata.storage_data, dict):
+        raise ValueError(f"{path}: not a DCP index (no storage_data table)")
+    return metadata
+
+
+def load_dcp(state: dict, folder: Path, metadata: Any = None, *, no_dist: bool = False) -> None:
+    """dcp.load of `state` from DCP save `folder`, with `metadata` (read_dcp_metadata's, read when None)
+    as its index, and its non-tensor values read by torch.load(weights_only=True): nothing in the
+    folder is unpickled blindly. A value that is not plain data is refused with a ValueError naming
+    its file, on every rank alike."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    folder = Path(folder)
+    if metadata is None:
+        metadata = read_dcp_metadata(folder)
+
+    class Reader(dcp.FileSystemReader):
+        # The index read safely, above; never DCP's fallback to a per-rank `__{rank}.metadata`.
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("rank") is not None:
+                raise ValueError(f"{folder}: per-rank DCP indexes are not read")
+            if getattr(metadata, "storage_meta", None) is None:  # as FileSystemReader.read_metadata does
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class Planner(dcp.DefaultLoadPlanner):
+        def load_bytes(self, read_item: Any, value: Any) -> None:
+            file = folder / metadata.storage_data[read_item.storage_index].relative_path
+            try:
+                obj = torch.load(value, map_location="cpu", weights_only=True)
+            except (*_UNPICKLE_ERRORS, RuntimeError) as err:
+                raise ValueError(f"{file}: cannot read {read_item.dest_index.fqn}: {err}") from None
+            # DefaultLoadPlanner.load_bytes, but with weights_only=True (torch's is False).
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
+    try:
+        dcp.load(state, storage_reader=Reader(os.fspath(folder)), planner=Planner(), no_dist=no_dist)
+    except CheckpointException as err:
+        # Collective loads report each rank's error wrapped; ours (a refused value) comes out plain.
+        refused = [exc for exc, _ in err.failures.values() if isinstance(exc, ValueError)]
+        if refused:
+            raise ValueError(str(refused[0])) from None
+        raise
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -509,6 +657,13 @@ def _file_problem(folder: Path, name: str, listed: Listed, checksum: bool) -> st
         crc = _crc32_file(file)
         if crc != listed.crc32:
             return f"{name} has a checksum mismatch (crc32 {crc:08x}, {MARKER_FILE} says {listed.crc32:08x})"
+    if checksum and file.name == DCP_METADATA_FILE:
+        # A checksum proves only that COMPLETE was written for these bytes: a crafted index, marker
+        # updated to match, must fail verification rather than reach a resume.
+        try:
+            read_dcp_metadata(file.parent)
+        except ValueError as err:
+            return f"{name}: {str(err).removeprefix(f'{file}: ')}"
     return None
 
 
@@ -849,22 +1004,27 @@ class Checkpointer:
         many bytes a checkpoint needs against those free. No collective here: other ranks may be inside
         the engine's own collective save, which would not match; they fail or are stopped by torchrun,
         and the next start removes what they wrote (remove_interrupted_saves)."""
+        # Free space measured after the removal is short by every file another rank still holds open (a
+        # removed file keeps its blocks until closed), and no barrier can wait for those ranks. The free
+        # space plus what the save's files hold, taken before removing them, is what the disk has once
+        # every rank has let go: another rank's writes only move bytes from one term to the other.
+        free = _free_bytes(self.output_dir)
+        free = free + _held_bytes(tmp) if free is not None else None
         # The whole tmp folder goes, also other ranks' files in it: without this rank's files the save can
         # never be completed, and the .part/.tmp files of writers that died with the error are inside it.
         shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(err, Exception):
             return err  # KeyboardInterrupt, SystemExit: cleaned up, passed on as they are
         no_room = next((e for e in _causes(err) if isinstance(e, OSError) and e.errno in _NO_ROOM), None)
-        free = _free_bytes(self.output_dir)
         previous = next((p for _, p in _checkpoints(self.output_dir) if checkpoint_problem(p) is None), None)
         need = sum(e.size for e in parse_marker(previous)[1].values()) if previous is not None else None
         if no_room is not None or (need is not None and free is not None and free < need):
-            room = f"{free} bytes are free in {self.output_dir} now that the partial files are removed" + (
+            room = f"{free} bytes are free in {self.output_dir} once every rank has closed the removed files" + (
                 f"; the newest checkpoint ({previous.name}) holds {need} bytes" if need is not None else ""
             )
             message = f"saving {final} failed and its partial files were removed: {err}; {room}"
             if no_room is not None:
-                return OSError(no_room.errno, message)
+                return OSError(no_room.errno, f"{_NO_ROOM[no_room.errno]}: {message}")
             err.add_note(room)
         err.add_note(f"while saving {final}; its partial files ({tmp}) were removed")
         return err

@@ -22,7 +22,6 @@ exp_avg_sq,step}" and "optimizer.param_groups.{name}.{lr,betas,...}" (trainable 
 
 import contextlib
 import math
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -230,7 +229,7 @@ class FSDPEngine:
     def load(self, folder: Path) -> None:
         """Collective: read a checkpoint written by save() at any world size (DCP reshards). Refuses,
         before reading any tensor, a folder that lacks a file or holds other parameters or shapes."""
-        from train.checkpoint import read_json
+        from train.checkpoint import load_dcp, read_json
 
         folder = Path(folder)
         info = read_json(folder / FSDP_STATE_FILE)
@@ -243,12 +242,12 @@ class FSDPEngine:
             "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=_OPTIONS),
         }
         try:
-            check_dcp_folder(folder / DCP_DIR, state)
+            metadata = check_dcp_folder(folder / DCP_DIR, state)
         except ValueError:
             if not stepped:
                 self.optimizer.state.clear()
             raise
-        dcp.load(state, checkpoint_id=folder / DCP_DIR)
+        load_dcp(state, folder / DCP_DIR, metadata)
         set_model_state_dict(self.model, state["model"], options=_OPTIONS)
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=_OPTIONS)
         if not info.get("optimizer_stepped", True):
@@ -297,15 +296,14 @@ def ensure_process_group(device: torch.device) -> bool:
     return True
 
 
-def check_dcp_folder(path: Path, expected: dict[str, Any]) -> None:
+def check_dcp_folder(path: Path, expected: dict[str, Any]) -> Any:
     """Refuse (ValueError naming the file or keys) a DCP folder that lacks its index or a data file it
-    lists, or whose tensors do not fit `expected` (this run's state dict: other trainable_modules or
-    another model)."""
-    index = path / METADATA_FILE
-    if not index.is_file():
-        raise ValueError(f"{index}: missing from the checkpoint (DCP's index, written last by rank 0)")
-    # DCP's own reader parses the index it wrote; nothing else here unpickles.
-    metadata = dcp.FileSystemReader(os.fspath(path)).read_metadata()
+    lists, whose index holds anything but DCP's metadata (it is a pickle: read by a restricted
+    unpickler), or whose tensors do not fit `expected` (this run's state dict: other trainable_modules
+    or another model). Returns the index, for load_dcp."""
+    from train.checkpoint import read_dcp_metadata
+
+    metadata = read_dcp_metadata(path)
     files = sorted({info.relative_path for info in (metadata.storage_data or {}).values()})
     absent = [name for name in files if not (path / name).is_file()]
     if absent:
@@ -335,6 +333,7 @@ def check_dcp_folder(path: Path, expected: dict[str, Any]) -> None:
             f"{path}: the checkpoint does not fit this run (trainable_modules or model changed?): "
             + "; ".join(problems)
         )
+    return metadata
 
 
 def _shorten(names: list[str], limit: int = 8) -> str:

@@ -9,16 +9,23 @@ the first step of a run resumed from a checkpoint taken after step N (`start_ste
 What goes to TensorBoard (folder `output_dir/tensorboard`), at every step unless said otherwise:
   train/loss, train/loss_smoothed   the step's global loss and its bias-corrected EMA
   train/lr, train/grad_norm
-  train/samples_per_s, train/tokens_per_s, train/step_time_s, train/data_wait_s
-  train/peak_memory_gib             CUDA max allocated on a GPU, else the process's peak RSS (VmHWM)
+  train/samples_per_s               samples per second over all ranks
+  train/tokens_per_s_global         video tokens (latent patches) per second over all ranks
+  train/step_time_s, train/data_wait_s
+  train/peak_memory_gib             on a GPU: CUDA max allocated since the previous step was logged (the
+                                    peak is reset after each step's scalars; the console line shows the
+                                    largest since its previous line); on a CPU: the process's peak RSS
+                                    since it started (VmHWM, which is not reset)
   train/skipped_nonfinite           how many steps this run skipped for a non-finite loss or gradient
   perf/tflops                       achieved model TFLOP/s per GPU: the step's model FLOPs (forward x 3
                                     from its real shapes, recompute excluded: train/flops.py) / ranks
                                     / step time
   perf/mfu                          perf/tflops / the accelerator's dense bf16 peak (only when known:
                                     [logging] peak_tflops, or the GPU's name; never on a CPU)
-  perf/tokens_per_s                 video tokens per second per GPU
-  time/{name}_s                     the step's timed sections (see `StepTimer`)
+  perf/tokens_per_s_per_gpu         train/tokens_per_s_global / ranks
+  time/{name}_s                     the step's timed sections (see `StepTimer`), only on the steps that
+                                    print a console line (`Metrics.times_sections`): timing them on a GPU
+                                    synchronises it at each section edge, which the other steps skip
   loss_by_timestep/bin_{k:02d}      mean loss of the samples whose timestep fell in bin k, per window
                                     of `log_every` steps (see `Metrics.log_step`)
 Written by the trainer through add_scalar / add_image / add_text, not every step:
@@ -98,19 +105,25 @@ def _start_summary_writer(log_dir: Path, purge_step: int, errors: list[BaseExcep
     return writer
 
 
+def _memory_device(device: torch.device | str | None) -> torch.device | None:
+    """The device whose memory is measured: `device`, or the current CUDA device once this process has
+    initialised CUDA; None: the process's RSS."""
+    if device is None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        device = torch.device("cuda", torch.cuda.current_device())
+    return torch.device(device) if device is not None else None
+
+
 def peak_memory_bytes(device: torch.device | str | None = None) -> int:
     """Peak memory of this process: CUDA max allocated on a CUDA device, else the peak resident set size.
 
     With no device: the current CUDA device once this process has initialised CUDA, else the RSS.
 
-    The CUDA number is the caching allocator's high-water mark since the start of the process (or since
-    the caller last ran torch.cuda.reset_peak_memory_stats); it leaves out the allocator's cached but
-    free blocks and other processes. The CPU number is VmHWM from /proc/self/status, which covers this
-    process only, not its DataLoader workers. 0 where neither can be read.
+    The CUDA number is the caching allocator's high-water mark since the start of the process or the
+    last `reset_peak_memory` (Metrics resets it after each step); it leaves out the allocator's cached
+    but free blocks and other processes. The CPU number is VmHWM from /proc/self/status, which covers
+    this process only, not its DataLoader workers, since the process started. 0 where neither can be read.
     """
-    if device is None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        device = torch.device("cuda", torch.cuda.current_device())
-    device = torch.device(device) if device is not None else None
+    device = _memory_device(device)
     if device is not None and device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     try:
@@ -127,6 +140,14 @@ def peak_memory_bytes(device: torch.device | str | None = None) -> int:
         return int(peak if sys.platform == "darwin" else peak * 1024)
     except (ImportError, OSError):
         return 0
+
+
+def reset_peak_memory(device: torch.device | str | None = None) -> None:
+    """Start the CUDA high-water mark of peak_memory_bytes (same device rule) afresh from what is
+    allocated now. Nothing on the CPU: the peak RSS cannot be reset."""
+    device = _memory_device(device)
+    if device is not None and device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 @dataclass
@@ -159,19 +180,22 @@ class StepStats:
 class StepTimer:
     """Wall time of named sections of one training step, accumulated per name until `reset`.
 
-    With a CUDA device the timer synchronises the device when a section starts and ends, so a section
-    measures the GPU work it queued rather than the time to queue it. That stalls the CPU from running
-    ahead of the GPU, so time sections for a profiling run, not for the fastest run.
+    On a CUDA device a section measures the GPU work it queued only if the device is synchronised when
+    the section starts and ends; that stops the CPU from queueing ahead of the GPU, so it is done only
+    while `synchronize` is set: the trainer sets it for the steps whose sections are logged
+    (`Metrics.times_sections`). Unset, a section on the GPU measures the time to queue its work (the
+    step's total stays exact: the loss is read back every micro-step). On the CPU nothing is queued.
     """
 
     def __init__(self, device: torch.device | str | None = None) -> None:
         device = torch.device(device) if device is not None else None
-        self._sync_device = device if device is not None and device.type == "cuda" else None
+        self._cuda = device if device is not None and device.type == "cuda" else None
+        self.synchronize = False
         self._seconds: dict[str, float] = {}
 
     def _sync(self) -> None:
-        if self._sync_device is not None:
-            torch.cuda.synchronize(self._sync_device)
+        if self.synchronize and self._cuda is not None:
+            torch.cuda.synchronize(self._cuda)
 
     @contextlib.contextmanager
     def section(self, name: str) -> Iterator[None]:
@@ -280,6 +304,7 @@ class Metrics:
         self._last_step = start_step
         self._bin_sums = np.zeros(timestep_bins, dtype=np.float64)
         self._bin_counts = np.zeros(timestep_bins, dtype=np.int64)
+        self._line_peak_gib = 0.0  # the largest step peak since the last progress line
         self._closed = False
 
     def log_step(self, step: int, stats: "StepStats") -> None:
@@ -305,6 +330,7 @@ class Metrics:
         loss, lr, grad_norm = float(loss), float(lr), float(grad_norm)
         skipped = skipped or not math.isfinite(loss)
         write = self._add_scalar
+        prints_line = self._prints_line(step)
 
         if skipped:
             self.skipped_nonfinite += 1
@@ -320,14 +346,17 @@ class Metrics:
         write("train/data_wait_s", data_wait, step)
         if step_time > 0:
             write("train/samples_per_s", samples / step_time, step)
-            write("train/tokens_per_s", tokens / step_time, step)
+            write("train/tokens_per_s_global", tokens / step_time, step)
         perf = self._perf(stats)
         for name, value in perf.items():
             write(f"perf/{name}", value, step)
         peak_gib = peak_memory_bytes(self.device) / GIB
         write("train/peak_memory_gib", peak_gib, step)
-        for name, seconds in (sections or {}).items():
-            write(f"time/{name}_s", seconds, step)
+        reset_peak_memory(self.device)  # the next value is the next step's own peak
+        self._line_peak_gib = max(self._line_peak_gib, peak_gib)
+        if prints_line:  # times_sections(step), asked before the step ran
+            for name, seconds in (sections or {}).items():
+                write(f"time/{name}_s", seconds, step)
 
         # The first step of a run (or of a resume) carries compilation, allocator and loader warm-up.
         if self._steps_logged > 0:
@@ -339,24 +368,38 @@ class Metrics:
         if window_end:
             self._write_bins(step)
 
+        line_peak = self._line_peak_gib
         if self._live_bar:
             self._bar_line = self._progress_line(
-                step, loss, lr, grad_norm, samples, step_time, peak_gib, bar=True, perf=perf
+                step, loss, lr, grad_norm, samples, step_time, line_peak, bar=True, perf=perf
             )
             self._draw(self._bar_line)
-        elif window_end or self._steps_logged == 1 or step >= self.total_steps:
-            line = self._progress_line(step, loss, lr, grad_norm, samples, step_time, peak_gib, bar=False, perf=perf)
+            self._line_peak_gib = 0.0
+        elif prints_line:
+            line = self._progress_line(step, loss, lr, grad_norm, samples, step_time, line_peak, bar=False, perf=perf)
             self.stream.write(line + "\n")
             self.stream.flush()
+            self._line_peak_gib = 0.0
+
+    def _prints_line(self, step: int) -> bool:
+        """A plain progress line: at the first step this object logs (a run's or a resume's), every
+        log_every steps and at the last; asked before the step is logged."""
+        return step % self.log_every == 0 or self._steps_logged == 0 or step >= self.total_steps
+
+    def times_sections(self, step: int) -> bool:
+        """Whether `step` logs its timed sections (time/*): the steps with a plain progress line, whether
+        or not the bar replaces them. The trainer synchronises the GPU at each section edge of these
+        steps only (see StepTimer)."""
+        return self._prints_line(step)
 
     def _perf(self, stats: "StepStats") -> dict[str, float]:
         """Per-GPU throughput of the step: tflops (achieved model TFLOP/s), mfu (of peak_tflops, when
-        known) and tokens_per_s; empty without FLOPs or time."""
+        known) and tokens_per_s_per_gpu; empty without FLOPs or time."""
         if not stats.flops or stats.step_time <= 0:
             return {}
         ranks = max(stats.ranks, 1)
         tflops = stats.flops / ranks / stats.step_time / 1e12
-        out = {"tflops": tflops, "tokens_per_s": stats.tokens / ranks / stats.step_time}
+        out = {"tflops": tflops, "tokens_per_s_per_gpu": stats.tokens / ranks / stats.step_time}
         if self.peak_tflops:
             out["mfu"] = tflops / self.peak_tflops
         return out
@@ -518,6 +561,9 @@ class NullMetrics:
 
     def log_step(self, step: int, stats: StepStats) -> None:
         pass
+
+    def times_sections(self, step: int) -> bool:
+        return False  # nothing is logged here, so nothing is worth a GPU synchronisation
 
     def log_text(self, message: str) -> None:
         pass

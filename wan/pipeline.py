@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from wan.encoders import TextEncoder, encode_i2v_condition
+from wan.encoders import TextEncoder, encode_i2v_condition, on_device
 from wan.modules.clip import CLIPVision
 from wan.modules.vae import WanVAE
 from wan.samplers import SAMPLERS, build_sampler
@@ -127,7 +127,8 @@ def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
 @contextmanager
 def _working(module, device: torch.device, offload: bool):
     """Yields the device `module` computes on. With offload, the module moves to `device` for the
-    duration and back to where it was after; without, it runs where it is."""
+    duration and back to where it was after; without, it runs where it is. From the CPU it goes by
+    `on_device`: one kept (pinned) host copy, nothing copied back."""
     params = next(module.parameters(), None) if isinstance(module, nn.Module) else None
     if params is None:
         yield device
@@ -136,11 +137,17 @@ def _working(module, device: torch.device, offload: bool):
     if not offload or home == device:
         yield home
         return
-    module.to(device)
     try:
-        yield device
+        if home.type == "cpu":
+            with on_device(module, device):
+                yield device
+        else:
+            module.to(device)
+            try:
+                yield device
+            finally:
+                module.to(home)
     finally:
-        module.to(home)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -12,6 +12,7 @@ makes one latent frame.
 """
 
 import random
+from collections.abc import Iterable
 
 # The 512-base table of VideoX-Fun, h/w -> [h, w]. Every entry has about 512*512 pixels.
 ASPECT_RATIOS_512: dict[float, list[int]] = {
@@ -114,6 +115,27 @@ def valid_frame_count(n: int) -> int:
     """The largest 4k+1 <= n (n >= 1): the longest prefix of n frames the VAE accepts."""
     _check_positive("n", n)
     return (n - 1) // 4 * 4 + 1
+
+
+def clip_frame_count(num_frames: int, n_frames: int, stride: int) -> int:
+    """Frames a clip of `num_frames` source frames gives at `stride`, at most `n_frames`: VideoX-Fun's
+    loader takes min(video_sample_n_frames, len // stride) frames, `stride` apart. 0 when the clip is
+    shorter than the stride (VideoX-Fun then skips it)."""
+    _check_positive("num_frames", num_frames)
+    _check_positive("n_frames", n_frames)
+    _check_positive("stride", stride)
+    return min(n_frames, num_frames // stride)
+
+
+def batch_frame_count(target: int, available: Iterable[int]) -> int:
+    """The pixel frames a step trains: the least of `target` (the step's drawn count) and every clip's
+    available frames (clip_frame_count), cut down to 4k+1, at least 1.
+
+    VideoX-Fun's collate_fn takes this minimum over its batch, so a clip shorter than the requested
+    frames shortens the whole batch instead of failing it."""
+    _check_positive("target", target)
+    least = min([target, *available])
+    return valid_frame_count(least) if least >= 1 else 1
 
 
 def frames_for_token_budget(size: int, budget_size: int, n_frames: int) -> int:

@@ -7,7 +7,8 @@ uninterrupted one would, whatever the number of DataLoader workers.
 
 Bad files never stop a batch: a sample that cannot give its frames (missing, corrupt, too short,
 too slow to decode) is replaced, in this order, by
-1. up to `max_retries` distinct other samples of its bucket;
+1. up to `max_retries` distinct other samples of its bucket (drawn among all of them; those known to
+   be shorter than the step's frame count are passed over, never counted as bad);
 2. up to `max_retries` samples of the other buckets of its kind that have the same shape at this step
    (at small sizes several aspect ratios round to one height x width);
 3. the first sample of its kind that loads, over all of them in a random order, resized and cropped
@@ -38,7 +39,9 @@ import torch.distributed as dist
 from torch.utils.data import Dataset
 
 from train.data.buckets import (
+    batch_frame_count,
     bucket_table,
+    clip_frame_count,
     decoded_mean_side,
     downsample_choices,
     downsampled_size,
@@ -63,6 +66,7 @@ class SizeOptions:
     video_sample_size: int = 512
     image_sample_size: int = 512
     video_sample_n_frames: int = 49
+    video_sample_stride: int = 1
     random_hw_adapt: bool = False
     training_with_video_token_length: bool = False
     token_sample_size: int = 512
@@ -83,10 +87,11 @@ def bucket_keys(samples: list[Sample]) -> list[tuple[str, float]]:
 
 
 def make_choose(
-    options: SizeOptions, sizes: Sequence[tuple[int, int]] = ()
+    options: SizeOptions, sizes: Sequence[tuple[int, int]] = (), frames: Sequence[int | None] = ()
 ) -> Callable[[random.Random, Hashable, Sequence[int]], dict]:
     """The sampler's per-step choice {"size": S, "num_frames": F} for a bucket (kind, ratio) and the
-    step's sample indices; `sizes` holds each sample's (height, width).
+    step's sample indices; `sizes` holds each sample's (height, width), `frames` each video's frame
+    count from the metadata or the probe (None: unknown).
 
     VideoX-Fun's rule (its collate_fn), per global step here rather than per rank's batch, so every
     rank trains one shape:
@@ -98,10 +103,18 @@ def make_choose(
       downsample_choices(video_sample_size); video_sample_n_frames.
     - otherwise (training_with_video_token_length alone too): video_sample_size, video_sample_n_frames.
       The token length alone repeats small batches instead (token_length_repeats, in the loop).
-    random_frame_crop then shortens the clip (pixel frames, see random_frame_crop).
+    The step's shortest clip then caps the frames, as VideoX-Fun's collate_fn does: each clip gives
+    min(video_sample_n_frames, frames // video_sample_stride) (clip_frame_count) and the step trains the
+    least of those and the drawn count, as 4k+1 (batch_frame_count), so a short clip shortens its step
+    instead of failing it. Here the minimum is over the global step's clips (VideoX-Fun: one rank's
+    batch), so every rank still trains one shape; it is known when the sampler plans the step, from the
+    metadata, and draws nothing. random_frame_crop then shortens the clip (pixel frames, see
+    random_frame_crop).
     """
     o = options
     cap = max(o.image_sample_size, o.video_sample_size)
+    # Per sample once, not per step: a step then looks up its clips (None: length unknown, no cap).
+    available = [None if not f else clip_frame_count(f, o.video_sample_n_frames, o.video_sample_stride) for f in frames]
 
     def choose(rng: random.Random, key: Hashable, indices: Sequence[int] = ()) -> dict:
         if key[0] == "image":
@@ -118,6 +131,8 @@ def make_choose(
         elif o.random_hw_adapt:
             ratios, probs = downsample_choices(o.video_sample_size)
             size = downsampled_size(o.video_sample_size, rng.choices(ratios, probs)[0])
+        if available:
+            n_frames = batch_frame_count(n_frames, [available[i] for i in indices if available[i] is not None])
         if o.random_frame_crop:
             n_frames = random_frame_crop(n_frames, rng)
         return {"size": size, "num_frames": n_frames}
@@ -254,16 +269,22 @@ class VideoDataset(Dataset):
     def _candidates(self, first: list[int], extras: dict, shape: Sequence[int]) -> Iterator[int]:
         """The item then its replacements, in the order of the module docstring. Stages 2 and 3 draw
         from their own generator (the item's one also draws start frames, as many as loads were tried)."""
-        yield from first
         index = first[0]
         kind, ratio = self.keys[index]
-        tried = set(first)
         frames, height, width = shape[:3]
+
+        def long_enough(i: int) -> bool:  # a clip known too short for this step is not a bad file: not tried
+            return kind == "image" or (self.samples[i].num_frames or 0) >= frames
+
+        # The item itself always: the step's frame count was chosen for it.
+        yield index
+        yield from (i for i in first[1:] if long_enough(i))
+        tried = set(first)
         rng = random.Random(derive_seed("replace", self.seed, extras["epoch"], extras["step"], index))
         table = bucket_table(extras["size"])
 
-        def fits(i: int) -> bool:  # a clip known too short for this step is not a bad file: not tried
-            return i not in tried and (kind == "image" or (self.samples[i].num_frames or 0) >= frames)
+        def fits(i: int) -> bool:
+            return i not in tried and long_enough(i)
 
         peers = [
             i
@@ -300,8 +321,9 @@ class VideoDataset(Dataset):
         decode_frames(sample.path, indices, cover=(height, width), out=out.numpy())  # scaled while decoding
 
     def _frame_indices(self, sample: Sample, num_frames: int, rng: random.Random) -> list[int]:
-        """num_frames frames, video_sample_stride apart where the clip is long enough, else closer
-        together: every clip of a step must give the same count."""
+        """num_frames frames, video_sample_stride apart. The step's count fits every clip of the step at
+        the stride (make_choose); a replacement too short for it takes its frames closer together, as
+        every clip of a step must give the same count."""
         total = sample.num_frames
         if not total:
             raise MediaError(sample.path, "no frame count (neither in the metadata nor probed)")

@@ -13,9 +13,10 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader
 
+from train.data.buckets import batch_frame_count, clip_frame_count
 from train.data.dataset import BadSampleTracker, SizeOptions, VideoDataset, bucket_keys, collate, make_choose
 from train.data.metadata import Sample, load_metadata
-from train.data.probe import fill_sizes
+from train.data.probe import cached_sizes, fill_sizes
 from train.data.sampler import DistributedBucketBatchSampler, derive_seed
 from train.data.transfer import TransferPool
 from train.guard import tie_worker_to_parent
@@ -35,9 +36,11 @@ class DataConfig:
     """Metadata: .json (VideoX-Fun list), .jsonl or .csv with file_path, text, optional type, width, height,
     num_frames, fps (missing sizes are read from the files before training and cached in output_dir)."""
     video_sample_n_frames: int = 49
-    """Frames per video sample (4k+1; fewer when the token-length rule or random_frame_crop asks)."""
+    """Frames per video sample (4k+1; fewer when a step's shortest clip has fewer at video_sample_stride,
+    as in VideoX-Fun, or when the token-length rule or random_frame_crop asks)."""
     video_sample_stride: int = 1
-    """Source frames between sampled frames (closer together when a clip is too short for the stride)."""
+    """Source frames between sampled frames: a clip gives at most its frames // stride, and a step trains
+    its shortest clip's count (4k+1); videos shorter than the stride are left out."""
     video_sample_size: int = 512
     """Training size of videos: the bucket table is scaled by size/512."""
     image_sample_size: int = 512
@@ -130,11 +133,19 @@ def hold_out(samples: list[Sample], count: int, seed: int) -> tuple[list[Sample]
     return [s for s in samples if s.path not in chosen], held
 
 
-def drop_implausible(samples: list[Sample], skipped: list[tuple[str, str]]) -> list[Sample]:
-    """The samples `plausible` accepts; the others go to `skipped` as (path, reason)."""
+def too_short(sample: Sample, stride: int) -> str | None:
+    """Why a video gives no frame at video_sample_stride (VideoX-Fun's loader skips it too), or None."""
+    if sample.kind == "video" and sample.num_frames and sample.num_frames < stride:
+        return f"has {sample.num_frames} frames, fewer than video_sample_stride {stride}: not one frame to train"
+    return None
+
+
+def drop_implausible(samples: list[Sample], skipped: list[tuple[str, str]], stride: int = 1) -> list[Sample]:
+    """The samples `plausible` accepts that give a frame at `stride`; the others go to `skipped` as
+    (path, reason)."""
     kept = []
     for sample in samples:
-        reason = plausible(sample)
+        reason = plausible(sample) or too_short(sample, stride)
         if reason:
             skipped.append((str(sample.path), reason))
         else:
@@ -178,7 +189,7 @@ def build_dataloader(
     samples = fill_sizes(
         samples, config.train_data_meta or None, config.train_data_dir or None, cache_dir, skipped, rank=rank
     )
-    kept = drop_implausible(samples, skipped)
+    kept = drop_implausible(samples, skipped, config.video_sample_stride)
     if not kept:
         raise ValueError(f"no usable samples in {config.train_data_meta or config.train_data_dir}")
     if holdout:
@@ -191,11 +202,12 @@ def build_dataloader(
         keys = [(kind, 1.0) for kind, _ in keys]  # one square bucket per kind: a centre crop
     options = SizeOptions(
         video_sample_size=config.video_sample_size, image_sample_size=config.image_sample_size,
-        video_sample_n_frames=config.video_sample_n_frames, random_hw_adapt=config.random_hw_adapt,
+        video_sample_n_frames=config.video_sample_n_frames, video_sample_stride=config.video_sample_stride,
+        random_hw_adapt=config.random_hw_adapt,
         training_with_video_token_length=config.training_with_video_token_length,
         token_sample_size=config.token_sample_size, random_frame_crop=config.random_frame_crop,
     )  # fmt: skip
-    choose = make_choose(options, [(s.height, s.width) for s in kept])
+    choose = make_choose(options, [(s.height, s.width) for s in kept], [s.num_frames for s in kept])
     sampler = DistributedBucketBatchSampler(
         keys, batch_size, rank=rank, world_size=world_size, seed=seed,
         repeats=[max(config.video_repeat, 1) if s.kind == "video" else 1 for s in kept], choose=choose,
@@ -216,3 +228,37 @@ def build_dataloader(
     tracker = BadSampleTracker(max_bad_fraction=config.max_bad_fraction)
     tracker.record_refused(skipped)
     return loader, sampler, tracker
+
+
+def longest_step_frames(config: DataConfig, cache_dir: str | Path | None = None) -> tuple[int | None, str]:
+    """(the most pixel frames a video step can train on these clips, what it comes from), before training
+    and without opening a media file, for train.plan; (None, why) when that is not known.
+
+    A step trains the least of the drawn count and its clips' own (make_choose), so the longest clip
+    bounds every step: min(video_sample_n_frames, frames // video_sample_stride) over the videos, as
+    4k+1. Frame counts come from the metadata, else from the probe cache a run keeps in `cache_dir`
+    (its output_dir); one video whose count neither holds leaves the bound unknown (nothing is probed
+    here: a million headers would take the planner minutes)."""
+    skipped: list[tuple[str, str]] = []
+    try:
+        samples = load_metadata(config.train_data_meta or None, config.train_data_dir or None, skipped)
+    except (OSError, ValueError) as err:
+        return None, f"the metadata cannot be read ({type(err).__name__}: {str(err).splitlines()[0]})"
+    if config.max_train_samples:
+        samples = samples[: config.max_train_samples]
+    samples = cached_sizes(samples, config.train_data_meta or None, config.train_data_dir or None, cache_dir)
+    videos = [s for s in drop_implausible(samples, skipped, config.video_sample_stride) if s.kind == "video"]
+    if not videos:
+        return None, "no videos listed"
+    unknown = sum(not s.num_frames for s in videos)
+    if unknown:
+        return None, f"{unknown} of {len(videos)} videos have no frame count yet (a run probes and caches them)"
+    longest = max(s.num_frames for s in videos)
+    frames = batch_frame_count(
+        config.video_sample_n_frames,
+        [max(clip_frame_count(s.num_frames, config.video_sample_n_frames, config.video_sample_stride) for s in videos)],
+    )
+    return frames, (
+        f"the longest of {len(videos)} videos has {longest} frames, {frames} at video_sample_stride "
+        f"{config.video_sample_stride} (4k+1)"
+    )

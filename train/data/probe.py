@@ -283,6 +283,26 @@ def _gather(obj: object) -> list:
     return every
 
 
+def cached_sizes(
+    samples: list[Sample], meta: str | Path | None, data_dir: str | Path | None, cache_dir: str | Path | None
+) -> list[Sample]:
+    """The samples with the sizes fill_sizes cached in `cache_dir` filled in, opening no media file (for
+    a plan before training): samples the cache does not hold stay as they are, those it holds as
+    unreadable or of the wrong type are left out. No cache, or one written for other metadata: as given."""
+    if not cache_dir or not any(needs_probe(s) for s in samples):
+        return samples
+    key = fingerprint(meta, data_dir, samples)
+    results, _ = read_cache(Path(cache_dir) / "metadata_cache" / f"{key}.json", key)
+    out = []
+    for sample in samples:
+        if needs_probe(sample) and str(sample.path) in results:
+            info, _ = results[str(sample.path)]
+            sample = enrich(sample, info)[0] if info is not None else None
+        if sample is not None:
+            out.append(sample)
+    return out
+
+
 def fill_sizes(
     samples: list[Sample],
     meta: str | Path | None,

@@ -326,11 +326,12 @@ class DistributedBucketBatchSampler(Sampler[list[Item]]):
         # The plan depends on the global batch only, so a run may resume on another number of ranks
         # (or micro-batch, or accumulation) that keeps it: every sample keeps its global position.
         shape = [state.get("batch_size"), state.get("world_size"), state.get("accumulation_steps", 1)]
-        if not all(isinstance(v, int) for v in shape) or math.prod(shape) != self.global_batch_size:
+        saved = math.prod(shape) if all(isinstance(v, int) for v in shape) else None
+        if saved != self.global_batch_size:
             raise ValueError(
                 f"the checkpoint's global batch is {' x '.join(map(str, shape))} (batch x ranks x accumulation), "
-                f"this run's {self.batch_size} x {self.world_size} x {self.accumulation_steps}: keep the product "
-                f"({self.global_batch_size}) equal, e.g. with train_batch_size or gradient_accumulation_steps"
+                f"this run's {self.batch_size} x {self.world_size} x {self.accumulation_steps}: keep the product"
+                f"{f' ({saved})' if saved else ''} equal, e.g. with train_batch_size or gradient_accumulation_steps"
             )
         carry = [_check_int("carry_in entry", i, 0) for i in state["carry_in"]]
         if any(i >= len(self.bucket_keys) for i in carry):
