@@ -11,12 +11,15 @@ import functools
 import inspect
 import itertools
 import json
+import os
 import sys
 import textwrap
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+import torch
 
 try:
     import tomllib
@@ -379,7 +382,8 @@ class ConfigError(ValueError):
 
     def __init__(self, problems: list[str]):
         self.problems = problems
-        super().__init__(f"invalid run configuration ({len(problems)} problems):\n  " + "\n  ".join(problems))
+        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+        super().__init__(f"invalid run configuration ({count}):\n  " + "\n  ".join(problems))
 
 
 @functools.cache
@@ -399,10 +403,10 @@ def _docs(cls: type) -> dict[str, str]:
     }  # fmt: skip
 
 
-def _hint(name: str, known: typing.Iterable[str]) -> str:
+def _hint(name: str, known: typing.Iterable[str], cutoff: float = 0.7) -> str:
     # 0.7, not difflib's 0.6: close misspellings only (learning_rat, modle, optimizer -> optim), not
     # unrelated keys that share a prefix (logging_dir -> logit_std at 0.6).
-    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.7)
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=cutoff)
     return f" (did you mean {close[0]}?)" if close else ""
 
 
@@ -465,7 +469,11 @@ def _locate(name: str, flag: str, problems: list[str]) -> tuple[str, str] | None
         choices = " or ".join(f"--{s}.{name}" for s in owners)
         problems.append(f"{flag} is ambiguous: {name} is in {', '.join(f'[{s}]' for s in owners)}; write {choices}")
     else:
-        problems.append(f"{flag}: unknown option{_hint(name, [k for c in SECTIONS.values() for k in _types(c)])}")
+        # VideoX-Fun's options are names a pasted line may misspell too (deepspeed_multinode_launcherr),
+        # but closer only: theirs share long prefixes, and most do nothing here (push_to_wandb is not
+        # push_to_hub, at 0.75).
+        ours = [k for c in SECTIONS.values() for k in _types(c)]
+        problems.append(f"{flag}: unknown option{_hint(name, ours) or _hint(name, OPTIONS, cutoff=0.85)}")
     return None
 
 
@@ -511,10 +519,21 @@ def load_config(argv: list[str], notes: list[str] | None = None) -> RunConfig:
     VideoX-Fun's options are understood as train/videox_fun.py says; what they do here (or why they do
     nothing) is appended to `notes`, for the caller to print once. Raises ConfigError listing every
     problem; prints help_text() and exits 0 on -h/--help."""
-    if "-h" in argv or "--help" in argv:
+    if wants_help(argv):
         print(help_text())
         raise SystemExit(0)
-    notes = [] if notes is None else notes
+    cfg, problems = _load(argv, [] if notes is None else notes)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def wants_help(argv: list[str]) -> bool:
+    return "-h" in argv or "--help" in argv
+
+
+def _load(argv: list[str], notes: list[str]) -> tuple[RunConfig, list[str]]:
+    """load_config's work: the config as far as it could be read, and every problem found."""
     paths: list[str] = []
     overrides: list[tuple[str, str, str, str]] = []  # (flag, section, key, text)
     cli_problems: list[str] = []
@@ -588,9 +607,7 @@ def load_config(argv: list[str], notes: list[str] | None = None) -> RunConfig:
     notes += yaml_notes
     cfg.parallel.resolve()
     problems += cfg.problems()
-    if problems:
-        raise ConfigError(problems)
-    return cfg
+    return cfg, problems
 
 
 def check_paths(cfg: RunConfig) -> list[str]:
@@ -644,6 +661,94 @@ def check_paths(cfg: RunConfig) -> list[str]:
     return out
 
 
+def run_device() -> torch.device:
+    """The device train.main trains on in this process: cuda:LOCAL_RANK when CUDA is available, else the
+    CPU. Read from torchrun's environment, so it is known before any process group exists."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def check_run(cfg: RunConfig, device: torch.device, world_size: int | None) -> list[str]:
+    """Every problem train.main finds before it reads data or builds a model, past the config's own: the
+    files the run reads (check_paths), the mixed precision the engine runs on `device`, the attention
+    kernel `device` has, and the deepspeed_config file merged over the generated DeepSpeed config.
+
+    train.main and `python -m train.config` both call it, so the check refuses what a run refuses.
+    world_size None (a check outside torchrun) leaves out the one comparison that needs the number of
+    ranks: a deepspeed_config file's train_batch_size. A value the config's own problems already refuse
+    (an unknown engine, say) is not checked again."""
+    from train.engine import EngineSetup, check_mixed_precision  # they import this module
+    from train.engine_deepspeed import generated_config, merge_override, read_override
+    from wan.modules.attention import resolve_attention_backend
+
+    out = check_paths(cfg)
+    m, t, p = cfg.model, cfg.train, cfg.parallel
+    precision_ok = t.mixed_precision in MIXED_PRECISIONS and p.engine in ENGINES
+    if precision_ok:
+        try:
+            check_mixed_precision(t.mixed_precision, p.engine, device)
+        except ValueError as err:
+            out.append(str(err))
+            precision_ok = False  # the DeepSpeed config below would refuse it a second time
+    if m.attention_backend in ATTENTION_BACKENDS:
+        try:
+            resolve_attention_backend(m.attention_backend, device)
+        except ValueError as err:
+            out.append(f"[model] {err}")
+    source = p.deepspeed_config
+    # A missing file is check_paths' line already.
+    if precision_ok and p.engine in ("zero2", "zero3") and source and Path(source).expanduser().is_file():
+        setup = EngineSetup(
+            parallel=p, optim=cfg.optim, mixed_precision=t.mixed_precision, micro_batch_size=t.train_batch_size,
+            accumulation_steps=t.gradient_accumulation_steps, total_steps=max(t.max_train_steps, 1), device=device,
+        )  # fmt: skip
+        try:
+            theirs = read_override(source)
+            if world_size is None:
+                theirs.pop("train_batch_size", None)  # the global batch: ranks x what the config says
+            merge_override(generated_config(setup, world_size or 1), theirs, source)
+        except ValueError as err:
+            out.append(str(err))
+    return out
+
+
+def load_run_config(
+    argv: list[str], notes: list[str], device: torch.device, world_size: int | None, read_data: bool = False
+) -> RunConfig:
+    """load_config, then check_run on `device` and `world_size` ranks: the one start-up check of train.main
+    and `python -m train.config`. Raises one ConfigError listing every problem of both, so a bad option or
+    an unreadable config_path never hides a missing file or a conflicting DeepSpeed file.
+
+    read_data also reads the training data's listing as the run's loader does (train.main reads it
+    afterwards, in its loader, so it leaves this off)."""
+    if wants_help(argv):
+        print(help_text())
+        raise SystemExit(0)
+    cfg, problems = _load(argv, notes)
+    problems += check_run(cfg, device, world_size)
+    if read_data:
+        problems += _data_listing_problems(cfg.data)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _data_listing_problems(data: DataConfig) -> list[str]:
+    """What the loader's metadata read refuses (malformed entries, nothing listed); the sizes it probes
+    from the files' headers and a resume's checkpoint are left to the run (they read whole data sets)."""
+    from train.data.metadata import load_metadata
+
+    meta, folder = data.train_data_meta, data.train_data_dir
+    if not (meta or folder) or any(p and not Path(p).expanduser().exists() for p in (meta, folder)):
+        return []  # the config's own problem, or check_paths' line
+    try:
+        load_metadata(meta or None, folder or None, skipped=[])  # a bad sample is the run's to skip
+    except ValueError as err:
+        return [str(err)]
+    return []
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -690,15 +795,18 @@ def help_text() -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m train.config --cfg FILE ...: check a config and its paths, print it resolved
+# python -m train.config --cfg FILE ...: check a config as train.main does, then print it resolved.
+if __name__ == "__main__":
     notes: list[str] = []
+    device = run_device()
+    if device.type == "cpu":
+        notes.append("checked for this machine's cpu (no GPU here): check a GPU run's attention_backend and "
+                     "fp16 on a GPU node")  # fmt: skip
+    world_size = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
     try:
-        cfg = load_config(sys.argv[1:], notes)
-        missing = check_paths(cfg)
-        if missing:
-            raise ConfigError(missing)
+        cfg = load_run_config(sys.argv[1:], notes, device, world_size, read_data=True)
     except ConfigError as e:
+        sys.exit("\n".join([*notes, str(e)]))
+    if notes:
         print("\n".join(notes), file=sys.stderr)
-        sys.exit(str(e))
-    print("\n".join(notes), file=sys.stderr)
     print(config_to_toml(cfg), end="")
