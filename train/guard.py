@@ -1,7 +1,13 @@
-"""The job's hold on its processes and on its output_dir.
+"""The job's hold on its processes and on its output_dir, and how a run stops on a signal.
 
 Processes: a rank started by torchrun and every DataLoader worker die with their parent, so killing
-the torchrun agent (even with SIGKILL) leaves nothing training and writing behind it.
+the torchrun agent (even with SIGKILL) leaves nothing training and writing behind it. A rank ties
+itself to the agent when train.main is imported, before the seconds of heavy imports.
+
+Stopping: SIGTERM (a scheduler's preemption or cancel, torchrun passing on its own) and SIGINT (Ctrl-C)
+ask the training loop to stop after the current step with a checkpoint (train/main.py decides it on
+every rank at once); a second Ctrl-C exits at once. During setup there is nothing to save: a signal
+ends the process at once, quietly.
 
 output_dir: one job at a time. Rank 0 holds `output_dir/.lock` (JSON: host, pid, start time, command)
 from before the first file is written until the run ends; a second job on the same folder is refused
@@ -23,11 +29,12 @@ import threading
 import time
 from pathlib import Path
 
-import torch.distributed as dist
-
 LOCK_NAME = ".lock"
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 WATCH_INTERVAL = 1.0  # seconds between parent checks where prctl is unavailable
+# The torchrun agent's pid, exported by launch/*.sh right before they exec torchrun (the pid stays): it
+# tells a rank that started after its agent died (adopted by a subreaper, not by init) that it is alone.
+AGENT_PID_ENV = "WAN_TRAIN_AGENT_PID"
 
 # SIGKILL, not SIGTERM: a Python SIGTERM handler runs only when the main thread next executes
 # bytecode, and a rank whose agent is gone is often blocked in C++ (a collective waiting for peers
@@ -73,6 +80,14 @@ def _orphaned(parent: int | None) -> bool:
         return False
 
 
+def _say_and_die(message: str) -> None:
+    try:
+        os.write(2, (message + "\n").encode())
+    except OSError:  # a pipe the dead parent read (torchrun --redirects / --tee): dying matters more
+        pass
+    os.kill(os.getpid(), PARENT_DEATH_SIGNAL)
+
+
 def die_with_parent(parent: int | None = None) -> None:
     """Kill this process as soon as its parent is gone. `parent`: the pid it must have (None: whichever it
     has now). Call it as early as possible in the child."""
@@ -83,8 +98,7 @@ def die_with_parent(parent: int | None = None) -> None:
         threading.Thread(target=_watch_parent, args=(expected,), name="watch-parent", daemon=True).start()
     # The parent may have died before the death signal was set: nothing would fire then.
     if _orphaned(parent):
-        print(f"pid {os.getpid()}: the process that started this one is gone; exiting", file=sys.stderr, flush=True)
-        os.kill(os.getpid(), PARENT_DEATH_SIGNAL)
+        _say_and_die(f"pid {os.getpid()}: the process that started this one is gone; exiting")
 
 
 def under_torchrun() -> bool:
@@ -92,12 +106,42 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ
 
 
+_agent_pid: int | None = None  # the agent this rank is tied to (tie_rank_to_launcher)
+
+
+def _named_agent() -> int | None:
+    try:
+        pid = int(os.environ.get(AGENT_PID_ENV, ""))
+    except ValueError:
+        return None
+    return pid if pid > 1 else None
+
+
 def tie_rank_to_launcher() -> bool:
     """Under torchrun, die with the agent (the rank's parent); a plain `python -m train.main` is left
-    alone (its parent is a shell, which has no say over the run). Returns whether it tied."""
+    alone (its parent is a shell, which has no say over the run). Returns whether it tied. Called at
+    train.main's import, before torch's: an agent killed while its ranks still import (seconds, more on
+    a shared filesystem) must take them along."""
+    global _agent_pid
     if not under_torchrun():
         return False
-    die_with_parent()
+    if _agent_pid is not None:
+        return True
+    # The parent's pid first, before anything slow. A rank whose agent is gone already was adopted: by
+    # init (pid 1), or by the nearest subreaper (systemd --user, `tini -s`, a container runtime), whose
+    # pid tells nothing. The agent's own pid, from launch/*.sh, tells it; init's command line is the
+    # fallback (torchrun may be a container's first process, and then the container ends with it).
+    parent, named = os.getppid(), _named_agent()
+    if named is not None and named != parent and not _pid_alive(named):
+        _say_and_die(
+            f"pid {os.getpid()}: the torchrun agent that started this rank ({AGENT_PID_ENV}={named}) is gone; exiting"
+        )
+    if _orphaned(None):
+        _say_and_die(f"pid {os.getpid()}: the torchrun agent that started this rank is gone; exiting")
+    # A named pid that is alive but not the parent is another run's (an exported variable inherited by
+    # a torchrun started some other way): the parent is the agent then.
+    _agent_pid = parent
+    die_with_parent(parent)
     return True
 
 
@@ -109,6 +153,12 @@ def tie_worker_to_parent(parent: int, worker_id: int) -> None:
         # exits when the training process does, so the worker follows it.
         parent = os.getppid()
     die_with_parent(parent)
+    # A Ctrl-C reaches the terminal's whole process group, and torchrun passes its signals on to each
+    # rank's process group (killpg): workers included. A worker that died of it would make its rank's
+    # next batch fail in the middle of the step the rank is finishing to stop with a checkpoint. The
+    # worker still ends with its rank (the death signal above), or when its loader shuts it down.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # --- one job per output_dir ---------------------------------------------------------------------------
@@ -251,7 +301,7 @@ def take_output_dir_lock(output_dir: str | Path) -> OutputDirLock:
             "command": _launcher_command(),
         }  # fmt: skip
         if under_torchrun():
-            info["agent_pid"] = os.getppid()
+            info["agent_pid"] = _agent_pid or os.getppid()
         os.write(fd, (json.dumps(info) + "\n").encode())
         os.fsync(fd)
         return OutputDirLock(path, fd)
@@ -269,6 +319,7 @@ def release_output_dir() -> None:
 
 
 def _on_sigterm(signum: int, frame) -> None:
+    """SIGTERM where install_stop_handlers did not take it over (a process other than train.main)."""
     release_output_dir()
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)  # die of SIGTERM as before, for torchrun's report
@@ -304,9 +355,75 @@ def hold_output_dir(output_dir: str | Path, rank: int) -> None:
         else:
             _release_on_exit()
             _held[path] = lock
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    # Not imported at the top: guard must stay light (tie_rank_to_launcher runs before torch's import).
+    # A process that has not imported torch.distributed has no process group to tell.
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_initialized() and dist.get_world_size() > 1:
         box = [refusal]
         dist.broadcast_object_list(box, src=0)
         refusal = box[0]
     if refusal is not None:
         raise ValueError(refusal)
+
+
+# --- stopping on a signal -------------------------------------------------------------------------------
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# One request may arrive twice within this many seconds: a Ctrl-C that reaches the rank both from the
+# terminal and through a launcher, a scheduler signalling every process of the job while the torchrun
+# agent passes on its own copy. A person's second Ctrl-C comes later.
+REPEAT_WINDOW_S = 1.0
+
+_graceful = False  # whether the training loop watches for a stop request (stop_gracefully)
+_requested: tuple[int, float] | None = None  # the first signal in graceful mode, and when it came
+
+
+def install_stop_handlers() -> None:
+    """Take SIGINT and SIGTERM in the main thread (call it first thing in main()). Until
+    stop_gracefully(), a signal ends the process at once and quietly: nothing is trained yet, so nothing
+    is lost. After it, the first asks for a stop (stop_requested()) and a later SIGINT, or any signal
+    after a SIGINT, ends the process at once. A repeated SIGTERM is only the same request again."""
+    global _graceful, _requested
+    _graceful, _requested = False, None
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _on_stop_signal)
+
+
+def stop_gracefully() -> None:
+    """From now on a signal asks the loop to stop with a checkpoint instead of ending the process."""
+    global _graceful
+    _graceful = True
+
+
+def stop_requested() -> signal.Signals | None:
+    """The signal that asked this process to stop, if one did (this process only: the loop agrees with
+    the other ranks through a collective)."""
+    return None if _requested is None else signal.Signals(_requested[0])
+
+
+def _on_stop_signal(signum: int, frame) -> None:
+    global _requested
+    now = time.monotonic()
+    if not _graceful:
+        _exit_now(signum, None)
+    if _requested is None:
+        _requested = (signum, now)
+        return
+    first, at = _requested
+    if now - at < REPEAT_WINDOW_S:
+        return
+    if signum == signal.SIGINT or first == signal.SIGINT:
+        _exit_now(signum, f"a second stop signal ({signal.Signals(signum).name}): exiting now, without a checkpoint")
+
+
+def _exit_now(signum: int, message: str | None) -> None:
+    """End this process by `signum` (its default action: the exit status says which signal), with no
+    traceback, after giving back the output_dir lock (the kernel's default action skips atexit)."""
+    if message is not None and os.environ.get("RANK", "0") == "0":
+        try:
+            os.write(2, (message + "\n").encode())  # not print(): a handler may interrupt a print
+        except OSError:
+            pass
+    release_output_dir()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)

@@ -8,6 +8,9 @@ derived from (seed, step, position in the global batch), so a resumed run repeat
 and the result does not depend on how the global batch is split over ranks and micro-steps.
 """
 
+# A rank ties itself to the torchrun agent between the light imports and the heavy ones (below).
+# ruff: noqa: E402
+
 import dataclasses
 import datetime
 import gc
@@ -15,11 +18,19 @@ import itertools
 import logging
 import math
 import os
+import signal
 import sys
 import time
+import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from train import guard
+
+# Before torch and the rest (seconds; more on a shared filesystem): an agent killed meanwhile, or before
+# this rank started, takes it along (guard.tie_rank_to_launcher); only under torchrun.
+guard.tie_rank_to_launcher()
 
 import torch
 import torch.distributed as dist
@@ -29,20 +40,31 @@ from train.checkpoint import (
     MERGE_ADVICE,
     Checkpointer,
     RNGState,
+    checkpoint_dir,
     read_json,
     read_marker,
     remove_interrupted_saves,
     resolve_resume,
 )
-from train.config import ConfigError, RunConfig, check_paths, config_to_toml, load_config
+from train.config import (
+    ConfigError,
+    RunConfig,
+    check_run,
+    config_to_toml,
+    help_text,
+    load_config,
+    load_run_config,
+    run_device,
+    wants_help,
+)
 from train.data.buckets import token_length_repeats
 from train.data.dataset import BadDataError, BadSampleTracker, pixels_to_model
 from train.data.loader import build_dataloader
-from train.engine import ConsolidatedWeights, EngineSetup, StepResult, build_engine, check_mixed_precision
+from train.engine import ConsolidatedWeights, EngineSetup, StepResult, build_engine
 from train.eval_loss import build_eval_loss
 from train.flops import device_peak_tflops, micro_batch_flops
 from train.flow import FlowMatching, batch_positions
-from train.guard import hold_output_dir, release_output_dir, tie_rank_to_launcher
+from train.guard import hold_output_dir, release_output_dir
 from train.metrics import StepStats, StepTimer, build_metrics
 from train.models import CompileWatch, Models, build_dit_recipe, build_models
 from train.validation import ValidationSampler, sampling_options
@@ -55,9 +77,8 @@ log = logging.getLogger("train")
 def init_distributed(backend: str) -> tuple[int, int, torch.device]:
     """torchrun's environment -> (rank, world_size, device); a plain `python -m train.main` is one rank."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    device = run_device()
+    cuda = device.type == "cuda"
     if cuda:
         torch.cuda.set_device(device)
     if world_size > 1:
@@ -127,6 +148,7 @@ class TrainerState:
     # non-finite and made after the next finite one; last_saved is the step saved last.
     save_due: bool = False
     last_saved: int = -1
+    stop_signal: str | None = None  # the signal the ranks agreed to stop on (after_step)
 
     def state_dict(self) -> dict:
         t = self.tracker
@@ -172,12 +194,12 @@ class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.rank, self.world_size, self.device = init_distributed(cfg.parallel.backend)
-        # Checks that need no model come first: precision, every path, the DeepSpeed file, the objective;
-        # the data and the checkpoint to resume follow, still before any model is built.
-        check_mixed_precision(cfg.train.mixed_precision, cfg.parallel.engine, self.device)
-        missing = check_paths(cfg)
-        if missing:
-            raise ValueError("missing files:\n  " + "\n  ".join(missing))
+        # Checks that need no model come first (train.config's check_run: precision, every path, the
+        # DeepSpeed file, the attention kernel); the data and the checkpoint to resume follow, still
+        # before any model is built. main() made the same check already; a Trainer built directly has not.
+        problems = check_run(cfg, self.device, self.world_size)
+        if problems:
+            raise ConfigError(problems)
         t = cfg.train
         self.flow = FlowMatching(
             shift=t.shift, weighting_scheme=t.weighting_scheme, logit_mean=t.logit_mean, logit_std=t.logit_std,
@@ -224,11 +246,7 @@ class Trainer:
             micro_batch_size=t.train_batch_size, accumulation_steps=self.accumulation,
             total_steps=self.total_steps, device=self.device,
         )  # fmt: skip
-        if cfg.parallel.engine in ("zero2", "zero3"):  # a deepspeed_config file that conflicts fails here
-            from train.engine_deepspeed import deepspeed_config
-
-            deepspeed_config(setup, self.world_size)
-        # The attention kernel, chosen explicitly (an unavailable one is refused here, before any model).
+        # The attention kernel, chosen explicitly (check_run refused an unavailable one).
         kernel = set_attention_backend(m.attention_backend, self.device)
         self.log(f"attention: {kernel if kernel != 'default' else 'torch default'} ({device_label(self.device)})")
         recipe = build_dit_recipe(m, t.seed)
@@ -359,6 +377,8 @@ class Trainer:
             self.sampler.set_epoch(s.epoch)  # the same epoch keeps a resumed offset
             batches = iter(self.loader)
             while s.step < self.total_steps:
+                # The GPU is synchronised at section edges only on the steps whose sections are logged.
+                self.timer.synchronize = self.metrics.times_sections(s.step + 1)
                 with self.timer.section("data_wait"):
                     first = next(batches, None)
                 if first is None:
@@ -442,11 +462,13 @@ class Trainer:
         return MicroStats(loss.item(), t.detach().cpu(), per_sample.detach().cpu(), tokens, flops)
 
     def train(self) -> None:
-        cfg, s, t0 = self.cfg, self.state, time.perf_counter()
+        cfg, s, t0, start = self.cfg, self.state, time.perf_counter(), self.state.step
         self.log(
-            f"training {self.total_steps} steps from step {s.step}: {self.world_size} rank(s) x batch "
-            f"{cfg.train.train_batch_size} x {self.accumulation} micro-steps on {self.device}"
+            f"training {self.total_steps - s.step} steps from step {s.step} to {self.total_steps}: "
+            f"{self.world_size} rank(s) x batch {cfg.train.train_batch_size} x {self.accumulation} micro-steps "
+            f"on {self.device}"
         )
+        guard.stop_gracefully()  # SIGINT / SIGTERM from here on: finish the step, save, exit 0
         if self.eval_loss is not None:
             self.eval_loss.baseline(s.step)  # step 0 of a fresh run: the starting weights' eval loss
         for micro_batches in self.optimizer_steps():
@@ -456,6 +478,12 @@ class Trainer:
                 result = self.engine.step()
             s.step, s.epoch_step = s.step + 1, s.epoch_step + 1
             self.after_step(step_start, micro, result)
+            if s.stop_signal is not None:
+                break
+        if s.stop_signal is not None:  # after_step saved the checkpoint; no final sampling or eval
+            self.metrics.close()
+            self.log(self.stop_message(start, t0))
+            return
         if s.nonfinite_in_row:  # no checkpoint of a skipped step (see after_step)
             self.metrics.log_text(f"step {s.step}: no final checkpoint (the last update was skipped)")
         elif s.last_saved != s.step:
@@ -471,9 +499,22 @@ class Trainer:
             trend = "fell" if last < first else "did NOT fall"
             self.log(
                 f"smoothed loss: first {first:.4f}, last {last:.4f}: it {trend} "
-                f"({s.step} steps, {time.perf_counter() - t0:.0f} s)"
+                f"({trained_range(start, s.step)}, {time.perf_counter() - t0:.0f} s)"
             )
         self.log(f"TensorBoard: tensorboard --logdir {self.out / cfg.logging.logging_dir}")
+
+    def stop_message(self, start: int, t0: float) -> str:
+        """The one line a stopped run ends with: what it trained and the checkpoint to resume from."""
+        s, resume_from = self.state, self.cfg.checkpoint.resume_from_checkpoint
+        resume = "the same command resumes" if resume_from == "latest" else "--resume_from_checkpoint=latest resumes"
+        if s.last_saved == s.step:
+            saved = f"saved {checkpoint_dir(self.out, s.step)}; {resume} from it"
+        else:  # the last update was skipped (after_step saves no such step)
+            saved = f"no checkpoint of it (its update was skipped); {resume} from the newest one"
+        return (
+            f"stopped by {s.stop_signal} at step {s.step} of {self.total_steps} ({trained_range(start, s.step)}, "
+            f"{time.perf_counter() - t0:.0f} s): {saved}"
+        )
 
     def log_bad_samples(self) -> None:
         """Every rank's bad files with their failed loads, listed by rank 0 (the counts are already
@@ -486,7 +527,14 @@ class Trainer:
         with self.timer.section("logging"):
             mine = [sum(m.loss for m in micro), sum(len(m.timesteps) for m in micro), sum(m.tokens for m in micro),
                     sum(m.flops for m in micro)]  # fmt: skip
-            loss_sum, samples, tokens, flops = all_reduce_sum(mine, self.device)
+            # The ranks agree on a stop (a signal may reach some ranks only, or at different steps) on
+            # the reduction every step makes anyway: a count per signal, no collective or host sync of its
+            # own. A signal landing after it is agreed on at the next step.
+            stop = guard.stop_requested()
+            mine += [float(stop == signal.SIGINT), float(stop == signal.SIGTERM)]
+            loss_sum, samples, tokens, flops, sigint, sigterm = all_reduce_sum(mine, self.device)
+            if sigint or sigterm:
+                s.stop_signal = "SIGINT" if sigint else "SIGTERM"
             loss = loss_sum / (self.accumulation * self.world_size)
             skipped = not result.updated or not math.isfinite(loss)
             s.nonfinite_in_row = s.nonfinite_in_row + 1 if skipped else 0
@@ -523,6 +571,15 @@ class Trainer:
             )
         elif not skipped and (scheduled or s.save_due):
             self.save_checkpoint()
+        if s.stop_signal is not None:
+            # Stopping: this step's checkpoint (a skipped update has none, as above), nothing else. What
+            # bounds the time a stop takes: the rest of the step (a signal during an eval or sampling
+            # waits for it too) and the save. torchrun SIGKILLs its ranks --shutdown_timeout seconds
+            # (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 by default; launch/*.sh raise it) after passing a
+            # signal on, and SLURM KillWait / GraceTime seconds after its SIGTERM.
+            if not skipped and s.last_saved != s.step:
+                self.save_checkpoint()
+            return
         if self.eval_loss is not None:
             self.eval_loss.after_step(s.step)  # after the checkpoint: an eval never costs the run a save
         if self.validation is not None and self.validation.due_after_step(s.step) and s.step < self.total_steps:
@@ -548,23 +605,57 @@ class Trainer:
         s.save_due, s.last_saved = False, s.step
 
 
+# How long a rank other than local rank 0 waits before it says a setup error itself (see fail_setup).
+SETUP_ERROR_WAIT_S = 10.0
+
+
+def trained_range(start: int, end: int) -> str:
+    """What a run trained, resumed or not: "trained 50 steps (51-100)"."""
+    count = end - start
+    if count <= 0:
+        return "trained no step"
+    if count == 1:
+        return f"trained 1 step ({end})"
+    return f"trained {count} steps ({start + 1}-{end})"
+
+
+def fail_setup(message: str, code: int = 2) -> typing.NoReturn:
+    """Say a setup error once per node and exit with `code`.
+
+    Every rank of a node checks the same config against the same files, so local rank 0 speaks for
+    them (decided from torchrun's environment: there may be no process group yet). The others do not
+    exit first: torchrun's agent would then end local rank 0 with SIGTERM, maybe before it printed.
+    They wait for that SIGTERM instead, which local rank 0's exit brings, and exit with the same code;
+    a problem local rank 0 did not share leaves the job running, so after SETUP_ERROR_WAIT_S they say
+    it themselves."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if local_rank != 0:
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(code))
+        time.sleep(SETUP_ERROR_WAIT_S)
+        message = f"rank {os.environ.get('RANK', local_rank)}: {message}"
+    print(message, file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
-    tie_rank_to_launcher()  # first: a rank must not outlive a killed torchrun agent
+    guard.install_stop_handlers()  # SIGINT / SIGTERM: quiet during setup, a checkpoint once training
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    if wants_help(argv):
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            print(help_text())
+        raise SystemExit(0)
     notes: list[str] = []
-    try:
-        cfg = load_config(sys.argv[1:] if argv is None else argv, notes)
+    try:  # the config and every check that needs no data or model, all listed at once (train.config's)
+        cfg = load_run_config(argv, notes, run_device(), int(os.environ.get("WORLD_SIZE", 1)))
     except ConfigError as err:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print("\n".join([*notes, f"error: {err}"]), file=sys.stderr)
-        raise SystemExit(2) from None
+        fail_setup("\n".join([*notes, f"error: {err}"]))
     if notes and int(os.environ.get("RANK", 0)) == 0:  # what VideoX-Fun options do here, said once
         print("\n".join(notes), flush=True)
     try:
         trainer = Trainer(cfg)
     except ValueError as err:  # a user error found during setup (data, weights, checkpoint): no traceback
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail_setup(f"error: {err}")
     try:
         trainer.train()
     except (TrainingStopped, BadDataError) as err:  # every rank stops alike; the message says why and what next
