@@ -67,11 +67,11 @@ def test_cpu_run_logs_mfu_tflops_and_tokens_per_gpu(data, tmp_path):
     c = dit_preset("debug")
     for step in (1, 2, 3):
         step_time = scalars["train/step_time_s"][step]
-        tokens = round(scalars["train/tokens_per_s"][step] * step_time)  # batch 1, one rank: S tokens
+        tokens = round(scalars["train/tokens_per_s_global"][step] * step_time)  # batch 1, one rank: S tokens
         flops = 3 * reference_forward_flops(c, tokens)
         assert scalars["perf/tflops"][step] == pytest.approx(flops / step_time / 1e12, rel=1e-4)
         assert scalars["perf/mfu"][step] == pytest.approx(flops / step_time / 1e12 / 0.01, rel=1e-4)
-        assert scalars["perf/tokens_per_s"][step] == pytest.approx(tokens / step_time, rel=1e-4)
+        assert scalars["perf/tokens_per_s_per_gpu"][step] == pytest.approx(tokens / step_time, rel=1e-4)
 
 
 def _measured_step(cfg, latent):

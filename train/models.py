@@ -23,7 +23,7 @@ from wan import (
     dit_preset,
     vae_preset,
 )
-from wan.encoders import TextEncoder
+from wan.encoders import TextEncoder, park_on_host
 from wan.modules.dit_weights import WEIGHTS_NAME, diffusers_to_official_key, read_dit_folder
 from wan.modules.safetensors_io import read_header, read_tensor, resolve_weight_files
 from wan.modules.state_dict_io import assign_tensor, check_entries
@@ -221,29 +221,38 @@ def build_dit_recipe(model_cfg, seed: int) -> DiTRecipe:
 
 
 # Compiled graphs one code object may keep (dynamo's recompile_limit, 8 by default). Every block shares
-# one (dynamo inlines the modules: parameters are graph inputs, so one graph serves all blocks), and
-# each bucket shape x grad mode (training, no_grad evaluation) is one graph with dynamic=False. Past the
-# limit dynamo runs new shapes eagerly (with a warning), so set it well above any bucket table.
+# one (dynamo inlines the modules: parameters are graph inputs, so one graph serves all blocks). With
+# dynamic token counts a run makes one or two per grad mode (train.plan count_compiles); the limit only
+# matters when a dimension gets specialised after all (one graph per shape then, as with static
+# shapes): past it dynamo would run new shapes eagerly (with a warning), so set it above any bucket table.
 COMPILE_RECOMPILE_LIMIT = 1024
+
+# compile_dit's shape policy: the token count (and a micro-batch above 1) dynamic, so a run compiles a
+# bounded number of times whatever its buckets (WanModel.compile_blocks); train.plan counts by it.
+COMPILE_DYNAMIC_TOKENS = True
 
 
 def compile_dit(model: WanModel) -> None:
-    """torch.compile each DiT block in place (WanModel.compile_blocks) with static shapes: the data
-    pipeline yields a bounded set of bucket shapes, each compiled once on first use (counted by
-    CompileWatch). Call after the trainable flags and checkpointing are set, before the engine wraps
-    the model (DDP, fully_shard), as torchtitan does."""
+    """torch.compile each DiT block in place (WanModel.compile_blocks) with the token count dynamic:
+    one graph per grad mode and micro-batch class (1, or more), however many bucket shapes the data
+    draws (counted by CompileWatch; predicted by train.plan count_compiles). Call after the trainable
+    flags and checkpointing are set, before the engine wraps the model (DDP, fully_shard), as
+    torchtitan does."""
     import torch._dynamo.config as dynamo_config
 
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, COMPILE_RECOMPILE_LIMIT)
     dynamo_config.accumulated_recompile_limit = max(
         dynamo_config.accumulated_recompile_limit, 4 * COMPILE_RECOMPILE_LIMIT
     )
-    model.compile_blocks(dynamic=False)
+    # dynamic=False: only the marked dimensions are dynamic; any other that changed would recompile
+    # per value rather than turn dynamic unasked (none does: the text context is padded to text_len).
+    model.compile_blocks(dynamic_tokens=COMPILE_DYNAMIC_TOKENS, dynamic=False)
 
 
 class CompileWatch:
     """Counts the graphs torch.compile has made in this process (dynamo's unique_graphs counter): with
-    compiled DiT blocks, one per new bucket shape and grad mode (more only if a block graph-breaks)."""
+    compiled DiT blocks, one per grad mode and micro-batch class (1, or more) with dynamic token counts,
+    else one per shape (more only if a block graph-breaks)."""
 
     def __init__(self):
         self.seen = self.total()
@@ -274,8 +283,9 @@ def release_files(root: Path, i2v: bool) -> dict[str, Path]:
 
 def build_models(model_cfg, device: torch.device, seed: int) -> Models:
     """The frozen encoders of the [model] section in their own precision (umT5 stays bf16 as released),
-    offloaded to the CPU when `low_vram`; `vae_path` replaces the release's VAE. The umT5 (11 GB at
-    release size) is replicated on every rank under every engine: it is frozen, so no engine shards it."""
+    offloaded to the CPU when `low_vram` (one kept host copy each, pinned for a GPU: wan/encoders.py);
+    `vae_path` replaces the release's VAE. The umT5 (11 GB at release size) is replicated on every rank
+    under every engine: it is frozen, so no engine shards it."""
     m = model_cfg
     i2v = m.train_mode == "i2v"
     home = torch.device("cpu") if m.low_vram else device
@@ -299,6 +309,10 @@ def build_models(model_cfg, device: torch.device, seed: int) -> Models:
     for frozen in (vae, t5, clip):
         if frozen is not None:
             frozen.eval().requires_grad_(False)
+    if m.low_vram:  # their one host copy (pinned for a GPU), uploaded for each use (the umT5's by TextEncoder)
+        for frozen in (vae, clip):
+            if frozen is not None:
+                park_on_host(frozen, device)
     return Models(vae, TextEncoder(tokenizer, t5, device=device, offload=m.low_vram), clip)
 
 

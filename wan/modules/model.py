@@ -9,6 +9,7 @@ Shapes: B batch, C channels, F/H/W latent frames/height/width, S = f*h*w tokens 
 L text tokens (text_len), D model width (dim).
 """
 
+import functools
 import math
 from pathlib import Path
 
@@ -194,6 +195,9 @@ class WanAttentionBlock(nn.Module):
         self.norm2 = WanLayerNorm(dim, eps, elementwise_affine=False)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.empty(1, 6, dim))
+        # Set by WanModel.set_gradient_checkpointing: selective checkpointing runs inside this call.
+        self.selective_checkpoint = False
+        self.checkpoint_save_matmuls = False
 
     def forward(
         self,
@@ -203,6 +207,17 @@ class WanAttentionBlock(nn.Module):
         image_context: torch.Tensor | None,  # [B, 257, D] for i2v
         rope: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
+        if self.selective_checkpoint and torch.is_grad_enabled():
+            # Inside the module call, so the policy sees this block's ops only: not an engine's hooks
+            # (ZeRO-3 fetches parameters in them), and in a compiled block the traced ops, not the
+            # compiled kernels (wan/modules/checkpointing.py).
+            return checkpoint_block(
+                self._forward, x, e0, context, image_context, rope,
+                mode="selective", save_matmuls=self.checkpoint_save_matmuls,
+            )  # fmt: skip
+        return self._forward(x, e0, context, image_context, rope)
+
+    def _forward(self, x, e0, context, image_context, rope):
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e0).chunk(6, dim=1)
         y = self.self_attn(self.norm1(x) * (1 + scale_sa) + shift_sa, rope)
         x = x + y.float() * gate_sa
@@ -354,6 +369,9 @@ class WanModel(nn.Module):
             raise ValueError(f"save_matmuls needs selective gradient checkpointing, got mode {mode!r}")
         self.checkpoint_mode, self.checkpoint_every, self.checkpoint_save_matmuls = mode, every, save_matmuls
         self.checkpointed_blocks = set(range(0, len(self.blocks), every)) if mode != "none" else set()
+        for i, block in enumerate(self.blocks):
+            block.selective_checkpoint = mode == "selective" and i in self.checkpointed_blocks
+            block.checkpoint_save_matmuls = save_matmuls
 
     @property
     def gradient_checkpointing_settings(self) -> dict:
@@ -410,12 +428,9 @@ class WanModel(nn.Module):
         rope = self.rope(grid)
         grad_on = torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            if grad_on and i in self.checkpointed_blocks:
-                x = checkpoint_block(
-                    block, x, e0, context, image_context, rope,
-                    mode=self.checkpoint_mode, save_matmuls=self.checkpoint_save_matmuls,
-                )  # fmt: skip
-            else:
+            if grad_on and i in self.checkpointed_blocks and self.checkpoint_mode == "full":
+                x = checkpoint_block(block, x, e0, context, image_context, rope, mode="full")
+            else:  # a selective block checkpoints inside its call
                 x = block(x, e0, context, image_context, rope)
 
         x = self.head(x, e)  # [B, S, pt*ph*pw*out_dim], float32
@@ -451,14 +466,34 @@ class WanModel(nn.Module):
         than max_shard_size."""
         dit_weights.save_dit(self, folder, max_shard_size=max_shard_size, dtype=dtype)
 
-    def compile_blocks(self, **options) -> None:
+    def compile_blocks(self, dynamic_tokens: bool = True, **options) -> None:
         """torch.compile each transformer block in place (`block.compile`, torchtitan's recipe): the
         module tree, parameter names and state dicts stay the official ones, and an engine may wrap the
-        blocks afterwards (DDP, fully_shard). `options` go to torch.compile (the trainer passes
-        dynamic=False: shapes come from a bounded set of buckets, one compile each).
+        blocks afterwards (DDP, fully_shard). `options` go to torch.compile.
+
+        dynamic_tokens: one graph serves every token count S and every micro-batch above 1 (a
+        micro-batch of 1 is its own graph: dynamo always specialises sizes of 1), instead of one graph
+        per shape. A block sees the latent only as S (x [B, S, D], the RoPE tables [S, 1, D/2]; the
+        grid's ints stay in WanModel.forward), and bucketed training draws hundreds of token counts
+        (the 14B configs' options: 184), each a compile of minutes at 14B. False: one graph per shape.
 
         The float32 norm + modulation, RoPE and the gated residual updates are left to the compiler:
         inductor fuses those elementwise chains (and the casts between bf16 and float32) into a few
         kernels, so the model keeps no hand-fused versions of them."""
         for block in self.blocks:
             block.compile(**options)
+            if dynamic_tokens:
+                # The marks must be on the inputs before dynamo sees the frame (a mark traced inside
+                # the compiled region raises), so they wrap the compiled call, which any caller
+                # (WanModel.forward, checkpoint_block's recompute) goes through.
+                block._compiled_call_impl = functools.partial(_mark_dynamic_tokens, block._compiled_call_impl)
+
+
+def _mark_dynamic_tokens(compiled, x, e0, context, image_context, rope):
+    """Call a compiled block with its batch and token dimensions marked dynamic. maybe_mark_dynamic:
+    a dimension the compiler must specialise (a kernel's shape check) costs a graph per value, as
+    without the marks, rather than an error."""
+    for tensor, dims in ((x, [0, 1]), (e0, 0), (context, 0), (image_context, 0), (rope[0], 0), (rope[1], 0)):
+        if tensor is not None:
+            torch._dynamo.maybe_mark_dynamic(tensor, dims)
+    return compiled(x, e0, context, image_context, rope)
