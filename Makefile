@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint bench-dit bench-t5 bench-vae bench-data bench-probe bench-train bench-sample bench-step clean
+.PHONY: install demo test test-fast lint bench-dit bench-t5 bench-vae bench-data bench-probe bench-train bench-sample bench-step gpu-check gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -64,6 +64,41 @@ bench-sample: $(STAMP)
 
 bench-step: $(STAMP)
 	$(PY) bench/gpu_step.py
+
+# `make gpu-check` on a GPU machine (bench/gpu_check.py: every CUDA path in at most 7.5 minutes, one table).
+# No venv there: the system python3 with its CUDA torch, plus the wheels it lacks carried in .whl (made
+# here by `make gpu-wheels`), installed into /tmp/site when that python cannot import them.
+# GPU_CHECK_ARGS: e.g. --out_dir $$OUT; here, the CPU dry run: GPU_PYTHON=.venv/bin/python GPU_CHECK_ARGS=--tiny
+GPU_PYTHON ?= python3
+GPU_WHEELS ?= .whl
+GPU_SITE ?= /tmp/site
+GPU_CHECK_ARGS ?=
+gpu-check:
+	@site=""; \
+	if [ -d $(GPU_WHEELS) ] && ! $(GPU_PYTHON) -c "import deepspeed, diffusers, av, ftfy" >/dev/null 2>&1; then \
+		$(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+			--target $(GPU_SITE) $(GPU_WHEELS)/*.whl || exit 1; \
+		echo "installed the wheels of $(GPU_WHEELS) into $(GPU_SITE)"; site=$(GPU_SITE); \
+	fi; \
+	echo "$(GPU_PYTHON) bench/gpu_check.py $(GPU_CHECK_ARGS)"; \
+	PYTHONPATH=$${site}$${site:+$${PYTHONPATH:+:}}$${PYTHONPATH} $(GPU_PYTHON) bench/gpu_check.py $(GPU_CHECK_ARGS)
+
+# The packages the GPU image lacks, as cp312 manylinux wheels in .whl (ignored by git through
+# .git/info/exclude; about 46 MB), at the versions of this machine's .venv. DeepSpeed is an sdist on the
+# index: `pip wheel` builds its pure-Python wheel.
+# importlib-metadata needs lazy-importer; pydantic needs typing-extensions >= 4.16 (newer than the image's may
+# be); zipp as importlib-metadata wants it: carried too, so nothing depends on the image's versions of them.
+GPU_WHEEL_PACKAGES := diffusers av ftfy wcwidth hjson pydantic pydantic-core annotated-types \
+	typing-inspection importlib-metadata lazy-importer typing-extensions zipp
+gpu-wheels: $(STAMP)
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)  # one version of each: two would stop the install
+	grep -qxF '/$(GPU_WHEELS)/' .git/info/exclude 2>/dev/null || echo '/$(GPU_WHEELS)/' >> .git/info/exclude
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--abi cp312 --abi abi3 --abi none --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux_2_27_x86_64 --platform manylinux_2_28_x86_64 --platform any -d $(GPU_WHEELS) \
+		$$($(PY) -c "import importlib.metadata as m; print(' '.join(f'{n}=={m.version(n)}' for n in '$(GPU_WHEEL_PACKAGES)'.split()))")
+	$(PY) -m pip wheel -q --no-deps -w $(GPU_WHEELS) "deepspeed==$$($(PY) -c 'import importlib.metadata as m; print(m.version("deepspeed"))')"
+	@du -sh $(GPU_WHEELS); ls $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

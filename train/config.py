@@ -805,8 +805,9 @@ if __name__ == "__main__":
     world_size = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
     try:
         cfg = load_run_config(sys.argv[1:], notes, device, world_size, read_data=True)
-    except ConfigError as e:
-        sys.exit("\n".join([*notes, str(e)]))
+    except ConfigError as e:  # exit 2, as train.main refuses the same config
+        print("\n".join([*notes, f"error: {e}"]), file=sys.stderr)
+        sys.exit(2)
     if notes:
         print("\n".join(notes), file=sys.stderr)
     print(config_to_toml(cfg), end="")
