@@ -100,6 +100,7 @@ def test_deepspeed_config_file_wins_and_is_reported(tmp_path):
         ('{"bf16": {"enabled": true}}', r"bf16.enabled = True conflicts .* \[train\] mixed_precision"),
         ('{"fp16": {"enabled": true}}', r"fp16.enabled = True conflicts .* \[train\] mixed_precision"),
         ('{"optimizer": {"type": "Adam"}}', r"'optimizer' is not supported; set \[optim\]"),
+        ('{"checkpoint": {"load_universal": true}}', "checkpoint.load_universal = True is refused: .* unpickle"),
     ],
 )
 def test_deepspeed_config_file_refused(tmp_path, content, message):

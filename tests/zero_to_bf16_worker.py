@@ -85,6 +85,9 @@ def run_deepspeed(stage: int, ckpt: Path, rank: int, world: int, spec: dict, mod
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
+    from train.engine_deepspeed import prepare_deepspeed
+
+    prepare_deepspeed(torch.device("cpu"))  # as the engine does: no shm op build, no deprecation notices
     bf16 = spec["mixed_precision"] == "bf16"
     # As train/engine_deepspeed.py configures it (contiguous gradients, fp32 reduction under bf16, a torch
     # AdamW), with every parameter partitioned under ZeRO-3 (tiny tensors stay whole by default).

@@ -34,6 +34,7 @@ import math
 import os
 import pickle
 import re
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,11 @@ _FIXED_KEYS = {
 }
 # The optimizer and lr schedule are ours (built from [optim]); DeepSpeed's would be a second one.
 _REFUSED_KEYS = {"optimizer": "[optim]", "scheduler": "[optim] lr_scheduler"}
+# DeepSpeed's universal-checkpoint load unpickles its files with torch.load(weights_only=False), past the
+# guarded reader our resume installs (load_weights_only): a planted file would run code on resume.
+_UNSAFE_KEYS = {
+    ("checkpoint", "load_universal"): "resume from our own checkpoints, or merge with tools/zero_to_bf16.py",
+}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -157,10 +163,25 @@ def read_override(path: str) -> dict:
         raise ValueError(f"deepspeed_config {err}") from None
 
 
+def _nested(config: dict, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(config, dict):
+            return None
+        config = config.get(key)
+    return config
+
+
 def merge_override(ours: dict, theirs: dict, source: str, prefix: tuple[str, ...] = ()) -> list[str]:
     """Deep-merge `theirs` over `ours` in place; returns one line per value that changed,
     `deepspeed_config FILE: key.path: ours -> theirs`. Keys our loop depends on are refused."""
     lines = []
+    for path, advice in _UNSAFE_KEYS.items():
+        value = _nested(theirs, path) if not prefix else None
+        if value:
+            raise ValueError(
+                f"deepspeed_config {source}: {'.'.join(path)} = {value!r} is refused: it reads checkpoints with "
+                f"a blanket unpickle; {advice} instead"
+            )
     for key, value in theirs.items():
         path = (*prefix, key)
         dotted = ".".join(path)
@@ -211,15 +232,48 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def _init_distributed(device: torch.device) -> None:
-    """DeepSpeed's communication layer over the trainer's process group (which DeepSpeed reuses when
-    torch.distributed is already initialised, as it is in the trainer); a single process otherwise."""
+# torch's deprecation notices for the collectives DeepSpeed calls (all_gather_into_tensor,
+# reduce_scatter_tensor): printed again and again in every run, and nothing a user can act on.
+_DEPRECATED_COLLECTIVES = r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
+
+
+def prepare_deepspeed(device: torch.device) -> None:
+    """What every process does before DeepSpeed's communication starts (deepspeed.init_distributed or
+    deepspeed.initialize): silence the deprecation notices of the collectives DeepSpeed calls and, on
+    CPU, skip DeepSpeed's shared-memory op.
+
+    On the CPU accelerator deepspeed.init_distributed JIT-compiles `deepspeed_shm_comm` (~80 s, into the
+    torch-extensions folder shared by every checkout and environment, so it is rebuilt whenever another
+    one built it there). Only `inference_all_reduce` (tensor-parallel inference) uses it; training
+    collectives go through torch.distributed. DeepSpeed builds an op only when its entry in
+    `deepspeed.ops.__compatible_ops__` (probed once per process, then kept) is true."""
+    import warnings
+
     import deepspeed
 
+    warnings.filterwarnings("ignore", message=_DEPRECATED_COLLECTIVES, category=FutureWarning)
+    if device.type == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init_distributed(device: torch.device) -> None:
+    """DeepSpeed's communication layer over the trainer's process group (which DeepSpeed reuses when
+    torch.distributed is already initialised, as it is in the trainer); a single process otherwise,
+    on MASTER_PORT if set, else on a free port (a fixed one would collide with a second such run)."""
+    import deepspeed
+
+    prepare_deepspeed(device)
     if not dist.is_initialized():
         for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
             os.environ.setdefault(key, value)
-        os.environ.setdefault("MASTER_PORT", "29500")
+        if "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(_free_port())
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
 
 
@@ -333,6 +387,7 @@ class DeepSpeedEngine:
             param.requires_grad_(trainable[name].requires_grad)
         model.set_gradient_checkpointing(**meta.gradient_checkpointing_settings)
         del meta
+        apply_selective_leaf_blocks(model)
 
         rank0 = _rank() == 0
         with torch.no_grad():
@@ -615,6 +670,24 @@ def _file_owner(name: str) -> int:
     """The rank a DeepSpeed checkpoint file belongs to: r for zero_pp_rank_{r}_*, else rank 0."""
     match = _RANK_FILE_RE.search(name)
     return int(match.group(1)) if match else 0
+
+
+def apply_selective_leaf_blocks(model: WanModel) -> list[int]:
+    """ZeRO-3: make each selectively checkpointed block a DeepSpeed leaf module (its hooks gather all
+    its parameters at once; its submodules get none). Returns their indices.
+
+    The selective checkpoint replays, op by op, what the block's forward ran, so nothing that runs
+    inside it may differ between the forward and the backward's recompute. ZeRO-3's per-submodule
+    hooks would run inside it (the block checkpoints inside its own call), fetching parameters by
+    all-gathers whose number changes once prefetching starts (after the first traced forward, e.g. the
+    eval loss's no_grad baseline): "encountered during backward but not found in storage". A leaf
+    block's fetch and release run in its own hooks, outside the checkpoint."""
+    from deepspeed.utils import set_z3_leaf_module
+
+    leaves = [i for i, block in enumerate(model.blocks) if block.selective_checkpoint]
+    for i in leaves:
+        set_z3_leaf_module(model.blocks[i], True)
+    return leaves
 
 
 def check_rope_tables(model: nn.Module) -> None:

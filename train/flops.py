@@ -21,7 +21,9 @@ MFU (PaLM, Megatron): **model FLOPs exclude recomputation**, so MFU does not ris
 The recompute of activation checkpointing is counted apart (`StepFlops.recompute`; hardware FLOPs =
 model + recompute): "full" recomputes the forward of each checkpointed block, "selective" recomputes
 it without the attention products (their outputs are kept), and "selective" with
-`save_matmuls` recomputes no matmul at all (only elementwise work, not counted).
+`save_matmuls` recomputes no matmul at all (only elementwise work, not counted). The same holds in
+compiled blocks, where the selective checkpoint is traced with the block (measured in
+tests/test_selective_compile.py).
 """
 
 import math

@@ -11,7 +11,8 @@ binds), as a micro-batch of train_batch_size x the token-length repeats:
                  (i2v); with low_vram they come to the GPU only while encoding (counted then).
   activations    what autograd keeps for backward, measured exactly on fake tensors of the real shapes
                  (wan/modules/checkpointing.py: saved_bytes_per_block) for each block's mode: the
-                 checkpointed blocks under the configured mode, the others under "none"; plus the
+                 checkpointed blocks under the configured mode, the others under "none" (a compiled
+                 selective block keeps the same: tests/test_selective_compile.py); plus the
                  embeddings and head. bf16 weight copies of autocast count under ddp (fp32 weights);
                  the sharded / bf16 engines hold no such copies.
   buffers        DeepSpeed's reduce / all-gather buckets, FSDP's all-gathered blocks and one block's
@@ -28,7 +29,14 @@ offload_optimizer moves master + AdamW to host memory, offload_param the paramet
 training: 4-byte params and grads, and DeepSpeed keeps an fp32 master apart from the fp32 params.
 
 The verdict: fits when the peak (states + max(activations + buffers, the largest encoder while
-encoding with low_vram)) + a CUDA context of 1 GiB is within gpu_memory x (1 - headroom).
+encoding with low_vram)) + a CUDA context of 1 GiB is within gpu_memory x (1 - headroom). The table
+says which of the two drives each peak ("peak while"); the encoders column holds the encoder bytes on
+the GPU at that peak.
+
+Compiles ([model] compile): the graphs the compiled DiT blocks build over a run, counted from the
+shapes the options draw (every aspect bucket, micro-batch and token count): one per grad mode and
+micro-batch class (1, or more) with compile_dit's dynamic token counts, and what static shapes would
+cost (one per micro-batch x token count).
 """
 
 import argparse
@@ -49,7 +57,9 @@ from train.data.buckets import (
     frames_for_token_budget,
     token_length_repeats,
     token_length_sizes,
+    valid_frame_count,
 )
+from train.data.loader import longest_step_frames
 
 GB, GIB = 10**9, 2**30
 CUDA_CONTEXT = 1 * GIB
@@ -76,17 +86,19 @@ class Bucket:
     frames: int  # pixel frames
     height: int
     width: int
-    ratios: int  # aspect buckets at this size (this one has the most pixels)
+    ratios: int  # aspect buckets at this size (this one has the most pixels x repeats)
     repeats: int  # training_with_video_token_length copies of a small batch
 
     def latent(self) -> tuple[int, int, int]:
         return 1 + (self.frames - 1) // VAE_STRIDE[0], self.height // VAE_STRIDE[1], self.width // VAE_STRIDE[2]
 
 
-def data_buckets(cfg: RunConfig) -> list[Bucket]:
+def data_buckets(cfg: RunConfig, frame_cap: int | None = None) -> list[Bucket]:
     """Every (kind, size, frames) the [data] options can draw (train/data/dataset.py make_choose), each
-    with its largest aspect bucket; shorter random_frame_crop lengths are smaller and left out. The
-    clips' own sizes are unknown here: every size the rules allow is listed."""
+    with its largest aspect bucket (pixels x token-length repeats); shorter random_frame_crop lengths
+    are smaller and left out. The clips' own sizes are unknown here: every size the rules allow is listed. frame_cap: the most frames
+    the clips give (train/data/loader.py longest_step_frames), which caps every video's frames as the
+    sampler does."""
     d = cfg.data
     shapes: set[tuple[str, int | float, int]] = set()
     if d.random_hw_adapt:
@@ -103,14 +115,31 @@ def data_buckets(cfg: RunConfig) -> list[Bucket]:
     else:
         shapes.add(("video", d.video_sample_size, max(d.video_sample_n_frames, MIN_VIDEO_FRAMES)))
     out = []
+    if frame_cap is not None:
+        shapes = {(kind, size, min(frames, frame_cap) if kind == "video" else frames) for kind, size, frames in shapes}
     for kind, size, frames in shapes:
-        table = bucket_table(size) if d.enable_bucket else {1.0: (int(size) // 16 * 16,) * 2}
-        h, w = max(table.values(), key=lambda hw: hw[0] * hw[1])
-        repeats = 1
-        if d.training_with_video_token_length and not d.random_hw_adapt:
-            repeats = token_length_repeats(frames, h, w, d.token_sample_size, d.video_sample_n_frames)
-        out.append(Bucket(kind, size, frames, h, w, len(set(table.values())), repeats))
+        sides = aspect_buckets(cfg, size)
+        # The most pixels x repeats binds: a smaller bucket may be repeated more.
+        h, w = max(sides, key=lambda hw: (hw[0] * hw[1] * step_repeats(cfg, frames, *hw), hw[0] * hw[1]))
+        out.append(Bucket(kind, size, frames, h, w, len(sides), step_repeats(cfg, frames, h, w)))
     return sorted(out, key=lambda b: (b.kind != "video", -b.frames * b.height * b.width))
+
+
+def aspect_buckets(cfg: RunConfig, size: int | float) -> list[tuple[int, int]]:
+    """The distinct (height, width) buckets a step at training size `size` may have."""
+    if not cfg.data.enable_bucket:
+        return [(int(size) // 16 * 16,) * 2]
+    return sorted(set(bucket_table(size).values()))
+
+
+def step_repeats(cfg: RunConfig, frames: int, height: int, width: int) -> int:
+    """Copies of the batch a step trains at once (train/main.py Trainer.copies): with
+    training_with_video_token_length, 2 or 4 below its budget, images and random_hw_adapt included,
+    as VideoX-Fun's loop does."""
+    d = cfg.data
+    if not d.training_with_video_token_length:
+        return 1
+    return token_length_repeats(frames, height, width, d.token_sample_size, d.video_sample_n_frames)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -320,6 +349,120 @@ def buffer_bytes(cfg: RunConfig, counts: dict, acts: Activations) -> dict[str, f
 
 
 # ----------------------------------------------------------------------------------------------------
+# Compiles ([model] compile)
+
+
+def _latent(frames: int, height: int, width: int) -> tuple[int, int, int]:
+    return 1 + (frames - 1) // VAE_STRIDE[0], height // VAE_STRIDE[1], width // VAE_STRIDE[2]
+
+
+def step_shapes(cfg: RunConfig, frame_cap: int | None = None) -> set[tuple[int, tuple[int, int, int]]]:
+    """Every (micro-batch, latent (F, H, W)) a training step can give the DiT: each aspect bucket of
+    each (kind, size, frames) of data_buckets, random_frame_crop's shorter lengths included. Steps of
+    clips shorter than the drawn frame count train at their length: more shapes, which cost graphs only
+    with static shapes."""
+    out = set()
+    for b in data_buckets(cfg, frame_cap):
+        full = valid_frame_count(b.frames)
+        lengths = [full] + (list(range(MIN_VIDEO_FRAMES, full, 4)) if cfg.data.random_frame_crop else [])
+        for height, width in aspect_buckets(cfg, b.size):
+            for frames in lengths:
+                batch = cfg.train.train_batch_size * step_repeats(cfg, frames, height, width)
+                out.add((batch, _latent(frames, height, width)))
+    return out
+
+
+def no_grad_shapes(cfg: RunConfig) -> set[tuple[int, tuple[int, int, int]]]:
+    """(batch, latent) of the DiT's no_grad forwards: the eval loss's held-out clips (train/eval_loss.py
+    clip_shape: every aspect bucket at the base sizes; forwards of up to train_batch_size quantiles) and
+    validation sampling (one size; a batch of 2 with guidance: the conditional and unconditional
+    passes together). Held-out clips shorter than video_sample_n_frames add shorter ones."""
+    from train.validation import sampling_options
+
+    d, v = cfg.data, cfg.validation
+    out = set()
+    if v.eval_holdout:
+        q, b = len(v.eval_quantiles), cfg.train.train_batch_size
+        batches = {min(b, q - j) for j in range(0, q, b)}
+        for size, frames in (
+            (d.video_sample_size, valid_frame_count(d.video_sample_n_frames)),
+            (d.image_sample_size, 1),
+        ):
+            out |= {(n, _latent(frames, *hw)) for hw in aspect_buckets(cfg, size) for n in batches}
+    if v.sampling_enabled():
+        o = sampling_options(v, d.video_sample_size, d.video_sample_n_frames, cfg.train.shift)
+        out.add((2 if o.guided else 1, _latent(o.num_frames, o.height, o.width)))
+    return out
+
+
+@dataclass(frozen=True)
+class CompileCount:
+    dynamic_tokens: bool  # the shape policy counted (train/models.py COMPILE_DYNAMIC_TOKENS)
+    latent_shapes: int  # distinct latents (F, H, W) training steps can give the DiT
+    token_counts: int  # distinct token counts among them
+    graphs: int  # graphs the compiled blocks build over a run, training and no_grad together
+    by_mode: dict = field(default_factory=dict)  # "training" / "no_grad" -> graph keys
+
+
+def count_compiles(cfg: RunConfig, dynamic_tokens: bool | None = None, frame_cap: int | None = None) -> CompileCount:
+    """The graphs [model] compile builds over a run, from the shapes the data options can draw. A
+    block's graph depends on the grad mode and on its inputs' shapes, which are (micro-batch, tokens):
+    static shapes compile once per distinct pair; with dynamic tokens (compile_dit's policy) once per
+    grad mode and micro-batch class, 1 or more (dynamo specialises a size of 1). Selective
+    checkpointing runs inside a block's call (WanAttentionBlock.forward), so in training the blocks it
+    checkpoints and the others (gradient_checkpointing_every > 1) are a graph each."""
+    from train.models import COMPILE_DYNAMIC_TOKENS
+
+    dynamic = COMPILE_DYNAMIC_TOKENS if dynamic_tokens is None else dynamic_tokens
+    config, m = dit_config(cfg)[0], cfg.model
+    pt, ph, pw = config.get("patch_size", (1, 2, 2))
+    layers = config["num_layers"]
+    mixed = m.gradient_checkpointing == "selective" and len(range(0, layers, m.gradient_checkpointing_every)) < layers
+    kinds = ("selective", "plain") if mixed else ("plain",)
+
+    def graph(batch: int, latent: tuple[int, int, int]) -> tuple:
+        tokens = (latent[0] // pt) * (latent[1] // ph) * (latent[2] // pw)
+        return (min(batch, 2),) if dynamic else (batch, tokens)
+
+    train = step_shapes(cfg, frame_cap)
+    by_mode = {
+        "training": {(*graph(*s), kind) for s in train for kind in kinds},
+        "no_grad": {(*graph(*s), "plain") for s in no_grad_shapes(cfg)},
+    }
+    return CompileCount(
+        dynamic_tokens=dynamic, latent_shapes=len({latent for _, latent in train}),
+        token_counts=len({(f // pt) * (h // ph) * (w // pw) for _, (f, h, w) in train}),
+        graphs=sum(len(keys) for keys in by_mode.values()), by_mode=by_mode,
+    )  # fmt: skip
+
+
+def compile_line(cfg: RunConfig, info: dict) -> str:
+    """The report's line on compiles: how many graphs, what they are, and what static shapes would cost."""
+    c, static = info["compiles"], info["compiles_static"]
+    parts = []
+    for mode, keys in c.by_mode.items():
+        twice = " (each twice: selective-checkpointed blocks and the others)" if len({k[-1] for k in keys}) > 1 else ""
+        if keys and c.dynamic_tokens:
+            classes = sorted({k[0] for k in keys})
+            parts.append(
+                f"{mode}: " + ", ".join("micro-batch 1" if b == 1 else "micro-batch 2+" for b in classes) + twice
+            )
+        elif keys:
+            parts.append(f"{mode}: {len(keys)}{twice}")
+    what = (
+        f"{c.graphs} graph{'s' if c.graphs != 1 else ''} of the DiT blocks over a run ("
+        + ("token counts dynamic; " if c.dynamic_tokens else "one per micro-batch x token count; ")
+        + "; ".join(parts)
+        + f") for the {c.latent_shapes} latent shapes / {c.token_counts} token counts training can draw"
+        + (f" (static shapes: {static.graphs})" if c.dynamic_tokens else "")
+    )
+    if cfg.model.compile:
+        return f"compiles: {what}"
+    refused = " (refused with zero3)" if cfg.parallel.engine == "zero3" else ""
+    return f"compiles: none ([model] compile = false); compile = true{refused} would make {what}"
+
+
+# ----------------------------------------------------------------------------------------------------
 # The plan
 
 
@@ -334,6 +477,20 @@ class Row:
     buffers: float
     peak: float
     fits: bool
+    peak_while: str = "training"  # or "encoding (umT5)": low_vram's largest encoder outweighs the step
+
+
+def step_peak(states: float, training: float, encoders: dict[str, int], low_vram: bool) -> tuple[float, float, str]:
+    """(peak bytes, encoder bytes on the GPU at that peak, what drives it) for a step holding
+    `training` bytes of activations and buffers over its model states. With low_vram the encoders
+    reach the GPU one at a time while encoding, when the step's activations are gone."""
+    if not low_vram:
+        on_gpu = sum(encoders.values())
+        return states + on_gpu + training + CUDA_CONTEXT, on_gpu, "training"
+    name = max(encoders, key=encoders.get)
+    if encoders[name] > training:
+        return states + encoders[name] + CUDA_CONTEXT, encoders[name], f"encoding ({name})"
+    return states + training + CUDA_CONTEXT, 0, "training"
 
 
 def plan(cfg: RunConfig, gpus: int, gpu_memory: int, headroom: float = 0.1) -> tuple[list[Row], dict]:
@@ -342,21 +499,24 @@ def plan(cfg: RunConfig, gpus: int, gpu_memory: int, headroom: float = 0.1) -> t
     states = model_state_bytes(cfg, counts, gpus)
     debug = not cfg.model.pretrained_model_name_or_path and cfg.model.preset.startswith("debug")
     encoders = encoder_bytes(debug, cfg.model.train_mode == "i2v")
-    on_gpu = 0 if cfg.model.low_vram else sum(encoders.values())
-    while_encoding = max(encoders.values()) if cfg.model.low_vram else 0
     state_total = sum(v for k, v in states.items() if k != "host")
     limit = gpu_memory * (1 - headroom)
+    # The clips' known frame counts (metadata, or the probe cache of an earlier start) cap the frames.
+    frame_cap, frame_source = longest_step_frames(cfg.data, cfg.train.output_dir)
     rows = []
-    for bucket in data_buckets(cfg):
+    for bucket in data_buckets(cfg, frame_cap):
         batch = cfg.train.train_batch_size * bucket.repeats
         acts = activation_bytes(cfg, config, counts, batch, bucket.latent())
         buffers = sum(buffer_bytes(cfg, counts, acts).values())
-        peak = state_total + on_gpu + max(acts.saved + buffers, while_encoding) + CUDA_CONTEXT
+        peak, on_gpu, driver = step_peak(state_total, acts.saved + buffers, encoders, cfg.model.low_vram)
         rows.append(
-            Row(bucket, batch, acts.detail["tokens"], state_total, on_gpu, acts.saved, buffers, peak, peak <= limit)
-        )
+            Row(bucket, batch, acts.detail["tokens"], state_total, on_gpu, acts.saved, buffers, peak, peak <= limit,
+                driver)
+        )  # fmt: skip
     info = {"config": config, "source": source, "counts": counts, "states": states, "encoders": encoders,
-            "limit": limit, "gpus": gpus, "gpu_memory": gpu_memory}  # fmt: skip
+            "limit": limit, "gpus": gpus, "gpu_memory": gpu_memory, "frame_cap": frame_cap,
+            "frame_source": frame_source, "compiles": count_compiles(cfg, frame_cap=frame_cap),
+            "compiles_static": count_compiles(cfg, dynamic_tokens=False, frame_cap=frame_cap)}  # fmt: skip
     return rows, info
 
 
@@ -396,7 +556,8 @@ def fewest_fitting_frames(cfg: RunConfig, row: Row, info: dict) -> int:
     for frames in range(row.bucket.frames, 0, -4):
         b = Bucket(row.bucket.kind, row.bucket.size, frames, row.bucket.height, row.bucket.width, 1, row.bucket.repeats)
         acts = activation_bytes(cfg, config, counts, row.micro_batch, b.latent())
-        peak = row.states + row.encoders + acts.saved + sum(buffer_bytes(cfg, counts, acts).values()) + CUDA_CONTEXT
+        training = acts.saved + sum(buffer_bytes(cfg, counts, acts).values())
+        peak, _, _ = step_peak(row.states, training, info["encoders"], cfg.model.low_vram)
         if peak <= info["limit"]:
             return frames
     return 0
@@ -416,10 +577,12 @@ def report(cfg: RunConfig, rows: list[Row], info: dict) -> str:
         + (f" (+ {states['host'] / GB:.1f} GB in host memory)" if states["host"] else ""),
         "frozen encoders: " + ", ".join(f"{k} {v / GB:.2f} GB" for k, v in info["encoders"].items())
         + (" (low_vram: on the GPU only while encoding)" if m.low_vram else " (on every GPU)"),
+        f"video frames: at most {info['frame_cap']}: {info['frame_source']}" if info.get("frame_cap")
+        else f"video frames: as the options draw them (clip lengths unknown: {info.get('frame_source')})",
         "",
         "| kind | size | frames | bucket HxW (of n) | micro-batch | tokens | states GB | encoders GB | activations GB "
-        "| buffers GB | peak GB | verdict |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| buffers GB | peak GB | peak while | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in rows:
         b = r.bucket
@@ -427,8 +590,9 @@ def report(cfg: RunConfig, rows: list[Row], info: dict) -> str:
         lines.append(
             f"| {b.kind} | {b.size:.4g} | {b.frames} | {b.height}x{b.width} ({b.ratios}) | {r.micro_batch}{rep} | "
             f"{r.tokens * r.micro_batch:,} | {r.states / GB:.1f} | {r.encoders / GB:.1f} | {r.activations / GB:.1f} | "
-            f"{r.buffers / GB:.1f} | {r.peak / GB:.1f} | {'fits' if r.fits else 'DOES NOT FIT'} |"
+            f"{r.buffers / GB:.1f} | {r.peak / GB:.1f} | {r.peak_while} | {'fits' if r.fits else 'DOES NOT FIT'} |"
         )
+    lines += ["", compile_line(cfg, info)]
     tips = advice(cfg, rows, info)
     if tips:
         lines += ["", "does not fit everywhere; what would help:"] + [f"  - {t}" for t in tips]

@@ -13,8 +13,22 @@ efficient, cuDNN, flash_attention_for_cpu, ...), the `*_attention_forward` kerne
 `flash_attn*` ops, and the math path's pieces (`_safe_softmax`/`_softmax` and `bmm`: in this model
 only the math attention path produces a bmm; linear layers run as mm/addmm).
 
+Where the selective checkpoint sits: inside the block's call (WanAttentionBlock.forward checkpoints
+its body), because the policy replays the forward op by op and must see the block's own ops only.
+- An engine's module hooks stay outside it. ZeRO-3 gathers parameters in its hooks with a number of
+  ops that differs between the forward and the recompute once it prefetches; under ZeRO-3 a
+  selectively checkpointed block is a DeepSpeed leaf module (train/engine_deepspeed.py), so its
+  submodules have no hooks inside it either.
+- In a compiled block dynamo traces the checkpoint with the block: the policy runs on the traced
+  ops (mm/addmm/bmm and the attention kernels, `.default` overloads) and AOTAutograd's partitioner
+  keeps what it marks. Around a compiled call instead, the policy would only see the compiled code's
+  kernel calls (`addmm.out` into buffers that inductor reuses), which it cannot keep: a matmul `.out`
+  overload reaching it is an error, not a silent recompute. Dynamo takes the policy only as a
+  constant: the module-level functions below.
+
 `saved_bytes_per_block` measures what one block keeps, exactly, on fake (shapes-only) tensors, so it
-costs nothing at release sizes. Imports nothing distributed.
+costs nothing at release sizes; a compiled block keeps the same (tests/test_selective_compile.py).
+Imports nothing distributed.
 """
 
 import contextlib
@@ -29,6 +43,7 @@ RELEASE_TOKENS = 21 * 30 * 52  # 81 frames of 480x832: 32,760 tokens
 
 _aten = torch.ops.aten
 MATMUL_OPS = frozenset({_aten.mm.default, _aten.addmm.default, _aten.bmm.default})
+_MATMUL_PACKETS = frozenset(op.overloadpacket for op in MATMUL_OPS)
 MATH_ATTENTION_OPS = frozenset({_aten._safe_softmax.default, _aten._softmax.default, _aten.bmm.default})
 
 
@@ -51,33 +66,64 @@ def is_attention_op(op) -> bool:
     return "scaled_dot_product" in name or "attention" in name or "flash_attn" in name
 
 
+def selective_decision(op, save_matmuls: bool) -> CheckpointPolicy:
+    """MUST_SAVE the attention kernels' outputs (and with save_matmuls the mm/addmm/bmm outputs),
+    PREFER_RECOMPUTE everything else."""
+    if is_attention_op(op):
+        return CheckpointPolicy.MUST_SAVE
+    if save_matmuls and getattr(op, "overloadpacket", None) in _MATMUL_PACKETS:
+        if op not in MATMUL_OPS:
+            raise RuntimeError(
+                f"selective checkpointing with save_matmuls saw {op}: a compiled region runs inside the checkpoint, "
+                "whose matmul outputs it cannot keep; checkpoint inside the compiled call (WanAttentionBlock.forward)"
+            )
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return selective_decision(op, save_matmuls=False)
+
+
+def selective_matmuls_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return selective_decision(op, save_matmuls=True)
+
+
+_SELECTIVE_CONTEXTS = {
+    False: functools.partial(create_selective_checkpoint_contexts, selective_policy),
+    True: functools.partial(create_selective_checkpoint_contexts, selective_matmuls_policy),
+}
+
+
 class SelectivePolicy:
-    """The selective checkpointing policy: MUST_SAVE the attention kernels' outputs (and with
-    save_matmuls the mm/addmm/bmm outputs), PREFER_RECOMPUTE everything else.
+    """The selective policy calling `observer` with each output kept (to measure what is kept; eager
+    only: dynamo would not take it as a constant)."""
 
-    `observer`, when given, is called with each output kept (used to measure what is kept)."""
-
-    def __init__(self, save_matmuls: bool = False, observer=None):
+    def __init__(self, save_matmuls: bool, observer):
         self.save_matmuls = save_matmuls
         self.observer = observer
 
     def __call__(self, ctx, op, *args, **kwargs) -> CheckpointPolicy:
-        if is_attention_op(op) or (self.save_matmuls and op in MATMUL_OPS):
-            if self.observer is not None:
-                self.observer(ctx.op_output)
-            return CheckpointPolicy.MUST_SAVE
-        return CheckpointPolicy.PREFER_RECOMPUTE
+        decision = selective_decision(op, self.save_matmuls)
+        if decision == CheckpointPolicy.MUST_SAVE:
+            self.observer(ctx.op_output)
+        return decision
 
 
 def checkpoint_block(block, *args, mode: str = "full", save_matmuls: bool = False, observer=None):
-    """block(*args) under `mode` ("full" or "selective"; "none" just calls it)."""
+    """block(*args) under `mode` ("full" or "selective"; "none" just calls it). `block` is any callable:
+    the model checkpoints a selective block's body from inside its call (see the module docstring)."""
     if mode == "none":
         return block(*args)
     if mode == "full":
         return checkpoint(block, *args, use_reentrant=False)
     if mode == "selective":
-        policy = SelectivePolicy(save_matmuls, observer)
-        context_fn = functools.partial(create_selective_checkpoint_contexts, policy)
+        if observer is None:
+            context_fn = _SELECTIVE_CONTEXTS[save_matmuls]
+        else:
+            context_fn = functools.partial(
+                create_selective_checkpoint_contexts, SelectivePolicy(save_matmuls, observer)
+            )
         return checkpoint(block, *args, use_reentrant=False, context_fn=context_fn)
     raise ValueError(f"unknown gradient checkpointing mode {mode!r}")
 
@@ -115,6 +161,8 @@ def saved_activation_bytes(
     time projection, text context and RoPE tables are shared by all blocks). Autocast's low-precision
     weight copies count (they live as long as the activations). Real or fake tensors (CPU device)."""
     mode = normalize_mode(mode)
+    # A block set to checkpoint itself would keep its outputs in its own checkpoint's storage, unseen.
+    assert not getattr(block, "selective_checkpoint", False), "measure a block with its own checkpointing off"
     x = inputs[0]
     shared = [t for t in inputs[1:] if isinstance(t, torch.Tensor)]
     shared += [t for v in inputs[1:] if isinstance(v, (tuple, list)) for t in v if isinstance(t, torch.Tensor)]
