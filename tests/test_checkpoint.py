@@ -349,6 +349,7 @@ def test_refuses_values_json_would_change(tmp_path):
 # Real processes
 
 
+@pytest.mark.slow
 def test_sigkill_mid_save_loses_nothing(tmp_path):
     result = run_worker("save", tmp_path, 1, 2, env_extra={"WAN_TRAIN_KILL_DURING_SAVE": "2"})
     assert result.returncode == -signal.SIGKILL, result.stderr
@@ -372,6 +373,7 @@ def test_sigkill_mid_save_loses_nothing(tmp_path):
     assert load(tmp_path / "checkpoint-2")["trainer_state"].value == trainer_state(2)
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_save_one_checkpoint(tmp_path):
     port = free_port()
     procs = run_ranks(lambda r: [str(WORKER), "dist", str(tmp_path), str(r), "2", str(port)], timeout=120)

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from checkpoint_worker import Value
-from train_runs import REPO, data, losses, torchrun
+from train_runs import ENGINE_STEPS, REPO, data, engine_run_args, losses, torchrun
 
 from train.checkpoint import (
     _WRITTEN,
@@ -105,6 +105,7 @@ def verify_cli(folder: Path) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess([], code, stdout.getvalue(), stderr.getvalue())
 
 
+@pytest.mark.slow
 def test_verify_runs_as_a_module(tmp_path):
     first, second = two_checkpoints(tmp_path)
     flip(second / "model.safetensors")
@@ -329,6 +330,7 @@ def check_full_report(report: dict, out: Path, code: int) -> None:
     assert report["after_retry"] == ["checkpoint-1", "checkpoint-2"]
 
 
+@pytest.mark.slow
 def test_a_full_disk_leaves_no_partial_files(tmp_path):
     """A real ENOSPC: a 200 KiB tmpfs in a private mount namespace (unshare -rm)."""
     mnt = tmp_path / "mnt"
@@ -343,6 +345,7 @@ def test_a_full_disk_leaves_no_partial_files(tmp_path):
     assert report["free_after"] == report["free_before"]  # the failed save holds no space
 
 
+@pytest.mark.slow
 def test_a_file_size_limit_leaves_no_partial_files(tmp_path):
     """The write fails with EFBIG (RLIMIT_FSIZE, SIGXFSZ ignored): the same path as a full disk."""
 
@@ -373,8 +376,9 @@ def test_leftovers_of_interrupted_saves_are_removed_but_never_a_checkpoint(tmp_p
 # ----------------------------------------------------------------------------------------------------
 # Every engine through torchrun: 2 ranks, the debug preset
 
-ENGINE_ARGS = {"ddp": [], "zero2": [], "zero3": ["--stage3_param_persistence_threshold=0"], "fsdp": []}
-# The file each engine's checkpoint-4 loses or gets flipped bytes in: rank 1's own files where the engine
+# The runs are the session's shared ones (tests/conftest.py engine_runs: 6 steps, checkpoints 3 and 6,
+# tests/train_runs.py engine_run_args), also test_engines' references.
+# The file each engine's checkpoint-6 loses or gets flipped bytes in: rank 1's own files where the engine
 # writes per-rank ones.
 ENGINE_DAMAGE = {
     "ddp": ("model.safetensors", flip, "model.safetensors has a checksum mismatch"),
@@ -384,48 +388,43 @@ ENGINE_DAMAGE = {
 }
 
 
-def engine_args(engine: str) -> list[str]:
-    return [f"--engine={engine}", *ENGINE_ARGS[engine], "--max_train_steps=4", "--checkpointing_steps=2"]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", list(ENGINE_DAMAGE))
-def test_every_engine_falls_back_past_a_damaged_checkpoint(data, tmp_path, engine):
-    """Checkpoints 2 and 4 of a 4-step run, 4 damaged: the rerun skips it naming the file, resumes from
-    2, and steps 3 and 4 repeat the uninterrupted run's losses bit for bit (fp32 on CPU)."""
-    straight = tmp_path / "straight"
-    torchrun(data, straight, *engine_args(engine), nproc=2)
+def test_every_engine_falls_back_past_a_damaged_checkpoint(data, engine_runs, tmp_path, engine):
+    """Checkpoints 3 and 6 of a 6-step run, 6 damaged: the rerun skips it naming the file, resumes from
+    3, and steps 4 to 6 repeat the uninterrupted run's losses bit for bit (fp32 on CPU)."""
+    straight = engine_runs(engine)  # the session's uninterrupted run: read-only
     out = tmp_path / "out"
-    for step in (2, 4):
+    for step in (3, 6):
         shutil.copytree(straight / f"checkpoint-{step}", out / f"checkpoint-{step}")
-    (out / "checkpoint-5.tmp").mkdir()  # a crashed save's leftovers: removed at the start
+    (out / "checkpoint-7.tmp").mkdir()  # a crashed save's leftovers: removed at the start
     name, damage, expected = ENGINE_DAMAGE[engine]
-    damage(out / "checkpoint-4" / name)
+    damage(out / "checkpoint-6" / name)
     done = verify_cli(out)
     assert done.returncode == 1 and re.search(expected, done.stdout), done.stdout
 
-    resumed = torchrun(data, out, *engine_args(engine), nproc=2)
-    assert f"removed {out / 'checkpoint-5.tmp'}" in resumed.stdout
-    assert re.search(f"skipping {out / 'checkpoint-4'}: .*{expected}", resumed.stderr), resumed.stderr[-3000:]
-    assert f"resumed from {out / 'checkpoint-2'}" in resumed.stdout
+    resumed = torchrun(data, out, *engine_run_args(engine), nproc=2)
+    assert f"removed {out / 'checkpoint-7.tmp'}" in resumed.stdout
+    assert re.search(f"skipping {out / 'checkpoint-6'}: .*{expected}", resumed.stderr), resumed.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoint-3'}" in resumed.stdout
     reference = losses(straight)
-    assert losses(out) == {3: reference[3], 4: reference[4]}
-    assert verify_cli(out).returncode == 0  # checkpoint-4 saved anew
+    assert losses(out) == {step: reference[step] for step in (4, 5, 6)}
+    assert verify_cli(out).returncode == 0  # checkpoint-6 saved anew
 
     if engine != "ddp":
         return
     # Every checkpoint damaged: refused before any model is built, listing each; an explicit damaged path
     # too; --resume_from_checkpoint=none starts afresh.
-    edit_number(out / "checkpoint-2" / "sampler.json")
-    flip(out / "checkpoint-4" / "optimizer.safetensors")
-    refused = torchrun(data, out, *engine_args(engine), nproc=2, check=False)
+    edit_number(out / "checkpoint-3" / "sampler.json")
+    flip(out / "checkpoint-6" / "optimizer.safetensors")
+    refused = torchrun(data, out, *engine_run_args(engine), nproc=2, check=False)
     assert refused.returncode != 0, refused.stderr[-3000:]
     assert "no checkpoint in" in refused.stderr and "--resume_from_checkpoint=none" in refused.stderr
     assert "sampler.json has a checksum mismatch" in refused.stderr
     assert "optimizer.safetensors has a checksum mismatch" in refused.stderr
-    explicit = torchrun(data, out, *engine_args(engine), f"--resume_from_checkpoint={out / 'checkpoint-2'}",
+    explicit = torchrun(data, out, *engine_run_args(engine), f"--resume_from_checkpoint={out / 'checkpoint-3'}",
                         nproc=2, check=False)  # fmt: skip
-    assert explicit.returncode != 0 and "checkpoint-2 does not verify: sampler.json has a checksum" in explicit.stderr
-    fresh = torchrun(data, out, *engine_args(engine), "--resume_from_checkpoint=none", nproc=2)
-    assert "training 4 steps from step 0" in fresh.stdout
+    assert explicit.returncode != 0 and "checkpoint-3 does not verify: sampler.json has a checksum" in explicit.stderr
+    fresh = torchrun(data, out, *engine_run_args(engine), "--resume_from_checkpoint=none", nproc=2)
+    assert f"training {ENGINE_STEPS} steps from step 0" in fresh.stdout
     assert verify_cli(out).returncode == 0  # both saved anew

@@ -32,6 +32,7 @@ def stage2_file(tmp_path) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_every_problem_of_a_command_line_is_listed_at_once(tmp_path):
     proc = run(
         "-m", "train.config", "--cfg", str(REPO / "configs" / "debug.toml"),
@@ -54,6 +55,7 @@ def test_every_problem_of_a_command_line_is_listed_at_once(tmp_path):
         assert any(all(p in line for p in parts) for line in listed), (parts, proc.stderr)
 
 
+@pytest.mark.slow
 def test_train_config_refuses_a_zero_stage_mismatch_as_train_main_does(tmp_path):
     """--zero_stage 3 with a stage-2 DeepSpeed file: the check mode and the trainer say the same thing."""
     (tmp_path / "videos").mkdir()

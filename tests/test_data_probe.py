@@ -200,6 +200,7 @@ def prepare(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_prepare_metadata_resolves_against_the_metadata_folder_from_anywhere(dataset, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -208,6 +209,7 @@ def test_prepare_metadata_resolves_against_the_metadata_folder_from_anywhere(dat
     assert load_metadata(tmp_path / "prepared.json") == expected(dataset)
 
 
+@pytest.mark.slow
 def test_prepare_metadata_fails_when_it_writes_no_sample(dataset, tmp_path):
     outside = tmp_path / "meta" / "metadata.json"  # the metadata moved out of the data folder
     outside.parent.mkdir()

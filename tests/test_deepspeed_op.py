@@ -41,6 +41,7 @@ def reported(proc: subprocess.CompletedProcess) -> dict[str, str]:
     return dict(zip(words[::2], words[1::2], strict=True))
 
 
+@pytest.mark.slow
 def test_no_shared_memory_op_is_built_on_cpu(tmp_path):
     extensions = tmp_path / "torch_extensions"
     proc = run_single({"TORCH_EXTENSIONS_DIR": str(extensions), "MASTER_PORT": str(free_port())}, tmp_path)
@@ -49,6 +50,7 @@ def test_no_shared_memory_op_is_built_on_cpu(tmp_path):
     assert not extensions.exists() or not any(extensions.iterdir())  # nothing compiled
 
 
+@pytest.mark.slow
 def test_a_single_process_takes_a_free_port_when_29500_is_taken_and_honours_master_port(tmp_path):
     try:  # what a first single-process run holds
         store = dist.TCPStore("127.0.0.1", 29500, 1, is_master=True, wait_for_workers=False)

@@ -64,6 +64,7 @@ def worker(out: Path) -> None:
     print(json.dumps(report))
 
 
+@pytest.mark.slow
 def test_a_full_disk_says_so_and_states_the_free_space_after_every_writer_let_go(tmp_path):
     mnt = tmp_path / "mnt"
     mnt.mkdir()

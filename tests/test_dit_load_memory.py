@@ -51,6 +51,7 @@ def peak_growth(folder: Path, mode: str) -> int:
     return json.loads(out.stdout.strip().splitlines()[-1])["growth"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
 def test_load_holds_one_copy(tmp_path):
     model = WanModel(**dict(dit_preset("debug"), dim=512, ffn_dim=2048, num_layers=8, text_dim=512))

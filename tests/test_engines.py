@@ -15,7 +15,7 @@ import pytest
 import torch
 from ranks import free_port
 from safetensors.torch import load_file
-from train_runs import REPO, base_args, data, losses, torchrun
+from train_runs import ENGINE_STEPS, ENGINES, REPO, base_args, data, engine_run_args, losses, torchrun
 
 from tools.zero_to_bf16 import merge
 from train.checkpoint import KILL_ENV, find_latest, read_marker
@@ -25,36 +25,17 @@ from wan import WanModel, dit_preset
 
 __all__ = ["data"]  # a fixture
 
-ENGINES = ("ddp", "zero2", "zero3", "fsdp")
-STEPS = 6
-# Tiny models never partition under ZeRO-3 below DeepSpeed's persistence threshold (1e5 elements):
-# 0 makes every parameter sharded, so the test exercises the real ZeRO-3 path.
-# zero3 and fsdp checkpoint selectively (debug.toml: full), which gives the gradients of full checkpointing
-# bit for bit (tests/test_dit_checkpointing.py): their runs still equal DDP's, and cover selective
-# checkpointing under sharded parameters.
-ENGINE_ARGS = {
-    "ddp": [], "zero2": [],
-    "zero3": ["--stage3_param_persistence_threshold=0", "--gradient_checkpointing=selective"],
-    "fsdp": ["--gradient_checkpointing=selective", "--selective_checkpoint_matmuls"],
-}  # fmt: skip
+STEPS = ENGINE_STEPS
 # Losses of different engines differ by float summation order only (measured: equal to float32 precision).
 RTOL = 1e-6
-
-
-def run_args(engine: str, *extra: str) -> list[str]:
-    return [
-        f"--engine={engine}", *ENGINE_ARGS[engine], f"--max_train_steps={STEPS}", "--checkpointing_steps=3",
-        "--checkpoints_total_limit=0", *extra,
-    ]  # fmt: skip
+run_args = engine_run_args
 
 
 @pytest.fixture(scope="module")
-def straight(data, tmp_path_factory) -> dict[str, Path]:
-    """One uninterrupted 2-rank run per engine: 6 steps, checkpoints at 3 and 6."""
-    root = tmp_path_factory.mktemp("straight")
-    for engine in ENGINES:
-        torchrun(data, root / engine, *run_args(engine), "--save_consolidated_weights", nproc=2)
-    return {engine: root / engine for engine in ENGINES}
+def straight(engine_runs) -> dict[str, Path]:
+    """One uninterrupted 2-rank run per engine (tests/conftest.py engine_runs, shared with
+    test_checkpoint_integrity): 6 steps, checkpoints at 3 and 6, consolidated weights. Read-only."""
+    return {engine: engine_runs(engine) for engine in ENGINES}
 
 
 @pytest.mark.slow
@@ -231,8 +212,10 @@ def test_sharded_engines_load_a_release_folder_without_a_whole_copy(tmp_path):
     (one module or tensor at a time); DDP's rank holds the whole model. Model states per rank (after a
     step, AdamW included) are about half of DDP's."""
     out = tmp_path / "rows.json"
+    # The step's input is the smallest (1 latent frame of 4x4: 4 tokens): what is measured is memory (the
+    # load, and the model states after one AdamW step), which the input's size does not change.
     cmd = [sys.executable, "bench/engines.py", "--engines=ddp,zero3,fsdp", "--layers=8", "--steps=1", "--warmup=0",
-           "--no-merge", "--precision=bf16", "--bucket=10000000", f"--json={out}"]  # fmt: skip
+           "--frames=1", "--size=4", "--no-merge", "--precision=bf16", "--bucket=10000000", f"--json={out}"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {row["engine"]: row for row in json.loads(out.read_text())["rows"]}

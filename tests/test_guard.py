@@ -57,6 +57,7 @@ def test_a_lock_naming_a_live_pid_is_refused_and_left_alone(tmp_path):
     assert path.read_text() == before
 
 
+@pytest.mark.slow
 def test_a_stale_lock_is_taken_over_with_one_line(tmp_path, capsys):
     pid = dead_pid()
     write_lock(tmp_path, pid)
@@ -67,6 +68,7 @@ def test_a_stale_lock_is_taken_over_with_one_line(tmp_path, capsys):
     lock.release()
 
 
+@pytest.mark.slow
 def test_a_lock_from_another_host_is_refused_with_how_to_remove_it(tmp_path):
     path = write_lock(tmp_path, dead_pid(), host="elsewhere-node-7")
     with pytest.raises(ValueError, match=f"host elsewhere-node-7.*cannot be checked.*delete {path}"):

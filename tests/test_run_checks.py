@@ -16,6 +16,7 @@ from train.main import Trainer
 __all__ = ["data"]  # a fixture
 
 
+@pytest.mark.slow
 def test_python_m_train_config_lists_every_missing_path(data, tmp_path):
     release = tmp_path / "release"
     release.mkdir()

@@ -198,6 +198,7 @@ def run_cli(*args: str, script: bool = True) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_help_documents_every_option():
     proc = run_cli("--help")
     assert proc.returncode == 0
@@ -208,6 +209,7 @@ def test_help_documents_every_option():
     assert "832x480" in proc.stdout and "i2v 40" in proc.stdout  # the release's defaults are stated
 
 
+@pytest.mark.slow
 def test_bad_options_and_bad_checkpoints_give_one_error_line(t2v_checkpoint, tmp_path):
     bad = run_cli("--checkpoint", t2v_checkpoint, "--frames", "8", "--size", "60x64", "--sampler", "dpm",
                   "--steps", "0", "--image", "x.png", "--batch_size", "0", script=False)  # fmt: skip

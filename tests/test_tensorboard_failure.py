@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 from train_runs import REPO, base_args, data
 
 from train.checkpoint import find_latest
@@ -43,6 +44,7 @@ def test_a_full_disk_under_tensorboard_costs_one_line(data, tmp_path, capfd):
     assert "Traceback" not in errors and "Exception in thread" not in errors, errors[-3000:]
 
 
+@pytest.mark.slow
 def test_removing_the_tensorboard_folder_mid_run_costs_one_line(data, tmp_path):
     """A plain `python -m train.main` (one rank): the folder goes once step 1 is printed; the run exits
     0 after its 6 steps with one line about it and no traceback."""

@@ -13,7 +13,7 @@ import pytest
 import torch
 from ranks import free_port
 from safetensors.torch import load_file
-from train_runs import REPO, assert_close_runs, base_args, data, final_weights, losses, torchrun, write_release_folder
+from train_runs import REPO, assert_close_runs, base_args, data, final_weights, losses, torchrun
 
 from train.checkpoint import KILL_ENV, find_latest
 from train.config import load_config
@@ -24,11 +24,19 @@ from wan import WanModel, dit_preset
 __all__ = ["data"]  # a fixture
 
 
+@pytest.fixture(scope="module")
+def two_ranks(data, tmp_path_factory) -> Path:
+    """6 steps on 2 ranks of batch 1 (debug.toml's), run once: the reference of the 1-rank and of the
+    two-node runs. Read-only."""
+    out = tmp_path_factory.mktemp("two_ranks") / "two"
+    torchrun(data, out, "--max_train_steps=6", "--train_batch_size=1", nproc=2)
+    return out
+
+
 @pytest.mark.slow
-def test_two_ranks_equal_one_rank_at_the_same_global_batch(data, tmp_path):
-    torchrun(data, tmp_path / "two", "--max_train_steps=6", "--train_batch_size=1", nproc=2)
+def test_two_ranks_equal_one_rank_at_the_same_global_batch(data, two_ranks, tmp_path):
     torchrun(data, tmp_path / "one", "--max_train_steps=6", "--train_batch_size=2", nproc=1)
-    assert_close_runs(tmp_path / "two", tmp_path / "one", 6)
+    assert_close_runs(two_ranks, tmp_path / "one", 6)
 
 
 @pytest.mark.slow
@@ -111,6 +119,7 @@ def test_non_finite_losses_skip_updates_then_stop_the_run(data, tmp_path):
         assert torch.equal(param, weights[name]) or torch.isnan(weights[name]).all(), name
 
 
+@pytest.mark.slow
 def test_bad_config_is_refused_with_every_problem(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('[optim]\nlearning_rate = "fast"\n[train]\ntrain_batch_size = 0\nbogus = 1\n')
@@ -122,6 +131,7 @@ def test_bad_config_is_refused_with_every_problem(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_help_lists_every_option():
     proc = subprocess.run(
         [sys.executable, "-m", "train.main", "--help"], cwd=REPO, capture_output=True, text=True,
@@ -133,25 +143,26 @@ def test_help_lists_every_option():
 
 
 @pytest.mark.slow
-def test_two_nodes_by_rendezvous_train_as_one_node(data, tmp_path):
-    """launch/multi_node.sh twice on 127.0.0.1 (NNODES=2, one process each) = one node of 2 processes."""
-    torchrun(data, tmp_path / "one_node", "--max_train_steps=4", nproc=2)
+def test_two_nodes_by_rendezvous_train_as_one_node(data, two_ranks, tmp_path):
+    """launch/multi_node.sh twice on 127.0.0.1 (NNODES=2, one process each) = one node of 2 processes
+    (the module's 2-rank run)."""
     env = {
         **os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "NNODES": "2",
         "NPROC": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RDZV_ID": "test",
     }  # fmt: skip
-    cmd = ["launch/multi_node.sh", *base_args(data, tmp_path / "two_nodes")[1:], "--max_train_steps=4"]
+    cmd = ["launch/multi_node.sh", *base_args(data, tmp_path / "two_nodes")[1:], "--max_train_steps=6"]
     nodes = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
     nodes.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = [node.communicate(timeout=600)[0] for node in nodes]
     assert all(node.returncode == 0 for node in nodes), "\n".join(o[-3000:] for o in outputs)
-    assert_close_runs(tmp_path / "two_nodes", tmp_path / "one_node", 4)
+    assert_close_runs(tmp_path / "two_nodes", two_ranks, 6)
 
 
-def test_trains_from_a_release_folder(data, tmp_path):
-    release = tmp_path / "Wan2.1-T2V-tiny"
-    released = dict(write_release_folder(release).named_parameters())
-    trainer = in_process(data, tmp_path / "out", "--max_train_steps=2", f"--pretrained_model_name_or_path={release}")
+def test_trains_from_a_release_folder(data, release_folder, tmp_path):
+    released = dict(fresh_dit("debug", seed=7).named_parameters())  # what write_release_folder saved
+    trainer = in_process(
+        data, tmp_path / "out", "--max_train_steps=2", f"--pretrained_model_name_or_path={release_folder}"
+    )
     loaded = dict(trainer.engine.module.named_parameters())
     assert all(torch.equal(loaded[k], released[k]) for k in released)  # the release weights, not a random init
     trainer.train()
@@ -159,12 +170,10 @@ def test_trains_from_a_release_folder(data, tmp_path):
     assert not torch.equal(trainer.engine.module.head.head.bias, released["head.head.bias"])
 
 
-def test_release_folder_errors_name_what_is_wrong(data, tmp_path):
-    release = tmp_path / "release"
-    write_release_folder(release)
+def test_release_folder_errors_name_what_is_wrong(data, release_folder, copy_release, tmp_path):
+    release = copy_release()
     (release / T5_FILE).unlink()
     with pytest.raises(ValueError, match=f"lacks: .*{T5_FILE}"):
         in_process(data, tmp_path / "a", f"--pretrained_model_name_or_path={release}")
-    write_release_folder(tmp_path / "t2v")
     with pytest.raises(ValueError, match="needs an i2v DiT.*input width 16"):  # a t2v folder in i2v mode
-        in_process(data, tmp_path / "b", f"--pretrained_model_name_or_path={tmp_path / 't2v'}", "--train_mode=i2v")
+        in_process(data, tmp_path / "b", f"--pretrained_model_name_or_path={release_folder}", "--train_mode=i2v")

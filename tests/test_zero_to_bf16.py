@@ -306,6 +306,7 @@ def test_ddp_completed_from_pretrained_folder_and_base_flag(tmp_path):
         merge(ckpt, tmp_path / "out3", base=str(tmp_path / "other"), log=quiet)
 
 
+@pytest.mark.slow
 def test_cli_as_script_and_module_with_videox_fun_flags(tmp_path):
     ckpt, full = ddp_checkpoint(tmp_path)
     done = run_cli(ckpt, tmp_path / "a", "--max_shard_size", "80GB", "--safe_serialization")
@@ -322,6 +323,7 @@ def test_cli_as_script_and_module_with_videox_fun_flags(tmp_path):
 # Refusals
 
 
+@pytest.mark.slow
 def test_incomplete_checkpoints_are_refused_naming_the_file(tmp_path):
     ckpt, _ = ddp_checkpoint(tmp_path)
     (ckpt / "model.safetensors").unlink()  # listed in COMPLETE

@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tools.make_demo_data import make_demo_data
 from train.checkpoint import find_latest
 from train.models import T5_FILE, TOKENIZER_DIR, VAE_FILE
 from wan import T5_PRESETS, UMT5Encoder, WanModel, WanVAE, dit_preset, vae_preset
@@ -43,10 +42,10 @@ def write_release_folder(root: Path, seed: int = 7, head_std: float = 0.0) -> Wa
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("demo")
-    make_demo_data(folder)
-    return folder
+def data(demo_data) -> Path:
+    """The demo data set (tools/make_demo_data), one for the whole session (tests/conftest.py demo_data).
+    Read-only: a test that changes files copies it first."""
+    return demo_data
 
 
 def base_args(data: Path, out: Path) -> list[str]:
@@ -58,6 +57,32 @@ def base_args(data: Path, out: Path) -> list[str]:
         f"--train_data_meta={data / 'metadata.json'}", f"--output_dir={out}", "--mixed_precision=fp32",
         "--progress_bar=false", "--dataloader_num_workers=0", "--validation_prompts=[]",
         "--eval_holdout=0",
+    ]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------
+# One uninterrupted 2-rank run per engine, shared by the modules that resume from its checkpoints or
+# compare with its losses (tests/conftest.py engine_runs): test_engines, test_checkpoint_integrity.
+
+ENGINES = ("ddp", "zero2", "zero3", "fsdp")
+ENGINE_STEPS = 6  # checkpoints at 3 and 6
+# Tiny models never partition under ZeRO-3 below DeepSpeed's persistence threshold (1e5 elements):
+# 0 makes every parameter sharded, so the runs exercise the real ZeRO-3 path.
+# zero3 and fsdp checkpoint selectively (debug.toml: full), which gives the gradients of full checkpointing
+# bit for bit (tests/test_dit_checkpointing.py): their runs still equal DDP's, and cover selective
+# checkpointing under sharded parameters.
+ENGINE_ARGS = {
+    "ddp": [], "zero2": [],
+    "zero3": ["--stage3_param_persistence_threshold=0", "--gradient_checkpointing=selective"],
+    "fsdp": ["--gradient_checkpointing=selective", "--selective_checkpoint_matmuls"],
+}  # fmt: skip
+
+
+def engine_run_args(engine: str, *extra: str) -> list[str]:
+    """The options of the shared engine runs (on top of base_args); a rerun or resume passes the same."""
+    return [
+        f"--engine={engine}", *ENGINE_ARGS[engine], f"--max_train_steps={ENGINE_STEPS}", "--checkpointing_steps=3",
+        "--checkpoints_total_limit=0", *extra,
     ]  # fmt: skip
 
 
