@@ -34,8 +34,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# In-process tests only; WAN_TESTS_CHECK_SLOW fails a test not marked slow that starts a process.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	WAN_TESTS_CHECK_SLOW=1 $(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -85,6 +85,7 @@ def test_the_plan_prints_the_compiles(capsys):
     assert "compiles: none ([model] compile = false); compile = true would make 3 graphs" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # inductor compiles (in worker processes): ~45 s cold
 def test_compiled_blocks_build_the_predicted_graphs_over_every_bucket_and_match_eager():
     # The debug options at random_hw_adapt: 13 aspect buckets of videos and images, 10 token counts.
     cfg = load_config(["--cfg", str(REPO / "configs/debug.toml"), "--random_hw_adapt", "--eval_holdout=0",

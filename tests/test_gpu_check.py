@@ -20,6 +20,7 @@ import gpu_step  # noqa: E402
 import wan.modules.attention as attn  # noqa: E402
 
 
+@pytest.mark.slow
 def test_a_hung_section_is_stopped_at_its_limit_with_its_children(tmp_path):
     """A section that hangs (here: a child process that sleeps) is killed whole at its limit and
     reported as a timeout; nothing it started outlives it."""
@@ -46,6 +47,7 @@ def test_a_hung_section_is_stopped_at_its_limit_with_its_children(tmp_path):
     assert not alive, "the hung section's child process survived its timeout"
 
 
+@pytest.mark.slow
 def test_a_failed_section_names_the_root_cause_not_the_launcher(tmp_path):
     """A crashing rank under torchrun: the table shows the rank's exception, not ChildFailedError."""
     script = (

@@ -77,6 +77,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow  # inductor compiles (in worker processes)
 @pytest.mark.parametrize("save_matmuls", [False, True], ids=["selective", "selective+matmuls"])
 def test_a_compiled_selective_block_keeps_and_recomputes_what_is_counted(save_matmuls):
     cfg = dit_preset("debug")
