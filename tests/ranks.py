@@ -39,7 +39,11 @@ def run_ranks(args: Callable[[int], list[str]], world_size: int = 2, timeout: fl
 
 
 def outputs(procs: list[subprocess.Popen], tail: int = 3000) -> str:
-    return "\n".join(getattr(p, "output", "")[-tail:] for p in procs)
+    """Each rank's exit status and the tail of its output: a rank killed by a signal (a segfault in a
+    library thread, the OOM killer) prints nothing itself."""
+    return "\n".join(
+        f"--- rank {r}: exit {p.returncode}\n" + getattr(p, "output", "")[-tail:] for r, p in enumerate(procs)
+    )
 
 
 def quick_exit() -> None:
