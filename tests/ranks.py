@@ -38,6 +38,22 @@ def run_ranks(args: Callable[[int], list[str]], world_size: int = 2, timeout: fl
     return procs
 
 
+def private_tmpfs(tmp_path: Path, size: str) -> tuple[Path, list[str]]:
+    """A tmpfs of `size` (e.g. "200k") at tmp_path/mnt, mounted in a private mount namespace (unshare -rm)
+    for one command: returns the mount point and the prefix to run that command under. Skips the test
+    where user namespaces cannot mount (a real full disk needs no root this way)."""
+    import pytest
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    probe = subprocess.run(["unshare", "-rm", "mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(mnt)],
+                           capture_output=True, text=True)  # fmt: skip
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs in a user namespace here: {probe.stderr.strip()}")
+    script = f'mount -t tmpfs -o size={size} tmpfs "{mnt}" && exec "$@"'
+    return mnt, ["unshare", "-rm", "sh", "-c", script, "sh"]
+
+
 def outputs(procs: list[subprocess.Popen], tail: int = 3000) -> str:
     """Each rank's exit status and the tail of its output: a rank killed by a signal (a segfault in a
     library thread, the OOM killer) prints nothing itself."""

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from checkpoint_worker import Value
+from ranks import private_tmpfs
 from train_runs import ENGINE_STEPS, REPO, data, engine_run_args, losses, torchrun
 
 from train.checkpoint import (
@@ -333,14 +334,8 @@ def check_full_report(report: dict, out: Path, code: int) -> None:
 @pytest.mark.slow
 def test_a_full_disk_leaves_no_partial_files(tmp_path):
     """A real ENOSPC: a 200 KiB tmpfs in a private mount namespace (unshare -rm)."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    probe = subprocess.run(["unshare", "-rm", "mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(mnt)],
-                           capture_output=True, text=True)  # fmt: skip
-    if probe.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs in a user namespace here: {probe.stderr.strip()}")
-    script = f'mount -t tmpfs -o size=200k tmpfs "{mnt}" && exec "$@"'
-    report = run_full_worker(mnt / "out", ["unshare", "-rm", "sh", "-c", script, "sh"])
+    mnt, namespace = private_tmpfs(tmp_path, "200k")
+    report = run_full_worker(mnt / "out", namespace)
     check_full_report(report, mnt / "out", 28)  # ENOSPC
     assert report["free_after"] == report["free_before"]  # the failed save holds no space
 

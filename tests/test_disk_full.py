@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from ranks import private_tmpfs
 
 REPO = Path(__file__).resolve().parents[1]
 HELD = 256 * 1024  # bytes the "other rank" holds open when the disk fills
@@ -66,14 +67,8 @@ def worker(out: Path) -> None:
 
 @pytest.mark.slow
 def test_a_full_disk_says_so_and_states_the_free_space_after_every_writer_let_go(tmp_path):
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    probe = subprocess.run(["unshare", "-rm", "mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(mnt)],
-                           capture_output=True, text=True)  # fmt: skip
-    if probe.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs in a user namespace here: {probe.stderr.strip()}")
-    script = f'mount -t tmpfs -o size=768k tmpfs "{mnt}" && exec "$@"'
-    cmd = ["unshare", "-rm", "sh", "-c", script, "sh", sys.executable, __file__, str(mnt / "out")]
+    mnt, namespace = private_tmpfs(tmp_path, "768k")
+    cmd = [*namespace, sys.executable, __file__, str(mnt / "out")]
     env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -79,7 +79,7 @@ _FIXED_KEYS = {
 }
 # The optimizer and lr schedule are ours (built from [optim]); DeepSpeed's would be a second one.
 _REFUSED_KEYS = {"optimizer": "[optim]", "scheduler": "[optim] lr_scheduler"}
-# DeepSpeed's universal-checkpoint load unpickles its files with torch.load(weights_only=False), past the
+# DeepSpeed's universal-checkpoint load unpickles its files blindly (weights_only off), past the
 # guarded reader our resume installs (load_weights_only): a planted file would run code on resume.
 _UNSAFE_KEYS = {
     ("checkpoint", "load_universal"): "resume from our own checkpoints, or merge with tools/zero_to_bf16.py",
