@@ -9,6 +9,10 @@ import pytest
 # Tests import helpers (dit_reference) that live beside them.
 sys.path.insert(0, str(Path(__file__).parent))
 
+# The processes tests start write unbuffered, as under CI: `print` then writes a line's text and its
+# newline apart, and two ranks on one pipe would interleave mid-line unless train.main writes whole lines.
+os.environ["PYTHONUNBUFFERED"] = "1"
+
 
 # What libraries run in-process to probe the machine (inductor's compiler check, DeepSpeed's NUMA query).
 _LIBRARY_PROBES = {"g++", "gcc", "c++", "cc", "clang", "numactl", "lscpu", "nvidia-smi", "ldconfig", "uname", "which"}

@@ -14,6 +14,7 @@ and the result does not depend on how the global batch is split over ranks and m
 import dataclasses
 import datetime
 import gc
+import io
 import itertools
 import logging
 import math
@@ -637,7 +638,17 @@ def fail_setup(message: str, code: int = 2) -> typing.NoReturn:
     raise SystemExit(code)
 
 
+def write_whole_lines() -> None:
+    """Each line of stdout and stderr in one write. Under PYTHONUNBUFFERED (or -u) `print` writes the
+    text and its newline separately, so two ranks sharing torchrun's pipe interleave mid-line; a line
+    of up to PIPE_BUF (4 KiB) bytes written at once stays whole."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(line_buffering=True, write_through=False)
+
+
 def main(argv: list[str] | None = None) -> None:
+    write_whole_lines()
     guard.install_stop_handlers()  # SIGINT / SIGTERM: quiet during setup, a checkpoint once training
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
