@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.common import MEMORY_ENV, rss_bytes  # noqa: E402
+from train.engines import DEFAULT_ENGINE, engine_names  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-ENGINES = ("ddp", "zero2", "zero3", "fsdp")
 MIB = 2**20
 
 
@@ -57,7 +57,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from train.checkpoint import Checkpointer
     from train.config import OptimConfig, ParallelConfig, RunConfig, config_to_toml
-    from train.engine import EngineSetup, build_engine
+    from train.engines import EngineSetup, build_engine
     from train.models import DiTRecipe, DiTWeights
 
     cuda = torch.cuda.is_available()
@@ -82,8 +82,7 @@ def worker(args: argparse.Namespace) -> None:
     )  # fmt: skip
     # The runtime's first-use allocations and the engine's imports come before the baseline.
     torch.ones(64, 64) @ torch.ones(64, 64)
-    importlib.import_module({"zero2": "train.engine_deepspeed", "zero3": "train.engine_deepspeed",
-                             "fsdp": "train.engine_fsdp"}.get(args.engine, "train.engine"))  # fmt: skip
+    importlib.import_module("train.engines")
     dist.barrier()
     Path("/proc/self/clear_refs").write_text("5")
     base = rss_bytes("VmRSS")
@@ -176,7 +175,7 @@ def merge(checkpoint: Path, out: Path) -> tuple[float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument("--engines", default=",".join(engine_names()))
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--ffn", type=int, default=4096)
     parser.add_argument("--heads", type=int, default=16)
@@ -254,7 +253,7 @@ def print_table(rows: list[dict]) -> None:
     for row in rows:
         cells = [row.get(k) for k in keys]
         print("| " + " | ".join(c if isinstance(c, str) else "" if c is None else f"{c:.2f}" for c in cells) + " |")
-    ddp = next((r for r in rows if r["engine"] == "ddp"), None)
+    ddp = next((r for r in rows if r["engine"] == DEFAULT_ENGINE), None)
     if ddp:
         print("ratios to ddp (same run): " + ", ".join(
             f"{r['engine']}: step {r['step_s'] / ddp['step_s']:.2f}x, states {r['state_mib'] / ddp['state_mib']:.2f}x"

@@ -23,6 +23,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def sharded_engines() -> list[str]:
+    """The engines whose checkpoints hold the weights in shards: the merges worth measuring."""
+    sys.path.insert(0, str(REPO))
+    from train.engines import REGISTRY
+
+    return [t.name for t in REGISTRY.values() if t.shards_parameters]
+
+
 def probe(argv: list[str]) -> None:
     """Merge once in this process; print {"growth": peak bytes above the level before, "seconds": ...}."""
     sys.path.insert(0, str(REPO))
@@ -106,7 +114,7 @@ def main() -> None:
         base = Path(tmp) / "base"
         base.mkdir()
         (base / "config.json").write_text(json.dumps({"_class_name": "WanModel", **config}))
-        for engine in ("zero3", "fsdp"):
+        for engine in sharded_engines():
             ckpt = train_checkpoint(Path(tmp) / engine / "checkpoint-1", engine, spec)
             out = Path(tmp) / engine / "out"
             report = measure("probe", ckpt, out, "--base", base, "--max_shard_size", args.max_shard_size)

@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from tools.make_demo_data import make_demo_data  # noqa: E402
 from train.checkpoint import KILL_ENV  # noqa: E402
+from train.engines import DEFAULT_ENGINE  # noqa: E402
 
 TARGETS = ("rank", "worker", "agent", "save")
 
@@ -94,7 +95,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--kills", type=int, default=30)
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--engine", default="ddp")
+    parser.add_argument("--engine", default=DEFAULT_ENGINE)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--start_s", type=float, default=5.0, help="seconds a restart takes to start training")
     parser.add_argument("--window_s", type=float, default=10.0, help="kills land in [start_s, start_s + window_s]")

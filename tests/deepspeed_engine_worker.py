@@ -18,8 +18,9 @@ import torch.distributed as dist
 from ranks import quick_exit
 
 from train.config import OptimConfig, ParallelConfig
-from train.engine import DDPEngine, EngineSetup
-from train.engine_deepspeed import DeepSpeedEngine
+from train.engines import EngineSetup
+from train.engines.ddp import DDPEngine
+from train.engines.deepspeed import DeepSpeedEngine
 from train.models import DiTRecipe, DiTWeights
 from wan import dit_preset
 

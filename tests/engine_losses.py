@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from train_runs import ENGINES, REPO, engine_run_args, losses, torchrun  # noqa: E402
+from train_runs import ENGINES, engine_run_args, losses, torchrun  # noqa: E402
 
 from tools.make_demo_data import make_demo_data  # noqa: E402
 

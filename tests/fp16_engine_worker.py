@@ -18,7 +18,8 @@ from fsdp_engine_worker import Weights, batch
 from ranks import gloo_worker_main
 
 from train.config import OptimConfig, ParallelConfig
-from train.engine import EngineSetup, build_engine, local_tensor
+from train.engines import EngineSetup, build_engine
+from train.engines.base import local_tensor
 from train.models import DiTRecipe
 from wan import dit_preset
 

@@ -22,8 +22,9 @@ from ranks import quick_exit
 
 from train.checkpoint import write_safetensors
 from train.config import OptimConfig, ParallelConfig
-from train.engine import DDPEngine, EngineSetup
-from train.engine_fsdp import FSDPEngine
+from train.engines import EngineSetup
+from train.engines.ddp import DDPEngine
+from train.engines.fsdp import FSDPEngine
 from train.models import DiTRecipe, DiTWeights
 from wan import dit_preset
 

@@ -19,7 +19,7 @@ from ranks import gloo_worker_main
 
 from train.checkpoint import write_safetensors
 from train.config import OptimConfig, ParallelConfig
-from train.engine import EngineSetup, build_engine
+from train.engines import EngineSetup, build_engine
 from train.models import DiTRecipe
 from wan import dit_preset
 

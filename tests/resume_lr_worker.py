@@ -17,7 +17,7 @@ from param_groups_worker import ENGINES, LR, recipe, setup, step, trainable
 from ranks import gloo_worker_main
 
 from train.checkpoint import write_safetensors
-from train.engine import build_engine
+from train.engines import build_engine
 
 NEW_LR = LR / 2
 # Also changed on resume: the AdamW values come from the config, not from the checkpoint.

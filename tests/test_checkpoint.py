@@ -21,14 +21,13 @@ from train.checkpoint import (
     RNGState,
     capture_rng_state,
     find_latest,
-    load_named_optimizer_state,
-    optimizer_state_to_named,
     read_marker,
     read_safetensors,
     resolve_resume,
     restore_rng_state,
     write_safetensors,
 )
+from train.engines.named_optimizer import load_named_optimizer_state, optimizer_state_to_named
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("checkpoint_worker.py")

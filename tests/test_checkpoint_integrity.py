@@ -29,8 +29,6 @@ from train.checkpoint import (
     _WRITTEN,
     Checkpointer,
     RNGState,
-    load_named_optimizer_state,
-    optimizer_state_to_named,
     read_marker,
     read_safetensors,
     remove_interrupted_saves,
@@ -39,6 +37,7 @@ from train.checkpoint import (
     write_json,
     write_safetensors,
 )
+from train.engines.named_optimizer import load_named_optimizer_state, optimizer_state_to_named
 
 __all__ = ["data"]  # a fixture
 

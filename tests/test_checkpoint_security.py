@@ -22,8 +22,8 @@ from tools.sample import main as sample_main
 from tools.zero_to_bf16 import merge
 from train.checkpoint import Checkpointer, find_latest, resolve_resume, verify_main
 from train.config import OptimConfig, ParallelConfig
-from train.engine import EngineSetup
-from train.engine_fsdp import FSDPEngine
+from train.engines import EngineSetup
+from train.engines.fsdp import FSDPEngine
 from train.models import DiTRecipe, DiTWeights
 from wan import dit_preset
 

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 SINGLE = """
 import os, torch, torch.distributed as dist
 from deepspeed.comm import comm
-from train.engine_deepspeed import _init_distributed
+from train.engines.deepspeed import _init_distributed
 _init_distributed(torch.device("cpu"))
 print("world", dist.get_world_size(), "port", os.environ["MASTER_PORT"], "shm_op", comm.cdb.shm_comm_op)
 """

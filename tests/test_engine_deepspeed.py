@@ -12,7 +12,7 @@ import torch
 from deepspeed_engine_worker import LR, STEPS, setup
 from ranks import free_port, outputs, run_ranks
 
-from train.engine_deepspeed import deepspeed_config, generated_config
+from train.engines.deepspeed import deepspeed_config, generated_config
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("deepspeed_engine_worker.py")
@@ -316,7 +316,7 @@ def test_resume_never_unpickles_blindly(tmp_path):
     reads what DeepSpeed really writes (tensors and its three data classes)."""
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
-    from train.engine_deepspeed import load_weights_only
+    from train.engines.deepspeed import load_weights_only
 
     marker = tmp_path / "ran"
     torch.save({"optimizer_state_dict": _Exploit(str(marker))}, tmp_path / "evil.pt")

@@ -18,10 +18,12 @@ from fp16_engine_worker import INF_STEP, SAVE_AT, STEPS
 from fsdp_engine_worker import Weights, batch
 from ranks import gloo_worker_results
 
-import train.engine
+import train.engines.base
 from train.config import OptimConfig, ParallelConfig, load_config
-from train.engine import DDPEngine, EngineSetup, check_mixed_precision
-from train.engine_deepspeed import generated_config
+from train.engines import EngineSetup, engine_traits
+from train.engines.base import check_mixed_precision
+from train.engines.ddp import DDPEngine
+from train.engines.deepspeed import generated_config
 from train.main import Trainer
 from train.models import DiTRecipe
 from wan import dit_preset
@@ -37,7 +39,7 @@ CPU = torch.device("cpu")
 @pytest.mark.parametrize("engine", ["zero2", "zero3"])
 def test_deepspeed_fp16_is_refused_on_cpu(engine):
     with pytest.raises(ValueError) as err:
-        check_mixed_precision("fp16", engine, CPU)
+        check_mixed_precision("fp16", engine_traits(engine), CPU)
     message = str(err.value)
     for part in (
         "mixed_precision = 'fp16'",
@@ -50,18 +52,18 @@ def test_deepspeed_fp16_is_refused_on_cpu(engine):
 
 
 def test_fp16_runs_on_cpu_for_ddp_and_fsdp_and_other_precisions_anywhere():
-    assert train.engine.autocast_supports("cpu", torch.float16)  # measured fact on this torch
+    assert train.engines.base.autocast_supports("cpu", torch.float16)  # measured fact on this torch
     for engine in ("ddp", "fsdp"):
-        check_mixed_precision("fp16", engine, CPU)
+        check_mixed_precision("fp16", engine_traits(engine), CPU)
     for precision in ("bf16", "fp32"):
         for engine in ("ddp", "zero2", "zero3", "fsdp"):
-            check_mixed_precision(precision, engine, CPU)
+            check_mixed_precision(precision, engine_traits(engine), CPU)
 
 
 def test_fp16_refused_where_autocast_has_no_fp16(monkeypatch):
-    monkeypatch.setattr(train.engine, "autocast_supports", lambda device_type, dtype: False)
+    monkeypatch.setattr(train.engines.base, "autocast_supports", lambda device_type, dtype: False)
     with pytest.raises(ValueError, match=r"engine = 'ddp' on cpu: torch .* has no fp16 autocast on cpu; use .*'bf16'"):
-        check_mixed_precision("fp16", "ddp", CPU)
+        check_mixed_precision("fp16", engine_traits("ddp"), CPU)
 
 
 def test_trainer_refuses_before_building_anything(tmp_path):
@@ -85,7 +87,7 @@ def test_trainer_refuses_before_building_anything(tmp_path):
 def test_deepspeed_fp16_config_on_cuda(monkeypatch):
     """The config builder's fp16 section (a GPU path; no GPU needed to build it): dynamic loss scaling
     with GradScaler's rule, fp32 reduction; refused on the CPU."""
-    monkeypatch.setattr(train.engine, "autocast_supports", lambda device_type, dtype: True)
+    monkeypatch.setattr(train.engines.base, "autocast_supports", lambda device_type, dtype: True)
     optim = OptimConfig()
     cuda = EngineSetup(ParallelConfig(engine="zero2"), optim, "fp16", 1, 1, 10, torch.device("cuda", 0))
     config = generated_config(cuda, world_size=2)

@@ -15,7 +15,7 @@ from fsdp_engine_worker import SUBSET, Weights
 from ranks import free_port, outputs, run_ranks
 
 from train.checkpoint import read_safetensors
-from train.engine_fsdp import check_dcp_folder
+from train.engines.fsdp import check_dcp_folder
 from train.models import apply_trainable_modules
 from wan import WanModel, dit_preset
 

@@ -17,7 +17,7 @@ from ranks import gloo_worker_results
 
 from train.checkpoint import read_safetensors
 from train.config import OptimConfig
-from train.engine import build_optimizer
+from train.engines.base import build_optimizer
 from train.models import apply_trainable_modules
 from wan import WanModel, dit_preset
 

@@ -81,7 +81,7 @@ def _measured_step(cfg, latent):
     each checkpointed block (its forward pre-hook's x), deduplicated by storage."""
     import torch
 
-    from train.engine import EngineSetup, build_engine
+    from train.engines import EngineSetup, build_engine
     from train.models import build_dit_recipe
 
     setup = EngineSetup(

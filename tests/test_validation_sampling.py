@@ -201,7 +201,7 @@ def test_prompts_are_split_over_ranks_with_padding():
     config = ValidationConfig(validation_prompts=["a", "b", "c"])
     split = [
         ValidationSampler(
-            config, sampling_options(config, 64, 9, 5.0), models=models, engine=None, engine_name="fsdp",
+            config, sampling_options(config, 64, 9, 5.0), models=models, engine=None, collective=True,
             dit_config={}, rank=rank, world_size=2, device=torch.device("cpu"), output_dir="/unused", metrics=None,
         ).mine()
         for rank in range(2)
@@ -220,7 +220,7 @@ def test_ddp_forward_failure_is_reported_and_the_rest_sampled(tmp_path, capsys):
     options = sampling_options(cfg, 32, 5, 5.0)
     metrics = Metrics(tmp_path, total_steps=10, progress_bar=False)
     sampler = ValidationSampler(
-        cfg, options, models=models, engine=FlakyEngine(model, {1}), engine_name="ddp", dit_config=config,
+        cfg, options, models=models, engine=FlakyEngine(model, {1}), collective=False, dit_config=config,
         rank=0, world_size=1, device=torch.device("cpu"), output_dir=tmp_path, metrics=metrics,
     )  # fmt: skip
     report = sampler.run(5)

@@ -169,8 +169,8 @@ def test_documented_command_lines(launcher, paths):
 
 def test_the_documented_zero_lines_build_their_deepspeed_config(paths):
     """The DeepSpeed config the zero3 line stands for: the JSON's values over ours, 'auto' keeping ours."""
-    from train.engine import EngineSetup
-    from train.engine_deepspeed import deepspeed_config
+    from train.engines import EngineSetup
+    from train.engines.deepspeed import deepspeed_config
 
     cfg = load_config(pasted("zero3", paths))
     setup = EngineSetup(

@@ -10,7 +10,7 @@ import pytest
 from deepspeed.utils import z3_leaf_module
 from train_runs import data, losses, torchrun
 
-from train.engine_deepspeed import apply_selective_leaf_blocks
+from train.engines.deepspeed import apply_selective_leaf_blocks
 from train.eval_loss import EVAL_LOSS_FILE
 from wan import WanModel, dit_preset
 

@@ -85,7 +85,7 @@ def run_deepspeed(stage: int, ckpt: Path, rank: int, world: int, spec: dict, mod
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from train.engine_deepspeed import prepare_deepspeed
+    from train.engines.deepspeed import prepare_deepspeed
 
     prepare_deepspeed(torch.device("cpu"))  # as the engine does: no shm op build, no deprecation notices
     bf16 = spec["mixed_precision"] == "bf16"

@@ -317,12 +317,12 @@ def load_checkpoint_dit(
     """The DiT of training checkpoint `path` (any engine), read one tensor at a time as
     tools/zero_to_bf16.py merges it (tensors the checkpoint lacks come from the run's base model),
     cast to `dtype` and placed on `device`: no merged copy on disk, one copy in memory."""
-    from tools.zero_to_bf16 import READERS, Base, fitting_model, open_checkpoint
+    from tools.zero_to_bf16 import Base, checkpoint_sources, fitting_model, open_checkpoint
 
     path = Path(path)
     ckpt = open_checkpoint(path)
     base_model = Base(ckpt, base)
-    sources = READERS[ckpt.engine](path, ckpt.world_size, None)
+    sources = checkpoint_sources(ckpt, None)
     model = fitting_model(path, base_model, sources)
     expected = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
     if any(name not in sources for name in expected):

@@ -11,7 +11,7 @@ size). OUT_DIR gets config.json and diffusion_pytorch_model.safetensors, or numb
 VideoX-Fun's flags are accepted unchanged (--safe_serialization: safetensors is the only format
 written; -t/--tag; --exclude_frozen_parameters, -d/--debug).
 
-What each engine leaves, and how it is read (one small reader per engine, see `READERS`):
+What each engine leaves, and how it is read (its traits' checkpoint_reader, train/engines/):
   ddp    model.safetensors: the trainable weights, official names, fp32.
   zero2  deepspeed/mp_rank_00_model_states.pt and W x {bf16_,}zero_pp_rank_{r}_mp_rank_00_optim_states.pt:
          the fp32 master weights are the optimizer's flat partitions, concatenated per param group in
@@ -44,11 +44,9 @@ import math
 import os
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 try:
     import tomllib
@@ -60,8 +58,10 @@ import torch
 if __package__ in (None, ""):  # run as a script: python tools/zero_to_bf16.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.torch_zip import LazyTensor, Stub, load_torch_zip  # noqa: E402
-from train.checkpoint import CONFIG_FILE, DCP_METADATA_FILE, MARKER_FILE, load_dcp, read_dcp_metadata, read_marker  # noqa: E402
+from train.checkpoint import CONFIG_FILE, MARKER_FILE, read_marker  # noqa: E402
+from train.engines import REGISTRY  # noqa: E402
+from train.engines.base import TensorSource  # noqa: E402
+from train.engines.deepspeed_reader import TAG as DEEPSPEED_TAG  # noqa: E402
 from train.models import DiTWeights  # noqa: E402
 from wan import WanModel, dit_preset  # noqa: E402
 from wan.modules.dit_weights import (  # noqa: E402
@@ -73,329 +73,14 @@ from wan.modules.dit_weights import (  # noqa: E402
     read_dit_folder,
 )
 from wan.modules.safetensors_io import (  # noqa: E402
-    _DTYPES,
     ShardItem,
     index_name,
     parse_size,
     plan_shards,
-    read_header,
-    read_tensor,
     write_safetensors_streaming,
 )
 
-# The engines' file names, repeated here rather than imported: train/engine_deepspeed.py imports
-# DeepSpeed, which the merger must not need.
-DEEPSPEED_TAG = "deepspeed"  # engine_deepspeed.py: engine.save_checkpoint(folder, tag="deepspeed")
-DCP_DIR = "dcp"  # engine_fsdp.py: dcp.save(..., checkpoint_id=folder / "dcp")
-DDP_MODEL_FILE = "model.safetensors"  # engine.py DDPEngine
-DCP_MODEL_PREFIX = "model."  # dcp.save({"model": get_model_state_dict(m), ...}) flattens to "model.<name>"
 OUT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-# ----------------------------------------------------------------------------------------------------
-# The tensors a checkpoint holds: one reader per engine
-
-
-@dataclass
-class Source:
-    """One full tensor of the checkpoint: shape and stored dtype known up front, data read on demand."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    read: Callable[[], torch.Tensor]
-    where: str  # for --debug and error messages
-
-
-def read_ddp(ckpt: Path, world_size: int, tag: str | None) -> dict[str, Source]:
-    """DDP: model.safetensors holds the trainable weights by official name."""
-    path = ckpt / DDP_MODEL_FILE
-    if not path.is_file():
-        raise ValueError(f"{path}: missing (a ddp checkpoint keeps its trainable weights there)")
-    header, data_start = read_header(path)
-
-    def reader(info: dict) -> Callable[[], torch.Tensor]:
-        def read() -> torch.Tensor:
-            with open(path, "rb") as f:
-                return read_tensor(f, info, data_start)
-
-        return read
-
-    return {
-        key: Source(tuple(info["shape"]), _DTYPES[info["dtype"]], reader(info), DDP_MODEL_FILE)
-        for key, info in header.items()
-    }
-
-
-def _ds_files(folder: Path, world_size: int, kind: str) -> list[Path]:
-    """The `kind` (model or optim) states files of ranks 0..W-1; optimizer files may carry DeepSpeed's
-    bf16_ prefix (its BF16_Optimizer wrote them)."""
-    files = []
-    for rank in range(world_size):
-        name = f"zero_pp_rank_{rank}_mp_rank_00_{kind}_states.pt"
-        found = [p for p in (folder / name, folder / f"bf16_{name}") if p.is_file()]
-        if not found:
-            raise ValueError(f"{folder / name}: missing (rank {rank} of {world_size}; the save is incomplete)")
-        if len(found) > 1:
-            raise ValueError(f"{folder}: both {found[0].name} and {found[1].name} exist; cannot tell which is current")
-        files.append(found[0])
-    return files
-
-
-def _as_int(value: Any, what: str, path: Path) -> int:
-    if isinstance(value, Stub) and value.args:  # an Enum stub: ZeroStageEnum(2)
-        value = value.args[0]
-    if isinstance(value, list) and value:  # ZeRO-2 keeps one partition count per param group
-        value = max(value)
-    if not isinstance(value, int):
-        raise ValueError(f"{path}: {what} is {value!r}, not a number")
-    return value
-
-
-def _read_flat(groups: list[LazyTensor], start: int, dst: torch.Tensor) -> None:
-    """Fill dst with elements [start, start + len(dst)) of the concatenation of flat `groups`."""
-    pos = 0
-    for group in groups:
-        end = pos + group.numel
-        if start < end and pos < start + dst.numel():
-            lo, hi = max(start, pos), min(start + dst.numel(), end)
-            group.read_into(dst[lo - start : hi - start], lo - pos)
-        pos = end
-    if start + dst.numel() > pos:
-        raise ValueError(f"{groups[0].storage.path}: a parameter reaches past the end of the flat partitions")
-
-
-def _model_states(data: Any, path: Path) -> dict:
-    if not isinstance(data, dict) or "param_shapes" not in data or "module" not in data:
-        raise ValueError(f"{path}: not a DeepSpeed model-states file (no param_shapes / module)")
-    return data
-
-
-def _optim_state(data: Any, path: Path) -> dict:
-    state = data.get("optimizer_state_dict") if isinstance(data, dict) else None
-    if not isinstance(state, dict) or "zero_stage" not in state:
-        raise ValueError(f"{path}: not a DeepSpeed ZeRO optimizer-states file (no optimizer_state_dict.zero_stage)")
-    return state
-
-
-def _check_stage(state: dict, path: Path, expected: int, world_size: int) -> None:
-    stage = _as_int(state["zero_stage"], "zero_stage", path)
-    if (stage == 3) != (expected == 3):
-        raise ValueError(f"{path}: a ZeRO stage {stage} file, but the checkpoint says zero{expected}")
-    count = _as_int(state.get("partition_count"), "partition_count", path)
-    if count != world_size:
-        raise ValueError(f"{path}: partitioned over {count} ranks, but COMPLETE says world_size {world_size}")
-
-
-def _shape(value: Any) -> tuple[int, ...]:
-    return tuple(int(n) for n in value)
-
-
-def read_deepspeed(ckpt: Path, world_size: int, tag: str | None, stage: int) -> dict[str, Source]:
-    folder = ckpt / (tag or DEEPSPEED_TAG)
-    if not folder.is_dir():
-        raise ValueError(f"{folder}: missing (a zero{stage} checkpoint keeps DeepSpeed's files there)")
-    if stage == 3:
-        model_files = _ds_files(folder, world_size, "model")
-    else:
-        model_files = [folder / "mp_rank_00_model_states.pt"]
-        if not model_files[0].is_file():
-            raise ValueError(f"{model_files[0]}: missing")
-    optim_files = _ds_files(folder, world_size, "optim")
-    models = [_model_states(load_torch_zip(p), p) for p in model_files]
-    optims = [_optim_state(load_torch_zip(p), p) for p in optim_files]
-    for state, path in zip(optims, optim_files, strict=True):
-        _check_stage(state, path, stage, world_size)
-    if models[0].get("shared_params"):
-        raise ValueError(f"{model_files[0]}: tied parameters ({list(models[0]['shared_params'])}); a WanModel has none")
-    read = _zero3_sources if stage == 3 else _zero2_sources
-    sources = read(models, optims, optim_files, model_files, world_size)
-    # Whatever else the module state holds whole (ZeRO-2 keeps every parameter and buffer there, in
-    # the training dtype; ZeRO-3 keeps empty placeholders) fills in what the optimizer and the frozen
-    # fragments lack: persistent buffers, and frozen weights of older DeepSpeed versions.
-    for name, tensor in models[0]["module"].items():
-        if name not in sources and isinstance(tensor, LazyTensor) and tensor.numel:
-            sources[name] = Source(tensor.shape, tensor.dtype, tensor.read, f"{model_files[0].name} module")
-    return sources
-
-
-def _zero2_sources(models, optims, optim_files, model_files, world_size) -> dict[str, Source]:
-    """Per param group, the ranks' fp32 partitions concatenated in rank order hold the parameters in
-    param_shapes order, each followed by its alignment padding."""
-    sources: dict[str, Source] = {}
-    param_shapes = models[0]["param_shapes"]
-    partitions = [state.get("single_partition_of_fp32_groups") for state in optims]
-    for path, groups in zip(optim_files, partitions, strict=True):
-        if (
-            not isinstance(groups, list)
-            or len(groups) != len(param_shapes)
-            or not all(isinstance(t, LazyTensor) for t in groups)
-        ):
-            raise ValueError(
-                f"{path}: expected {len(param_shapes)} fp32 partition groups (single_partition_of_fp32_groups)"
-            )
-    paddings = optims[0].get("param_alignment_paddings")
-    for g, shapes in enumerate(param_shapes):
-        ranks = [groups[g] for groups in partitions]  # each rank's flat partition of group g
-        available = sum(part.numel for part in ranks)
-        offset = 0
-        for j, (name, shape) in enumerate(shapes.items()):
-            shape = _shape(shape)
-            numel = math.prod(shape)
-
-            def read(start=offset, shape=shape, numel=numel, ranks=ranks) -> torch.Tensor:
-                out = torch.empty(numel, dtype=ranks[0].dtype)
-                _read_flat(ranks, start, out)
-                return out.view(shape)
-
-            sources[name] = Source(shape, ranks[0].dtype, read, f"{optim_files[0].parent.name} zero2 group {g}")
-            offset += numel + (paddings[g][j] if paddings else 0)
-        # DeepSpeed pads each group to a multiple of 2 * world_size elements (zero_to_fp32's check).
-        align = 2 * world_size
-        if math.ceil(offset / align) * align != math.ceil(available / align) * align:
-            raise ValueError(
-                f"{optim_files[0]}: param group {g} has {available} fp32 elements over {world_size} ranks, but its "
-                f"parameters take {offset}; the layout is not one this merger understands"
-            )
-        _check_slice_mappings(optims, optim_files, g, shapes, ranks, paddings)
-    frozen = models[0].get("frozen_param_fragments") or {}
-    for name, shape in (models[0].get("frozen_param_shapes") or {}).items():
-        tensor = frozen.get(name)
-        if not isinstance(tensor, LazyTensor) or _shape(shape) != tensor.shape:
-            raise ValueError(f"{model_files[0]}: frozen parameter {name} has no whole fragment")
-        sources[name] = Source(tensor.shape, tensor.dtype, tensor.read, f"{model_files[0].name} frozen")
-    return sources
-
-
-def _check_slice_mappings(optims, optim_files, g, shapes, ranks, paddings) -> None:
-    """Where DeepSpeed also records each rank's slice of each parameter (param_slice_mappings), it
-    must agree with the layout computed from param_shapes: a cheap guard against a format change."""
-    starts, offset = {}, 0
-    for j, (name, shape) in enumerate(shapes.items()):
-        starts[name] = (offset, math.prod(_shape(shape)))
-        offset += starts[name][1] + (paddings[g][j] if paddings else 0)
-    base = 0
-    for state, path, part in zip(optims, optim_files, ranks, strict=True):
-        mappings = state.get("param_slice_mappings")
-        if not isinstance(mappings, list) or len(mappings) <= g:
-            return
-        for name, address in mappings[g].items():
-            start, numel = starts.get(name, (None, None))
-            if start is None:
-                raise ValueError(f"{path}: param_slice_mappings names {name}, which param_shapes does not")
-            lo, hi = max(start, base), min(start + numel, base + part.numel)
-            if (getattr(address, "start", None), getattr(address, "numel", None)) != (lo - base, hi - lo):
-                raise ValueError(
-                    f"{path}: {name} is at {address!r} in this rank's partition, the layout from param_shapes "
-                    f"puts it at start={lo - base}, numel={hi - lo}; this DeepSpeed layout is not understood"
-                )
-        base += part.numel
-
-
-def _zero3_sources(models, optims, optim_files, model_files, world_size) -> dict[str, Source]:
-    """Each rank holds ceil(numel / W) elements of every parameter, one after another in param_shapes
-    order through its flat groups; a parameter is its ranks' pieces concatenated, cut to numel."""
-    sources: dict[str, Source] = {}
-    groups = [state.get("fp32_flat_groups") for state in optims]
-    for path, flat in zip(optim_files, groups, strict=True):
-        if not isinstance(flat, list) or not flat or not all(isinstance(t, LazyTensor) for t in flat):
-            raise ValueError(f"{path}: no fp32_flat_groups (a ZeRO-3 optimizer file has them)")
-    param_shapes = {name: _shape(s) for shapes in models[0]["param_shapes"] for name, s in shapes.items()}
-    offset = 0
-    for name, shape in param_shapes.items():
-        numel = math.prod(shape)
-        part = math.ceil(numel / world_size)
-
-        def read(start=offset, shape=shape, numel=numel, part=part) -> torch.Tensor:
-            out = torch.empty(part * world_size, dtype=groups[0][0].dtype)
-            for rank, flat in enumerate(groups):
-                _read_flat(flat, start, out[rank * part : (rank + 1) * part])
-            return out[:numel].view(shape)
-
-        sources[name] = Source(shape, groups[0][0].dtype, read, f"{optim_files[0].parent.name} zero3")
-        offset += part
-    for path, flat in zip(optim_files, groups, strict=True):
-        if sum(t.numel for t in flat) != offset:
-            raise ValueError(
-                f"{path}: holds {sum(t.numel for t in flat)} fp32 elements, the parameters of param_shapes take "
-                f"{offset} per rank; the layout is not one this merger understands"
-            )
-    shapes = models[0].get("frozen_param_shapes") or {}
-    for name, shape in shapes.items():
-        shape = _shape(shape)
-        numel, part = math.prod(shape), math.ceil(math.prod(shape) / world_size)
-        pieces = []
-        for model, path in zip(models, model_files, strict=True):
-            piece = (model.get("frozen_param_fragments") or {}).get(name)
-            if not isinstance(piece, LazyTensor) or piece.numel != part:
-                raise ValueError(f"{path}: frozen parameter {name} has no fragment of {part} elements")
-            pieces.append(piece)
-
-        def read(shape=shape, numel=numel, part=part, pieces=pieces) -> torch.Tensor:
-            out = torch.empty(part * world_size, dtype=pieces[0].dtype)
-            for rank, piece in enumerate(pieces):
-                piece.read_into(out[rank * part : (rank + 1) * part])
-            return out[:numel].view(shape)
-
-        sources[name] = Source(shape, pieces[0].dtype, read, f"{model_files[0].parent.name} zero3 frozen")
-    return sources
-
-
-def read_zero2(ckpt: Path, world_size: int, tag: str | None) -> dict[str, Source]:
-    return read_deepspeed(ckpt, world_size, tag, 2)
-
-
-def read_zero3(ckpt: Path, world_size: int, tag: str | None) -> dict[str, Source]:
-    return read_deepspeed(ckpt, world_size, tag, 3)
-
-
-def read_fsdp(ckpt: Path, world_size: int, tag: str | None) -> dict[str, Source]:
-    """FSDP: a DCP folder; each "model.<name>" key is read alone (dcp.load into one empty tensor, no
-    process group), which reads only that key's chunks."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    folder = ckpt / DCP_DIR
-    meta_path = folder / DCP_METADATA_FILE
-    if not meta_path.is_file():
-        raise ValueError(f"{meta_path}: missing (an fsdp checkpoint is a DCP save in {DCP_DIR}/)")
-    metadata = read_dcp_metadata(folder)  # a pickle: read by the restricted unpickler, once
-    # Every file the metadata points into must be there and long enough.
-    ends: dict[str, int] = {}
-    for info in metadata.storage_data.values():
-        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
-    for name, end in sorted(ends.items()):
-        path = folder / name
-        if not path.is_file():
-            raise ValueError(f"{path}: missing (named by {meta_path}; the save is incomplete)")
-        if path.stat().st_size < end:
-            raise ValueError(f"{path}: {path.stat().st_size} bytes, {meta_path} needs {end} (truncated)")
-
-    sources = {}
-    for key, md in metadata.state_dict_metadata.items():
-        if not key.startswith(DCP_MODEL_PREFIX) or not isinstance(md, TensorStorageMetadata):
-            continue
-        name = key[len(DCP_MODEL_PREFIX) :]
-        shape, dtype = _shape(md.size), md.properties.dtype
-
-        def read(name=name, shape=shape, dtype=dtype) -> torch.Tensor:
-            tensor = torch.empty(shape, dtype=dtype)
-            with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-                warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
-                load_dcp({"model": {name: tensor}}, folder, metadata, no_dist=True)
-            return tensor
-
-        sources[name] = Source(shape, dtype, read, f"{DCP_DIR}/ {key}")
-    if not sources:
-        keys = list(metadata.state_dict_metadata)[:5]
-        raise ValueError(f"{meta_path}: no '{DCP_MODEL_PREFIX}*' tensors (keys look like {keys})")
-    return sources
-
-
-READERS: dict[str, Callable[[Path, int, str | None], dict[str, Source]]] = {
-    "ddp": read_ddp,
-    "zero2": read_zero2,
-    "zero3": read_zero3,
-    "fsdp": read_fsdp,
-}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -421,18 +106,25 @@ def open_checkpoint(path: Path) -> Checkpoint:
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{path / CONFIG_FILE}: not valid TOML: {err}") from None
     engine = marker.get("engine") or run_config.get("parallel", {}).get("engine") or _detect_engine(path)
-    if engine not in READERS:
-        raise ValueError(f"{path / MARKER_FILE}: engine {engine!r} is not one of {', '.join(READERS)}")
+    if engine not in REGISTRY or REGISTRY[engine].checkpoint_reader is None:
+        readable = [name for name, traits in REGISTRY.items() if traits.checkpoint_reader is not None]
+        raise ValueError(f"{path / MARKER_FILE}: engine {engine!r} is not one of {', '.join(readable)}")
     return Checkpoint(path, marker["step"], marker["world_size"], engine, run_config)
 
 
+def checkpoint_sources(ckpt: Checkpoint, tag: str | None) -> dict[str, TensorSource]:
+    """The DiT tensors the checkpoint holds, by official name, read by its engine's reader."""
+    return REGISTRY[ckpt.engine].checkpoint_reader(ckpt.path, ckpt.world_size, tag)
+
+
 def _detect_engine(path: Path) -> str:
-    # Markers written before the engine field: tell the engine by its files.
-    if (path / DCP_DIR).is_dir():
-        return "fsdp"
-    if (path / DEEPSPEED_TAG).is_dir():
-        return "zero3" if list((path / DEEPSPEED_TAG).glob("zero_pp_rank_*_model_states.pt")) else "zero2"
-    return "ddp"
+    """Markers written before the engine field: the engine whose files the folder holds."""
+    owners = [name for name, traits in REGISTRY.items() if traits.owns_checkpoint(path)]
+    if len(owners) != 1:
+        raise ValueError(
+            f"{path / MARKER_FILE}: names no engine, and its files are {'no' if not owners else 'more than one'} engine's"
+        )
+    return owners[0]
 
 
 class Base:
@@ -494,7 +186,7 @@ class Base:
 # The merge
 
 
-def fitting_model(ckpt_dir: Path, base_model: Base, sources: dict[str, Source]) -> WanModel:
+def fitting_model(ckpt_dir: Path, base_model: Base, sources: dict[str, TensorSource]) -> WanModel:
     """The run's DiT on the meta device, after checking that every tensor the checkpoint holds is one
     of its tensors with its shape (ValueError listing what does not fit)."""
     try:
@@ -550,7 +242,7 @@ def merge(
     ckpt = open_checkpoint(ckpt_dir)
     base_model = Base(ckpt, base)
     log(f"{ckpt_dir}: step {ckpt.step}, engine {ckpt.engine}, world size {ckpt.world_size}")
-    sources = READERS[ckpt.engine](ckpt_dir, ckpt.world_size, tag)
+    sources = checkpoint_sources(ckpt, tag)
 
     model = fitting_model(ckpt_dir, base_model, sources)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}

@@ -27,12 +27,14 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from train.data.loader import DataConfig
+from train.engines import DEFAULT_ENGINE, REGISTRY, engine_family, engine_names
+from train.engines.base import check_mixed_precision
 from train.flow import MODE_SCALE_RANGE, WEIGHTING_SCHEMES
 from train.lr import LR_SCHEDULERS
 from train.validation import ValidationConfig
 from train.videox_fun import FLAG, OPTIONS, VALUES, apply_model_yaml, settle, their_option
 from wan.configs import DIT_PRESETS
-from wan.modules.attention import ATTENTION_BACKENDS
+from wan.modules.attention import ATTENTION_BACKENDS, resolve_attention_backend
 from wan.modules.checkpointing import CHECKPOINTING_MODES
 
 TRAIN_MODES = ("normal", "i2v")
@@ -45,7 +47,6 @@ BOOLEAN_CHOICE_WORDS: dict[tuple[str, str], tuple[str, ...]] = {
 }
 MIXED_PRECISIONS = ("bf16", "fp16", "fp32")
 REPORT_TO = ("tensorboard",)
-ENGINES = ("ddp", "zero2", "zero3", "fsdp")
 BACKENDS = ("auto", "nccl", "gloo")
 
 
@@ -266,11 +267,16 @@ class LoggingConfig:
         return out
 
 
+def _one_of(names: list[str]) -> str:
+    return " or ".join(names) if len(names) < 3 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
 @dataclass
 class ParallelConfig:
-    engine: str = "ddp"
-    """Distributed engine: "ddp" (whole model on every rank), "zero2" (DeepSpeed: optimizer state and
-    gradients sharded), "zero3" (DeepSpeed: parameters too), "fsdp" (FSDP2: everything sharded)."""
+    engine: str = DEFAULT_ENGINE
+    """Distributed engine, one of train/engines' registry: ddp (whole model on every rank), zero2
+    (DeepSpeed: optimizer state and gradients sharded), zero3 (DeepSpeed: parameters too), fsdp (FSDP2:
+    everything sharded)."""
     backend: str = "auto"
     """torch.distributed backend: "auto" (nccl with GPUs, gloo without), "nccl" or "gloo"."""
     use_deepspeed: bool = False
@@ -302,19 +308,24 @@ class ParallelConfig:
     gradients on every rank until the last micro-step (56 GB at 14B) to save communication."""
 
     def problems(self) -> list[str]:
-        out = _choice("engine", self.engine, ENGINES) + _choice("backend", self.backend, BACKENDS)
+        out = _choice("engine", self.engine, engine_names()) + _choice("backend", self.backend, BACKENDS)
+        traits = REGISTRY.get(self.engine)
+        flag = traits.videox_fun_flag if traits else ""
         # After resolve(): use_deepspeed / use_fsdp have set the engine unless another was chosen.
-        if self.use_deepspeed and self.engine not in ("zero2", "zero3"):
+        if self.use_deepspeed and traits and flag != "use_deepspeed":
             out.append(f"use_deepspeed asks for a DeepSpeed engine, but engine = {self.engine!r}")
-        if self.use_fsdp and (self.engine != "fsdp" or self.use_deepspeed):
-            out.append(f"use_fsdp asks for the fsdp engine, but engine = {self.engine!r}"
+        if self.use_fsdp and traits and (flag != "use_fsdp" or self.use_deepspeed):
+            fsdp = engine_family("use_fsdp")[0].name
+            out.append(f"use_fsdp asks for the {fsdp} engine, but engine = {self.engine!r}"
                        + (" and use_deepspeed is set" if self.use_deepspeed else ""))  # fmt: skip
-        if self.deepspeed_config and self.engine not in ("zero2", "zero3") and not self.use_deepspeed:
+        if self.deepspeed_config and traits and flag != "use_deepspeed" and not self.use_deepspeed:
             out.append(f"deepspeed_config is set, but engine {self.engine!r} is not a DeepSpeed engine")
-        if self.offload_param and self.engine in ("ddp", "zero2"):
-            out.append(f"offload_param needs engine zero3 or fsdp, not {self.engine!r}")
-        if self.offload_optimizer and self.engine == "ddp" and not self.use_deepspeed:
-            out.append("offload_optimizer needs engine zero2, zero3 or fsdp, not 'ddp'")
+        for offload in ("optimizer", "param"):
+            if getattr(self, f"offload_{offload}") and traits and offload not in traits.offloads:
+                if offload == "optimizer" and self.use_deepspeed:
+                    continue  # said above: use_deepspeed with an engine that is not DeepSpeed's
+                able = [t.name for t in REGISTRY.values() if offload in t.offloads]
+                out.append(f"offload_{offload} needs engine {_one_of(able)}, not {self.engine!r}")
         out += _at_least(self, 0, "stage3_param_persistence_threshold")
         out += _at_least(self, 1, "reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
                          "stage3_max_live_parameters")  # fmt: skip
@@ -322,10 +333,10 @@ class ParallelConfig:
 
     def resolve(self) -> None:
         """VideoX-Fun's --use_deepspeed means a DeepSpeed engine: zero2 unless zero3 was chosen."""
-        if self.use_deepspeed and self.engine == "ddp":
-            self.engine = "zero2"
-        if self.use_fsdp and self.engine == "ddp" and not self.use_deepspeed:
-            self.engine = "fsdp"
+        if self.use_deepspeed and self.engine == DEFAULT_ENGINE:
+            self.engine = engine_family("use_deepspeed")[0].name
+        if self.use_fsdp and self.engine == DEFAULT_ENGINE and not self.use_deepspeed:
+            self.engine = engine_family("use_fsdp")[0].name
 
 
 @dataclass
@@ -354,13 +365,10 @@ class RunConfig:
                 )
         if v.eval_holdout and self.data.train_data_meta == "" and self.data.train_data_dir == "":
             out.append("[validation] eval_holdout needs a training set to hold clips out of")
-        if self.model.compile and self.parallel.engine == "zero3":
-            # Measured (debug DiT, CPU, deepspeed 0.19.8): ZeRO-3's gather / release hooks on every
-            # submodule break each compiled block into ~a dozen graphs, and a step ran ~100x slower.
+        traits = REGISTRY.get(self.parallel.engine)
+        if self.model.compile and traits and traits.compiles:
             out.append(
-                "[model] compile = true does not work with [parallel] engine = 'zero3': DeepSpeed's "
-                "per-module parameter hooks break every compiled block into many small graphs (slower "
-                "than eager); use engine 'fsdp' (sharded like zero3, compiles) or 'zero2' / 'ddp', or compile = false"
+                f"[model] compile = true does not work with [parallel] engine = {traits.name!r}: {traits.compiles}"
             )
         return out
 
@@ -678,16 +686,13 @@ def check_run(cfg: RunConfig, device: torch.device, world_size: int | None) -> l
     world_size None (a check outside torchrun) leaves out the one comparison that needs the number of
     ranks: a deepspeed_config file's train_batch_size. A value the config's own problems already refuse
     (an unknown engine, say) is not checked again."""
-    from train.engine import EngineSetup, check_mixed_precision  # they import this module
-    from train.engine_deepspeed import generated_config, merge_override, read_override
-    from wan.modules.attention import resolve_attention_backend
-
     out = check_paths(cfg)
     m, t, p = cfg.model, cfg.train, cfg.parallel
-    precision_ok = t.mixed_precision in MIXED_PRECISIONS and p.engine in ENGINES
+    traits = REGISTRY.get(p.engine)
+    precision_ok = t.mixed_precision in MIXED_PRECISIONS and traits is not None
     if precision_ok:
         try:
-            check_mixed_precision(t.mixed_precision, p.engine, device)
+            check_mixed_precision(t.mixed_precision, traits, device)
         except ValueError as err:
             out.append(str(err))
             precision_ok = False  # the DeepSpeed config below would refuse it a second time
@@ -696,20 +701,8 @@ def check_run(cfg: RunConfig, device: torch.device, world_size: int | None) -> l
             resolve_attention_backend(m.attention_backend, device)
         except ValueError as err:
             out.append(f"[model] {err}")
-    source = p.deepspeed_config
-    # A missing file is check_paths' line already.
-    if precision_ok and p.engine in ("zero2", "zero3") and source and Path(source).expanduser().is_file():
-        setup = EngineSetup(
-            parallel=p, optim=cfg.optim, mixed_precision=t.mixed_precision, micro_batch_size=t.train_batch_size,
-            accumulation_steps=t.gradient_accumulation_steps, total_steps=max(t.max_train_steps, 1), device=device,
-        )  # fmt: skip
-        try:
-            theirs = read_override(source)
-            if world_size is None:
-                theirs.pop("train_batch_size", None)  # the global batch: ranks x what the config says
-            merge_override(generated_config(setup, world_size or 1), theirs, source)
-        except ValueError as err:
-            out.append(str(err))
+    if precision_ok:  # an engine's own checks (the DeepSpeed file merged over ours) need a precision it runs
+        out += traits.preflight(cfg, device, world_size)
     return out
 
 

@@ -61,12 +61,11 @@ from train.data.metadata import Sample, load_metadata
 from train.data.probe import fill_sizes
 from train.data.sampler import derive_seed
 from train.data.video import MediaError, decode_frames, load_image, resize_cover_crop, to_frame_tensor
+from train.engines import engine_traits
 from train.flow import FlowMatching
 
 EVAL_CLIPS_FILE = "eval_clips.json"
 EVAL_LOSS_FILE = "eval_loss.jsonl"  # one line per evaluation: step, loss, per_quantile, per_clip (float64)
-# Engines whose inference_forward is a collective (every rank must call it equally often).
-COLLECTIVE_ENGINES = ("zero3", "fsdp")
 
 
 # --- the held-out clips -------------------------------------------------------------------------------
@@ -407,7 +406,7 @@ def build_eval_loss(trainer, held_out: list[Sample]) -> EvalLoss | None:
     evaluator = EvalLoss(
         samples, data=cfg.data, flow=trainer.flow, quantiles=v.eval_quantiles, seed=v.validation_seed,
         every=v.eval_steps, batch_size=cfg.train.train_batch_size, encode=trainer.encode, engine=trainer.engine,
-        collective=cfg.parallel.engine in COLLECTIVE_ENGINES, device=trainer.device, rank=trainer.rank,
+        collective=engine_traits(cfg.parallel.engine).collective_inference, device=trainer.device, rank=trainer.rank,
         world_size=trainer.world_size, metrics=trainer.metrics, start_step=trainer.state.step, output_dir=trainer.out,
     )  # fmt: skip
     evaluator.write_listing()

@@ -61,7 +61,8 @@ from train.config import (
 from train.data.buckets import token_length_repeats
 from train.data.dataset import BadDataError, BadSampleTracker, pixels_to_model
 from train.data.loader import build_dataloader
-from train.engine import ConsolidatedWeights, EngineSetup, StepResult, build_engine
+from train.engines import DEFAULT_ENGINE, EngineSetup, StepResult, build_engine, engine_traits
+from train.engines.consolidated import ConsolidatedWeights
 from train.eval_loss import build_eval_loss
 from train.flops import device_peak_tflops, micro_batch_flops
 from train.flow import FlowMatching, batch_positions
@@ -291,7 +292,7 @@ class Trainer:
             d = cfg.data
             self.validation = ValidationSampler(
                 cfg.validation, sampling_options(cfg.validation, d.video_sample_size, d.video_sample_n_frames, t.shift),
-                models=self.models, engine=self.engine, engine_name=cfg.parallel.engine, dit_config=recipe.config,
+                models=self.models, engine=self.engine, collective=engine_traits(cfg.parallel.engine).collective_inference, dit_config=recipe.config,
                 rank=self.rank, world_size=self.world_size, device=self.device, output_dir=self.out,
                 metrics=self.metrics, offload=m.low_vram,
             )  # fmt: skip
@@ -317,13 +318,13 @@ class Trainer:
     def check_resumable(self, path: Path) -> None:
         """Refuse a checkpoint this run cannot continue, before any model is built."""
         marker = read_marker(path)
-        engine, saved = self.cfg.parallel.engine, marker.get("engine", "ddp")
+        engine, saved = self.cfg.parallel.engine, marker.get("engine", DEFAULT_ENGINE)
         if saved != engine:
             raise ValueError(f"{path} was written by the {saved} engine, this run uses {engine}; {MERGE_ADVICE}")
-        if marker["world_size"] != self.world_size and engine in ("zero2", "zero3"):
+        if marker["world_size"] != self.world_size and engine_traits(engine).tied_to_world_size:
             raise ValueError(
-                f"{path} was written by {marker['world_size']} ranks, this run has {self.world_size}: DeepSpeed "
-                f"ZeRO checkpoints are tied to the number of ranks; {MERGE_ADVICE}"
+                f"{path} was written by {marker['world_size']} ranks, this run has {self.world_size}: {engine} "
+                f"checkpoints are tied to the number of ranks; {MERGE_ADVICE}"
             )
         try:  # the data plan needs the same global batch (loaded again with the other parts)
             self.sampler.load_state_dict(read_json(path / "sampler.json"))

@@ -60,6 +60,8 @@ from train.data.buckets import (
     valid_frame_count,
 )
 from train.data.loader import longest_step_frames
+from train.engines import REGISTRY, engine_traits
+from train.engines.base import ModelStates
 
 GB, GIB = 10**9, 2**30
 CUDA_CONTEXT = 1 * GIB
@@ -212,36 +214,12 @@ def encoder_bytes(debug: bool, i2v: bool) -> dict[str, int]:
 
 def model_state_bytes(cfg: RunConfig, counts: dict, gpus: int) -> dict[str, float]:
     """Per-GPU bytes of the DiT's params, grads, master weights and AdamW state on the GPU, and what
-    offloading puts in host memory ("host"), by the formulas of the module docstring."""
-    p = cfg.parallel
-    psi, psi_t = counts["total"], counts["trainable"]
-    fp32 = cfg.train.mixed_precision == "fp32"
-    n = gpus
-    if p.engine == "ddp":
-        out = {"params": 4 * psi, "grads": 4 * psi_t, "master": 0, "optimizer": 8 * psi_t}
-    elif p.engine == "fsdp":
-        out = {"params": 4 * psi / n, "grads": 4 * psi_t / n, "master": 0, "optimizer": 8 * psi_t / n}
-    else:
-        low = 4 if fp32 else 2
-        shard = n if p.engine == "zero3" else 1
-        out = {
-            "params": low * psi / shard,
-            "grads": low * psi_t / n,
-            "master": 4 * psi_t / n,
-            "optimizer": 8 * psi_t / n,
-        }
-    host = 0.0
-    if p.offload_optimizer:
-        host += out["master"] + out["optimizer"]
-        out["master"] = out["optimizer"] = 0
-        if p.engine == "fsdp":  # CPUOffloadPolicy: the fp32 shards (the master) and their grads too
-            host += out["params"] + out["grads"]
-            out["params"] = out["grads"] = 0
-    if p.offload_param and p.engine in ("zero3", "fsdp"):
-        host += out["params"]
-        out["params"] = 0
-    out["host"] = host
-    return out
+    offloading puts in host memory ("host"): the engine's own formula (its traits' memory)."""
+    states = ModelStates(
+        total=counts["total"], trainable=counts["trainable"], fp32=cfg.train.mixed_precision == "fp32", gpus=gpus,
+        parallel=cfg.parallel,
+    )  # fmt: skip
+    return engine_traits(cfg.parallel.engine).memory(states)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -307,9 +285,10 @@ def activation_bytes(
     layers = config["num_layers"]
     mode = m.gradient_checkpointing
     checkpointed = 0 if mode == "none" else len(range(0, layers, m.gradient_checkpointing_every))
-    # autocast's bf16 weight copies exist only with fp32 weights (ddp); the other engines compute
-    # with bf16 parameters (gathered and freed under zero3 / fsdp).
-    copies = 2 * counts["block_linear"] if dtype != torch.float32 and cfg.parallel.engine != "ddp" else 0
+    # autocast's bf16 weight copies exist only with fp32 weights (an engine without low_precision_params);
+    # the others compute with bf16 parameters (gathered and freed where they are sharded).
+    low_params = engine_traits(cfg.parallel.engine).low_precision_params
+    copies = 2 * counts["block_linear"] if dtype != torch.float32 and low_params else 0
     none = _fake_bytes(key, "none", False, tokens, batch, dtype) - copies
     if checkpointed:
         ckpt = _fake_bytes(key, mode, m.selective_checkpoint_matmuls, tokens, batch, dtype)
@@ -337,14 +316,7 @@ def activation_bytes(
 def buffer_bytes(cfg: RunConfig, counts: dict, acts: Activations) -> dict[str, float]:
     p = cfg.parallel
     out = {"recompute": acts.recompute_peak, "grad_in_flight": acts.in_flight}
-    block = counts["largest_block"]
-    if p.engine == "zero2":
-        out["deepspeed"] = p.reduce_bucket_size * 4 * (2 if p.overlap_comm else 1) + p.allgather_bucket_size * 2
-    elif p.engine == "zero3":
-        live = min(p.stage3_max_live_parameters, 2 * block) * 2
-        out["deepspeed"] = p.reduce_bucket_size * 4 + p.stage3_prefetch_bucket_size * 2 + live
-    elif p.engine == "fsdp":
-        out["fsdp"] = 2 * block * 2 + block * 4  # current + prefetched bf16 block, one block's fp32 grads
+    out.update(engine_traits(p.engine).buffers(p, counts["largest_block"]))
     return out
 
 
@@ -458,7 +430,7 @@ def compile_line(cfg: RunConfig, info: dict) -> str:
     )
     if cfg.model.compile:
         return f"compiles: {what}"
-    refused = " (refused with zero3)" if cfg.parallel.engine == "zero3" else ""
+    refused = f" (refused with {cfg.parallel.engine})" if engine_traits(cfg.parallel.engine).compiles else ""
     return f"compiles: none ([model] compile = false); compile = true{refused} would make {what}"
 
 
@@ -528,11 +500,13 @@ def advice(cfg: RunConfig, rows: list[Row], info: dict) -> list[str]:
     out = []
     if m.gradient_checkpointing != "full" or m.gradient_checkpointing_every != 1:
         out.append('[model] gradient_checkpointing = "full" with gradient_checkpointing_every = 1 (least activations)')
-    if p.engine in ("ddp", "zero2"):
-        out.append('[parallel] engine = "zero3" or "fsdp" (shards the parameters too)')
-    if not p.offload_optimizer and p.engine != "ddp":
+    traits = engine_traits(p.engine)
+    if not traits.shards_parameters:
+        sharding = " or ".join(f'"{t.name}"' for t in REGISTRY.values() if t.shards_parameters)
+        out.append(f"[parallel] engine = {sharding} (shards the parameters too)")
+    if not p.offload_optimizer and "optimizer" in traits.offloads:
         out.append("[parallel] offload_optimizer = true (master weights and AdamW state in host memory)")
-    if not p.offload_param and p.engine in ("zero3", "fsdp"):
+    if not p.offload_param and "param" in traits.offloads:
         out.append("[parallel] offload_param = true (parameter shards in host memory)")
     if not m.low_vram:
         out.append("[model] low_vram = true (encoders on the GPU only while encoding)")

@@ -134,8 +134,6 @@ class ValidationConfig:
 # Frames of a TensorBoard contact sheet are shrunk to this width (the .png on disk keeps full size): a
 # 16-frame sheet of 832x480 frames would be ~20 MB per prompt per validation in the event file.
 TENSORBOARD_FRAME_WIDTH = 256
-# Engines whose DiT forward is a collective (parameters gathered from every rank).
-COLLECTIVE_ENGINES = ("zero3", "fsdp")
 
 
 def sampling_options(
@@ -203,7 +201,8 @@ class ValidationSampler:
     on every rank together (a collective: see the module docstring).
 
     models: the frozen encoders (train.models.Models: text, vae, clip for i2v); engine: the training
-    engine (its inference_forward is the DiT); engine_name: "ddp", "zero2", "zero3" or "fsdp";
+    engine (its inference_forward is the DiT); collective: whether that forward is a collective (the
+    engine's traits: parameters gathered from every rank);
     dit_config: the DiT's WanModel keyword arguments (for the padding inputs); options: from
     `sampling_options`; metrics: the run's Metrics (NullMetrics off rank 0); offload: the run's
     low_vram (encoders move to the device only while they work)."""
@@ -215,7 +214,7 @@ class ValidationSampler:
         *,
         models,
         engine,
-        engine_name: str,
+        collective: bool,
         dit_config: dict,
         rank: int,
         world_size: int,
@@ -229,7 +228,7 @@ class ValidationSampler:
         self.every_steps, self.every_epochs = config.validation_steps, config.validation_epochs
         self.options = options
         self.models, self.engine, self.dit_config = models, engine, dit_config
-        self.collective = engine_name in COLLECTIVE_ENGINES
+        self.collective = collective
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.output_dir, self.metrics, self.offload = Path(output_dir), metrics, offload
         self.i2v = models.clip is not None

@@ -5,7 +5,7 @@ A user of VideoX-Fun's `scripts/wan2.1/train.py` runs ours with the same flags:
 `accelerate launch` options of VideoX-Fun's documented command lines too. Every option has one status:
 
 - same: a key of ours with that name and meaning (found in the config sections, not listed here);
-- mapped: another key of ours, or another value of it (`--zero_stage 3` -> engine = "zero3");
+- mapped: another key of ours, or another value of it (`--zero_stage 3` -> engine = zero3);
 - ignored: accepted with one printed line saying why it has no effect here;
 - refused: an error giving the reason and what to use instead.
 
@@ -16,6 +16,9 @@ it: a pasted line sets what it needs). The README's table is `markdown_table()`;
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from train.engines import DEFAULT_ENGINE, engine_family
+from train.engines.deepspeed import STAGES
 
 FLAG, VALUE, VALUES = "flag", "value", "values"  # argparse store_true, one value, nargs="+"
 STATUSES = ("same", "mapped", "ignored", "refused")
@@ -101,7 +104,11 @@ OPTIONS: dict[str, Option] = {
     ),
     # --- accelerate launch options of VideoX-Fun's documented command lines ----------------------------
     "zero_stage": Option(
-        "mapped", "the DeepSpeed engine", target="parallel.engine", values={"2": "zero2", "3": "zero3"}, launcher=True
+        "mapped",
+        "the DeepSpeed engine",
+        target="parallel.engine",
+        values={str(n): name for name, n in STAGES.items()},
+        launcher=True,
     ),
     "deepspeed_config_file": Option(
         "mapped",
@@ -253,15 +260,18 @@ def settle(cfg, selective: float | None, from_cli: set[str], notes: list[str]) -
             cfg.model.gradient_checkpointing, cfg.model.gradient_checkpointing_every = "full", every
             notes.append(f"--selective_ac={selective:g}: one DiT block in {every} is recomputed in backward")
     source = cfg.parallel.deepspeed_config
-    if source and "parallel.engine" not in from_cli and cfg.parallel.engine in ("ddp", "zero2"):
+    by_stage = {n: name for name, n in STAGES.items()}
+    # The engine unless chosen: the default, or the one use_deepspeed picks by default.
+    unchosen = (DEFAULT_ENGINE, engine_family("use_deepspeed")[0].name)
+    if source and "parallel.engine" not in from_cli and cfg.parallel.engine in unchosen:
         try:
             with open(source, encoding="utf-8") as f:
                 stage = json.load(f).get("zero_optimization", {}).get("stage")
         except (OSError, ValueError, AttributeError):
             return  # the engine reports an unreadable file, naming it
-        if stage in (2, 3) and cfg.parallel.engine != f"zero{stage}":
-            cfg.parallel.engine = f"zero{stage}"
-            notes.append(f"deepspeed_config {source}: zero_optimization.stage {stage} -> engine zero{stage}")
+        if stage in by_stage and cfg.parallel.engine != by_stage[stage]:
+            cfg.parallel.engine = by_stage[stage]
+            notes.append(f"deepspeed_config {source}: zero_optimization.stage {stage} -> engine {by_stage[stage]}")
 
 
 def markdown_table() -> str:

@@ -17,7 +17,7 @@ Where the selective checkpoint sits: inside the block's call (WanAttentionBlock.
 its body), because the policy replays the forward op by op and must see the block's own ops only.
 - An engine's module hooks stay outside it. ZeRO-3 gathers parameters in its hooks with a number of
   ops that differs between the forward and the recompute once it prefetches; under ZeRO-3 a
-  selectively checkpointed block is a DeepSpeed leaf module (train/engine_deepspeed.py), so its
+  selectively checkpointed block is a DeepSpeed leaf module (train/engines/deepspeed.py), so its
   submodules have no hooks inside it either.
 - In a compiled block dynamo traces the checkpoint with the block: the policy runs on the traced
   ops (mm/addmm/bmm and the attention kernels, `.default` overloads) and AOTAutograd's partitioner

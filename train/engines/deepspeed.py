@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-2 and ZeRO-3 behind the engine interface of train/engine.py.
+"""DeepSpeed ZeRO-2 ("zero2") and ZeRO-3 ("zero3") behind the engine interface of train/engines/base.py.
 
 ZeRO-2: every rank holds the whole module (bf16 or fp32); gradients and the fp32 master weights with
 their AdamW state are partitioned across ranks. ZeRO-3: parameters are partitioned too, from
@@ -13,7 +13,7 @@ Precision: with bf16 the module (and so every forward) is bf16 and WanModel open
 DeepSpeed keeps fp32 master partitions, which we set to the float32 starting weights (DeepSpeed would
 derive them from the bf16 copy), and reduces gradients in fp32 (communication_data_type); gradient
 partitions are bf16 (DeepSpeed's default grad_accum_dtype). With fp32 everything is fp32. fp16 (CUDA
-only: DeepSpeed's CPU accelerator has no fp16, see train.engine.check_mixed_precision) is bf16's layout
+only: DeepSpeed's CPU accelerator has no fp16, see train.engines.base.check_mixed_precision) is bf16's layout
 in fp16 plus DeepSpeed's dynamic loss scaler, set to torch GradScaler's rule as the ddp and fsdp
 engines use it (start 2**16, halve on every overflow, double after 2000 clean steps), so an overflow
 skips the step on every engine alike.
@@ -28,6 +28,8 @@ They are tied to the world size (the partitioning): another world size goes thro
 export (tools/zero_to_bf16.py).
 """
 
+from __future__ import annotations
+
 import contextlib
 import json
 import math
@@ -37,28 +39,37 @@ import re
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from train.engine import (
+from train.checkpoint import read_json, write_json
+from train.engines.base import (
     SCHEDULER_FILE,
     EngineSetup,
+    EngineTraits,
+    ModelStates,
     StepResult,
     advance_schedule,
+    apply_offloads,
     build_optimizer,
     build_schedule,
     check_mixed_precision,
     held_bytes,
     restore_schedule,
 )
-from train.models import DiTRecipe
+from train.engines.deepspeed_reader import TAG, read_zero2, read_zero3
 from wan import WanModel
 from wan.modules.state_dict_io import assign_tensor, prepare_tensor, read_json_object
 
-TAG = "deepspeed"
+if TYPE_CHECKING:
+    from train.config import RunConfig
+    from train.models import DiTRecipe
+
+STAGES = {"zero2": 2, "zero3": 3}
+"""Our engine names for the ZeRO stages (VideoX-Fun's --zero_stage maps onto them)."""
 """Sub-folder (DeepSpeed's checkpoint tag) holding DeepSpeed's files inside a checkpoint folder."""
 
 # DeepSpeed copies these recovery scripts next to every ZeRO checkpoint; we remove them (nobody would
@@ -93,14 +104,14 @@ _UNSAFE_KEYS = {
 def generated_config(setup: EngineSetup, world_size: int) -> dict:
     """The DeepSpeed config our [parallel] / [optim] / [train] values stand for (nothing read from disk)."""
     p, o = setup.parallel, setup.optim
-    if p.engine not in ("zero2", "zero3"):
+    if p.engine not in STAGES:
         raise ValueError(f"[parallel] engine {p.engine!r} is not a DeepSpeed engine (zero2 or zero3)")
     if setup.mixed_precision not in ("bf16", "fp16", "fp32"):
         raise ValueError(
             f"mixed_precision must be 'bf16', 'fp16' or 'fp32' for DeepSpeed, got {setup.mixed_precision!r}"
         )
-    check_mixed_precision(setup.mixed_precision, p.engine, setup.device)
-    stage = 3 if p.engine == "zero3" else 2
+    check_mixed_precision(setup.mixed_precision, TRAITS[p.engine], setup.device)
+    stage = STAGES[p.engine]
     bf16, fp16 = setup.mixed_precision == "bf16", setup.mixed_precision == "fp16"
     zero: dict[str, Any] = {
         "stage": stage,
@@ -297,7 +308,7 @@ class DeepSpeedEngine:
         import deepspeed
 
         self.setup = setup
-        self.stage = 3 if setup.parallel.engine == "zero3" else 2
+        self.stage = STAGES[setup.parallel.engine]
         _init_distributed(setup.device)
         rank, world = _rank(), _world_size()
         self.config = deepspeed_config(
@@ -452,8 +463,6 @@ class DeepSpeedEngine:
         """Collective. DeepSpeed writes under folder/deepspeed/ (see the module docstring), rank 0 also
         scheduler.json. Returns this rank's files relative to `folder`, each fsynced: the files named
         *zero_pp_rank_{r}_* belong to rank r, the rest (ZeRO-2's mp_rank_00_model_states.pt) to rank 0."""
-        from train.checkpoint import write_json
-
         folder = Path(folder)
         rank = _rank()
         # save_latest=False: no `latest` file (a tag pointer nobody would claim); the fixed tag is the
@@ -488,8 +497,6 @@ class DeepSpeedEngine:
         engine's checkpoint_engine.load, which we replace by a weights_only=True load that allows just the
         three DeepSpeed data classes its files hold (see `load_weights_only`)."""
         from deepspeed.runtime.zero.utils import ZeRORuntimeException
-
-        from train.checkpoint import read_json
 
         folder = Path(folder)
         self.check_checkpoint(folder)
@@ -695,3 +702,81 @@ def check_rope_tables(model: nn.Module) -> None:
     for name, buf in model.named_buffers():
         if name.endswith(("rope.cos", "rope.sin")) and buf.dtype != torch.float32:
             raise RuntimeError(f"{name} is {buf.dtype}, expected float32 RoPE tables")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Traits
+
+
+def preflight(cfg: RunConfig, device: torch.device, world_size: int | None) -> list[str]:
+    """A deepspeed_config file merged over the config we generate: refused now, not at model build. A
+    missing file is train.config's check_paths line already; world_size None (a check outside
+    torchrun) leaves out the file's train_batch_size, which needs the number of ranks."""
+    t, source = cfg.train, cfg.parallel.deepspeed_config
+    if not source or not Path(source).expanduser().is_file():
+        return []
+    setup = EngineSetup(
+        parallel=cfg.parallel, optim=cfg.optim, mixed_precision=t.mixed_precision,
+        micro_batch_size=t.train_batch_size, accumulation_steps=t.gradient_accumulation_steps,
+        total_steps=max(t.max_train_steps, 1), device=device,
+    )  # fmt: skip
+    try:
+        theirs = read_override(source)
+        if world_size is None:
+            theirs.pop("train_batch_size", None)  # the global batch: ranks x what the config says
+        merge_override(generated_config(setup, world_size or 1), theirs, source)
+    except ValueError as err:
+        return [str(err)]
+    return []
+
+
+def model_states(m: ModelStates) -> dict[str, float]:
+    """Module weights in the compute dtype (partitioned under ZeRO-3), gradient partitions in it too,
+    fp32 master partitions and their AdamW moments; offload_optimizer moves the master and the moments
+    to the host, offload_param (ZeRO-3) the parameter partitions."""
+    low = 4 if m.fp32 else 2
+    shard = m.gpus if STAGES[m.parallel.engine] == 3 else 1
+    n = m.gpus
+    out = {"params": low * m.total / shard, "grads": low * m.trainable / n, "master": 4 * m.trainable / n,
+           "optimizer": 8 * m.trainable / n}  # fmt: skip
+    return apply_offloads(out, m.parallel, ("master", "optimizer"))
+
+
+def buffers(p, largest_block: int) -> dict[str, float]:
+    """The gradient reduce bucket(s) and the all-gather bucket (ZeRO-2); ZeRO-3's reduce and prefetch
+    buckets and the parameters it keeps gathered (two blocks' worth at most)."""
+    if STAGES[p.engine] == 2:
+        return {"deepspeed": p.reduce_bucket_size * 4 * (2 if p.overlap_comm else 1) + p.allgather_bucket_size * 2}
+    live = min(p.stage3_max_live_parameters, 2 * largest_block) * 2
+    return {"deepspeed": p.reduce_bucket_size * 4 + p.stage3_prefetch_bucket_size * 2 + live}
+
+
+def _zero3_layout(folder: Path) -> bool:
+    return bool(list((folder / TAG).glob("zero_pp_rank_*_model_states.pt")))
+
+
+def _traits(name: str, **kwargs) -> EngineTraits:
+    zero3 = STAGES[name] == 3
+    return EngineTraits(
+        name=name, build=DeepSpeedEngine, tied_to_world_size=True,
+        fp16_off_cuda="DeepSpeed's CPU accelerator has no fp16 training (it reports fp16 unsupported on CPUs without "
+        "oneDNN fp16 kernels, and its fp16 optimizer with loss scaling is a GPU path); use mixed_precision = 'bf16' "
+        "(or 'fp32'), or engine 'ddp' / 'fsdp', which run fp16 on the CPU",
+        videox_fun_flag="use_deepspeed", preflight=preflight, memory=model_states, buffers=buffers,
+        checkpoint_reader=read_zero3 if zero3 else read_zero2,
+        owns_checkpoint=lambda folder: (folder / TAG).is_dir() and _zero3_layout(folder) == zero3, **kwargs,
+    )  # fmt: skip
+
+
+TRAITS = {
+    "zero2": _traits("zero2", summary="DeepSpeed: optimizer state and gradients sharded", offloads=frozenset({"optimizer"}),
+                     flag_default=True),
+    "zero3": _traits(
+        "zero3", summary="DeepSpeed: parameters too", collective_inference=True, shards_parameters=True,
+        offloads=frozenset({"optimizer", "param"}),
+        # Measured (debug DiT, CPU, deepspeed 0.19.8): ZeRO-3's gather / release hooks on every submodule
+        # break each compiled block into ~a dozen graphs, and a step ran ~100x slower.
+        compiles="DeepSpeed's per-module parameter hooks break every compiled block into many small graphs "
+        "(slower than eager); use engine 'fsdp' (sharded like zero3, compiles) or 'zero2' / 'ddp', or compile = false",
+    ),
+}  # fmt: skip

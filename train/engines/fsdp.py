@@ -20,11 +20,14 @@ DCP keys: "model.{official name}" and, flattened per parameter, "optimizer.state
 exp_avg_sq,step}" and "optimizer.param_groups.{name}.{lr,betas,...}" (trainable parameters only).
 """
 
+from __future__ import annotations
+
 import contextlib
 import math
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -42,12 +45,17 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
-from train.engine import (
+from train.checkpoint import DCP_METADATA_FILE, fsync_tree, load_dcp, read_dcp_metadata, read_json, write_json
+from train.engines.base import (
     AUTOCAST_DTYPES,
     SCHEDULER_FILE,
     EngineSetup,
+    EngineTraits,
+    ModelStates,
     StepResult,
+    TensorSource,
     advance_schedule,
+    apply_offloads,
     build_grad_scaler,
     build_optimizer,
     build_schedule,
@@ -57,11 +65,14 @@ from train.engine import (
     save_grad_scaler,
     scaler_step,
 )
-from train.models import DiTRecipe
+
+if TYPE_CHECKING:
+    from train.models import DiTRecipe
 
 DCP_DIR = "dcp"
 FSDP_STATE_FILE = "fsdp.json"
-METADATA_FILE = ".metadata"  # DCP's name for the index rank 0 writes
+METADATA_FILE = DCP_METADATA_FILE
+DCP_MODEL_PREFIX = "model."  # dcp.save({"model": get_model_state_dict(m), ...}) flattens to "model.<name>"
 
 # Per-parameter optimizer keys ("state.{name}.exp_avg"): independent of param-group order and of how
 # many ranks saved, which is what a merger or a different world size needs.
@@ -202,8 +213,6 @@ class FSDPEngine:
 
     def save(self, folder: Path) -> list[str]:
         """Collective: every rank writes its shards into folder/dcp; returns this rank's files."""
-        from train.checkpoint import fsync_tree, write_json
-
         folder = Path(folder)
         stepped = bool(self.optimizer.state)
         # Before the first update get_optimizer_state_dict initialises the AdamW state (a step with
@@ -229,8 +238,6 @@ class FSDPEngine:
     def load(self, folder: Path) -> None:
         """Collective: read a checkpoint written by save() at any world size (DCP reshards). Refuses,
         before reading any tensor, a folder that lacks a file or holds other parameters or shapes."""
-        from train.checkpoint import load_dcp, read_json
-
         folder = Path(folder)
         info = read_json(folder / FSDP_STATE_FILE)
         scheduler_state = read_json(folder / SCHEDULER_FILE)
@@ -301,8 +308,6 @@ def check_dcp_folder(path: Path, expected: dict[str, Any]) -> Any:
     lists, whose index holds anything but DCP's metadata (it is a pickle: read by a restricted
     unpickler), or whose tensors do not fit `expected` (this run's state dict: other trainable_modules
     or another model). Returns the index, for load_dcp."""
-    from train.checkpoint import read_dcp_metadata
-
     metadata = read_dcp_metadata(path)
     files = sorted({info.relative_path for info in (metadata.storage_data or {}).values()})
     absent = [name for name in files if not (path / name).is_file()]
@@ -350,3 +355,68 @@ def flatten(state: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Traits
+
+
+def model_states(m: ModelStates) -> dict[str, float]:
+    """fp32 shards of the weights, their gradients and AdamW moments; offload_optimizer (CPUOffloadPolicy)
+    moves all of them to the host, offload_param the parameter shards."""
+    n = m.gpus
+    out = {"params": 4 * m.total / n, "grads": 4 * m.trainable / n, "master": 0, "optimizer": 8 * m.trainable / n}
+    return apply_offloads(out, m.parallel, ("params", "grads", "master", "optimizer"))
+
+
+def buffers(parallel, largest_block: int) -> dict[str, float]:
+    """The current and the prefetched block gathered in bf16, and one block's fp32 gradients."""
+    return {"fsdp": 2 * largest_block * 2 + largest_block * 4}
+
+
+def read_checkpoint(ckpt: Path, world_size: int, tag: str | None) -> dict[str, TensorSource]:
+    """A DCP folder; each "model.<name>" key is read alone (dcp.load into one empty tensor, no
+    process group), which reads only that key's chunks."""
+    folder = ckpt / DCP_DIR
+    meta_path = folder / DCP_METADATA_FILE
+    if not meta_path.is_file():
+        raise ValueError(f"{meta_path}: missing (an fsdp checkpoint is a DCP save in {DCP_DIR}/)")
+    metadata = read_dcp_metadata(folder)  # a pickle: read by the restricted unpickler, once
+    # Every file the metadata points into must be there and long enough.
+    ends: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        path = folder / name
+        if not path.is_file():
+            raise ValueError(f"{path}: missing (named by {meta_path}; the save is incomplete)")
+        if path.stat().st_size < end:
+            raise ValueError(f"{path}: {path.stat().st_size} bytes, {meta_path} needs {end} (truncated)")
+
+    sources = {}
+    for key, md in metadata.state_dict_metadata.items():
+        if not key.startswith(DCP_MODEL_PREFIX) or not isinstance(md, TensorStorageMetadata):
+            continue
+        name = key[len(DCP_MODEL_PREFIX) :]
+        shape, dtype = tuple(int(n) for n in md.size), md.properties.dtype
+
+        def read(name=name, shape=shape, dtype=dtype) -> torch.Tensor:
+            tensor = torch.empty(shape, dtype=dtype)
+            with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+                warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+                load_dcp({"model": {name: tensor}}, folder, metadata, no_dist=True)
+            return tensor
+
+        sources[name] = TensorSource(shape, dtype, read, f"{DCP_DIR}/ {key}")
+    if not sources:
+        keys = list(metadata.state_dict_metadata)[:5]
+        raise ValueError(f"{meta_path}: no '{DCP_MODEL_PREFIX}*' tensors (keys look like {keys})")
+    return sources
+
+
+TRAITS = EngineTraits(
+    name="fsdp", summary="FSDP2: everything sharded", build=FSDPEngine, collective_inference=True,
+    shards_parameters=True, offloads=frozenset({"optimizer", "param"}), videox_fun_flag="use_fsdp", flag_default=True,
+    memory=model_states, buffers=buffers, checkpoint_reader=read_checkpoint,
+    owns_checkpoint=lambda folder: (folder / DCP_DIR).is_dir(),
+)  # fmt: skip

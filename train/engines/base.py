@@ -17,32 +17,31 @@ naming the file) a state that does not fit. `full_state()` streams the full weig
 name for consolidated saves.
 """
 
+from __future__ import annotations
+
 import contextlib
 import functools
-import inspect
 import logging
 import math
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel
 
-from train.config import ENGINES, OptimConfig, ParallelConfig
 from train.lr import build_lr_scheduler
-from train.models import DiTRecipe
-from wan import WanModel
 
-DDP_MODEL_FILE = "model.safetensors"
-DDP_OPTIMIZER_FILE = "optimizer.safetensors"
+if TYPE_CHECKING:  # the config imports the engines' traits (train/engines/__init__.py)
+    from train.config import OptimConfig, ParallelConfig, RunConfig
+    from train.models import DiTRecipe
+
 SCHEDULER_FILE = "scheduler.json"
 GRAD_SCALER_FILE = "grad_scaler.json"
-"""fp16 under ddp and fsdp: torch.amp.GradScaler's state (loss scale, growth tracker), rank 0."""
+"""fp16 under an engine stepping with torch.amp.GradScaler: its's state (loss scale, growth tracker), rank 0."""
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +73,14 @@ class StepResult:
 
 
 class Engine(Protocol):
-    module: nn.Module  # the DiT itself (sharded or partitioned under zero3 and fsdp)
+    module: nn.Module  # the DiT itself (sharded or partitioned where the engine shards parameters)
 
     def forward(self, *args, **kwargs) -> torch.Tensor: ...
 
     def inference_forward(self, *args, **kwargs) -> torch.Tensor:
         """The DiT's prediction under no_grad in the training precision, outside the training
-        bookkeeping (validation sampling, the eval loss). Collective under zero3 and fsdp: every rank
-        calls it the same number of times (inputs may differ)."""
+        bookkeeping (validation sampling, the eval loss). A collective where the traits say so
+        (collective_inference): every rank calls it the same number of times (inputs may differ)."""
         ...
 
     def micro_step(self, last: bool) -> contextlib.AbstractContextManager: ...
@@ -97,6 +96,85 @@ class Engine(Protocol):
     def full_state(self) -> Iterator[tuple[str, torch.Tensor]]: ...
 
     def model_state_bytes(self) -> dict[str, int]: ...
+
+
+@dataclass
+class TensorSource:
+    """One full tensor of a checkpoint, for tools/zero_to_bf16.py: shape and stored dtype known up front,
+    data read on demand."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    read: Callable[[], torch.Tensor]
+    where: str  # for --debug and error messages
+
+
+def no_problems(cfg: RunConfig, device: torch.device, world_size: int | None) -> list[str]:
+    return []
+
+
+@dataclass(frozen=True)
+class ModelStates:
+    """What train.plan's memory formula is given: the DiT's parameter counts and the run's layout."""
+
+    total: int
+    """Parameters of the DiT (psi)."""
+    trainable: int
+    """Of them, the ones that train (psi_t)."""
+    fp32: bool
+    """mixed_precision = "fp32" (no low-precision copy of anything)."""
+    gpus: int
+    parallel: ParallelConfig
+
+
+@dataclass(frozen=True)
+class EngineTraits:
+    """What the rest of the code may ask of an engine, declared once in the engine's own file and
+    registered in train/engines/__init__.py. Nothing outside train/engines/ compares engine names."""
+
+    name: str
+    summary: str
+    """One line for the config's documentation."""
+    build: Callable[[DiTRecipe, EngineSetup], Engine]
+    collective_inference: bool = False
+    """inference_forward is a collective (the parameters are sharded): every rank calls it alike."""
+    tied_to_world_size: bool = False
+    """Its checkpoints resume only on the number of ranks that saved them."""
+    shards_parameters: bool = False
+    offloads: frozenset[str] = frozenset()
+    """The [parallel] offloads it supports: "optimizer", "param"."""
+    compiles: str = ""
+    """Empty when [model] compile works with it, else why not (said when a config asks for both)."""
+    fp16_off_cuda: str = ""
+    """Empty when its fp16 path (loss scaling) runs off CUDA too, else why not (said when a config asks)."""
+    low_precision_params: bool = True
+    """Under bf16 / fp16 it computes with parameters held in that dtype (not autocast copies of fp32
+    ones): train.plan counts no autocast weight copies."""
+    videox_fun_flag: str = ""
+    """The VideoX-Fun launcher flag ("use_deepspeed", "use_fsdp") that asks for this family of engines."""
+    flag_default: bool = False
+    """The engine that flag picks when the config names no engine of the family."""
+    preflight: Callable[[RunConfig, torch.device, int | None], list[str]] = no_problems
+    """Checks of a run config against this engine before any model is built (train.config check_run)."""
+    memory: Callable[[ModelStates], dict[str, float]] | None = None
+    """train.plan's per-GPU bytes of params, grads, master weights, AdamW state and "host" (offloaded)."""
+    buffers: Callable[[ParallelConfig, int], dict[str, float]] = field(default=lambda parallel, block: {})
+    """train.plan's engine buffers in bytes, given the largest block's parameter count."""
+    checkpoint_reader: Callable[[Path, int, str | None], dict] | None = None
+    """tools/zero_to_bf16.py: (checkpoint, world size, tag) -> the DiT's tensors by name, read lazily."""
+    owns_checkpoint: Callable[[Path], bool] = field(default=lambda folder: False)
+    """Whether a checkpoint folder holds this engine's files (markers older than their engine field)."""
+
+
+def apply_offloads(
+    out: dict[str, float], parallel: ParallelConfig, with_optimizer: tuple[str, ...]
+) -> dict[str, float]:
+    """`out` with what [parallel] offload_optimizer (the parts `with_optimizer`) and offload_param (the
+    params) put in host memory moved to out["host"]."""
+    moved = set(with_optimizer if parallel.offload_optimizer else ()) | (
+        {"params"} if parallel.offload_param else set()
+    )
+    return {**{k: 0 if k in moved else v for k, v in out.items()}, "host": float(sum(out[k] for k in moved))}
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -137,20 +215,15 @@ def autocast_supports(device_type: str, dtype: torch.dtype) -> bool:
             return False
 
 
-def check_mixed_precision(mixed_precision: str, engine: str, device: torch.device) -> None:
-    """Refuse (ValueError) a [train] mixed_precision that `engine` cannot run on `device`, before any model
-    is built. fp16 (fp16 compute on fp32 master weights, dynamic loss scaling) runs under ddp and fsdp
-    (torch.amp.GradScaler) wherever autocast computes in fp16, and under zero2 / zero3 (DeepSpeed's own
-    fp16 loss scaler) on CUDA only."""
+def check_mixed_precision(mixed_precision: str, traits: EngineTraits, device: torch.device) -> None:
+    """Refuse (ValueError) a [train] mixed_precision that the engine cannot run on `device`, before any
+    model is built. fp16 (fp16 compute on fp32 master weights, dynamic loss scaling) runs wherever autocast
+    computes in fp16, except under an engine whose fp16 path is CUDA's only (DeepSpeed's loss scaler)."""
     if mixed_precision != "fp16":
         return
-    where = f"[train] mixed_precision = 'fp16' with [parallel] engine = {engine!r} on {device}"
-    if engine in ("zero2", "zero3") and device.type != "cuda":
-        raise ValueError(
-            f"{where}: DeepSpeed's CPU accelerator has no fp16 training (it reports fp16 unsupported on CPUs "
-            "without oneDNN fp16 kernels, and its fp16 optimizer with loss scaling is a GPU path); use "
-            "mixed_precision = 'bf16' (or 'fp32'), or engine 'ddp' / 'fsdp', which run fp16 on the CPU"
-        )
+    where = f"[train] mixed_precision = 'fp16' with [parallel] engine = {traits.name!r} on {device}"
+    if traits.fp16_off_cuda and device.type != "cuda":
+        raise ValueError(f"{where}: {traits.fp16_off_cuda}")
     if not autocast_supports(device.type, torch.float16):
         raise ValueError(
             f"{where}: torch {torch.__version__} has no fp16 autocast on {device.type}; use mixed_precision = "
@@ -253,103 +326,6 @@ def distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-class DDPEngine:
-    """Every rank holds the whole model in float32 and the AdamW state of its trainable parameters;
-    gradients are averaged across ranks in backward (DDP's bucketed all-reduce). Checkpoints:
-    rank 0 writes the trainable weights and the optimizer state keyed by parameter name (safetensors),
-    which any world size can read back."""
-
-    def __init__(self, recipe: DiTRecipe, setup: EngineSetup):
-        self.setup = setup
-        self.module = recipe.materialize(setup.device)
-        self.named_trainable = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
-        self.names_by_param = {p: n for n, p in self.named_trainable.items()}
-        if distributed():
-            # Frozen parameters (requires_grad=False before wrapping) get no gradient buckets. Buffers
-            # (the RoPE tables) are computed alike on every rank: no broadcast before each forward.
-            # Gradients as views of the all-reduce buckets: one copy of the gradients, not two.
-            ids = [setup.device.index] if setup.device.type == "cuda" else None
-            new_torch = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-            no_buffer_sync = {"forward_sync_buffers": False} if new_torch else {"broadcast_buffers": False}
-            self.model = DistributedDataParallel(
-                self.module, device_ids=ids, gradient_as_bucket_view=True, **no_buffer_sync
-            )
-        else:
-            self.model = self.module
-        self.optimizer = build_optimizer(
-            list(self.named_trainable.items()), setup.optim, setup.device, recipe.is_low_lr
-        )
-        self.scheduler = build_schedule(self.optimizer, setup)
-        self.precision = precision_context(setup)
-        self.scaler = build_grad_scaler(setup)
-        self._grad_bytes = 0
-
-    def forward(self, *args, **kwargs) -> torch.Tensor:
-        with self.precision:
-            return self.model(*args, **kwargs)
-
-    @torch.no_grad()
-    def inference_forward(self, *args, **kwargs) -> torch.Tensor:
-        # The bare module, not the DDP wrapper: no collective, so ranks may sample different counts.
-        with self.precision:
-            return self.module(*args, **kwargs)
-
-    @contextlib.contextmanager
-    def micro_step(self, last: bool) -> Iterator[None]:
-        if distributed() and not last:
-            with self.model.no_sync():
-                yield
-        else:
-            yield
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss = loss / self.setup.accumulation_steps
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-
-    def step(self) -> StepResult:
-        self._grad_bytes = held_bytes([p.grad for p in self.named_trainable.values() if p.grad is not None])
-        return optimizer_step(
-            self.named_trainable.values(), self.optimizer, self.scheduler, self.setup.optim, self.scaler
-        )
-
-    def model_state_bytes(self) -> dict[str, int]:
-        """This rank's bytes of parameters, gradients (as held at the last step) and AdamW state."""
-        optim = [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
-        params = list(self.module.parameters())
-        return {"params": held_bytes(params), "grads": self._grad_bytes, "optimizer": held_bytes(optim)}
-
-    def save(self, folder: Path) -> list[str]:
-        from train.checkpoint import optimizer_state_to_named, write_json, write_safetensors
-
-        if dist.is_initialized() and dist.get_rank() != 0:
-            return []  # replicated state: rank 0 writes it once
-        tensors, meta = optimizer_state_to_named(self.optimizer, self.names_by_param)
-        weights = {n: p.detach() for n, p in self.named_trainable.items()}
-        write_safetensors(folder / DDP_MODEL_FILE, weights, {"format": "pt"})
-        write_safetensors(folder / DDP_OPTIMIZER_FILE, tensors, meta)
-        write_json(folder / SCHEDULER_FILE, self.scheduler.state_dict())
-        return [DDP_MODEL_FILE, DDP_OPTIMIZER_FILE, SCHEDULER_FILE, *save_grad_scaler(self.scaler, folder)]
-
-    @torch.no_grad()
-    def load(self, folder: Path) -> None:
-        from train.checkpoint import load_named_optimizer_state, read_json, read_safetensors
-
-        tensors = read_safetensors(folder / DDP_MODEL_FILE)[0]
-        check_named_tensors(tensors, self.named_trainable, folder / DDP_MODEL_FILE)
-        for name, param in self.named_trainable.items():
-            param.copy_(tensors[name])
-        optim_tensors, meta = read_safetensors(folder / DDP_OPTIMIZER_FILE)
-        load_named_optimizer_state(
-            self.optimizer, self.names_by_param, optim_tensors, meta, folder / DDP_OPTIMIZER_FILE
-        )
-        restore_schedule(self.optimizer, self.scheduler, read_json(folder / SCHEDULER_FILE), self.setup.optim)
-        load_grad_scaler(self.scaler, folder)
-
-    def full_state(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name, tensor in self.module.state_dict().items():
-            yield name, tensor.detach()
-
-
 def optimizer_step(
     params, optimizer: torch.optim.Optimizer, scheduler, optim: OptimConfig, scaler: torch.amp.GradScaler | None = None
 ) -> StepResult:
@@ -407,77 +383,3 @@ def check_named_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, to
             f"{source}: the checkpoint's trainable weights do not fit this run (trainable_modules or model "
             "changed?): " + "; ".join(problems)
         )
-
-
-class ConsolidatedWeights:
-    """A checkpoint part: the whole DiT in bf16, official layout, in `consolidated/` (VideoX-Fun's
-    zero3_save_16bit_model): config.json + diffusion_pytorch_model*.safetensors, loadable with
-    WanModel.from_pretrained or as [model] transformer_path. Collective: the engine streams the full
-    weights one tensor at a time (gathered from the shards under zero3 and fsdp) and rank 0 writes
-    them as they come, so no rank holds the whole model."""
-
-    FOLDER = "consolidated"
-
-    def __init__(self, engine: Engine, dit_config: dict, max_shard_size: str = "10GB"):
-        self.engine, self.dit_config, self.max_shard_size = engine, dit_config, max_shard_size
-
-    def save(self, folder: Path) -> list[str]:
-        from train.checkpoint import fsync_tree, write_json
-        from wan.modules.dit_weights import CONFIG_NAME, WEIGHTS_NAME
-        from wan.modules.safetensors_io import (
-            ShardItem,
-            index_name,
-            parse_size,
-            plan_shards,
-            write_safetensors_streaming,
-        )
-
-        with torch.device("meta"):
-            shapes = {name: tuple(t.shape) for name, t in WanModel(**self.dit_config).state_dict().items()}
-        stream = self.engine.full_state()
-        if dist.is_initialized() and dist.get_rank() != 0:
-            for _ in stream:  # collective: gather alongside rank 0, write nothing
-                pass
-            return []
-        out = folder / self.FOLDER
-        out.mkdir(parents=True, exist_ok=True)
-        items = [ShardItem(name, name, shape, torch.bfloat16) for name, shape in shapes.items()]
-        shards = plan_shards(items, parse_size(self.max_shard_size), WEIGHTS_NAME)
-
-        def produce(item: ShardItem) -> torch.Tensor:
-            name, tensor = next(stream)
-            assert name == item.name, (name, item.name)  # full_state follows state_dict order
-            return tensor
-
-        for file, shard in shards:
-            write_safetensors_streaming(out / file, shard, produce)
-        assert next(stream, None) is None, "full_state yielded more tensors than the DiT has"
-        files = [file for file, _ in shards]
-        if len(shards) > 1:
-            index = {
-                "metadata": {"total_size": sum(i.nbytes for i in items)},
-                "weight_map": {i.key: file for file, shard in shards for i in shard},
-            }
-            write_json(out / index_name(WEIGHTS_NAME), index)
-            files.append(index_name(WEIGHTS_NAME))
-        write_json(out / CONFIG_NAME, {"_class_name": "WanModel", **self.dit_config})
-        fsync_tree(out)
-        return [f"{self.FOLDER}/{name}" for name in [*files, CONFIG_NAME]]
-
-    def load(self, folder: Path) -> None:
-        pass  # an export: training resumes from the engine's own state
-
-
-def build_engine(recipe: DiTRecipe, setup: EngineSetup) -> Engine:
-    """The engine [parallel] engine names, building the DiT from `recipe`."""
-    name = setup.parallel.engine
-    assert name in ENGINES, name  # the config refuses other names
-    if name == "ddp":
-        return DDPEngine(recipe, setup)
-    if name in ("zero2", "zero3"):
-        from train.engine_deepspeed import DeepSpeedEngine
-
-        return DeepSpeedEngine(recipe, setup)
-    from train.engine_fsdp import FSDPEngine
-
-    return FSDPEngine(recipe, setup)
