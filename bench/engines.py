@@ -59,6 +59,7 @@ def worker(args: argparse.Namespace) -> None:
     from train.config import OptimConfig, ParallelConfig, RunConfig, config_to_toml
     from train.engines import EngineSetup, build_engine
     from train.models import DiTRecipe, DiTWeights
+    from wan.modules.checkpointing import ActivationCheckpointing
 
     cuda = torch.cuda.is_available()
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -72,7 +73,9 @@ def worker(args: argparse.Namespace) -> None:
 
     def recipe() -> DiTRecipe:
         return DiTRecipe(
-            config=config, weights=DiTWeights(args.release, config, 0), gradient_checkpointing=args.checkpointing
+            config=config,
+            weights=DiTWeights(args.release, config, 0),
+            checkpoint_policy=ActivationCheckpointing(args.checkpointing),
         )
 
     parallel = ParallelConfig(engine=args.engine, reduce_bucket_size=args.bucket, allgather_bucket_size=args.bucket)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from train.checkpoint import Checkpointer, RNGState, read_safetensors, write_safetensors
+from train.checkpoint import Checkpointer, RNGState
+from train.checkpoint_io import read_safetensors, write_safetensors
 
 
 class Value:

@@ -23,6 +23,7 @@ from train.engines.ddp import DDPEngine
 from train.engines.deepspeed import DeepSpeedEngine
 from train.models import DiTRecipe, DiTWeights
 from wan import dit_preset
+from wan.modules.checkpointing import ActivationCheckpointing
 
 STEPS = 6
 SAVE_AT = 3
@@ -233,7 +234,7 @@ def run(out: Path, engine_name: str, rank: int, world: int) -> dict:
     # Host offload (torch AdamW on the host partitions) and gradient checkpointing (non-reentrant, under
     # ZeRO-3 too) against DDP after SAVE_AT steps.
     r = recipe()
-    r.gradient_checkpointing = "full"
+    r.checkpoint_policy = ActivationCheckpointing("full")
     offload = setup(engine_name)
     offload.parallel.offload_optimizer = True
     offload.parallel.offload_param = engine_name == "zero3"

@@ -28,17 +28,14 @@ from tools.make_demo_data import make_demo_data  # noqa: E402
 
 def run_engine(data: Path, root: Path, engine: str, resume_from: Path | None) -> dict[str, dict[int, str]]:
     straight = root / engine / "straight"
-    if resume_from is None:
-        torchrun(data, straight, *engine_run_args(engine), nproc=2)
-        source = straight / "checkpoint-3"
-    else:
-        source = resume_from / engine / "straight" / "checkpoint-3"
+    torchrun(data, straight, *engine_run_args(engine), nproc=2)
+    source = (resume_from or root) / engine / "straight" / "checkpoint-3"
     resumed = root / engine / "resumed"
     torchrun(data, resumed, *engine_run_args(engine), f"--resume_from_checkpoint={source}", nproc=2)
-    out = {"resumed": {step: loss.hex() for step, loss in losses(resumed).items()}}
-    if resume_from is None:
-        out["straight"] = {step: loss.hex() for step, loss in losses(straight).items()}
-    return out
+    return {
+        run: {step: loss.hex() for step, loss in losses(out).items()}
+        for run, out in (("straight", straight), ("resumed", resumed))
+    }
 
 
 def main() -> None:

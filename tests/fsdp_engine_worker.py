@@ -20,13 +20,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from ranks import quick_exit
 
-from train.checkpoint import write_safetensors
+from train.checkpoint_io import write_safetensors
 from train.config import OptimConfig, ParallelConfig
 from train.engines import EngineSetup
 from train.engines.ddp import DDPEngine
 from train.engines.fsdp import FSDPEngine
 from train.models import DiTRecipe, DiTWeights
 from wan import dit_preset
+from wan.modules.checkpointing import ActivationCheckpointing
 
 STEPS = 6
 SAVE_AT = 3
@@ -50,7 +51,7 @@ def recipe(trainable: list[str] | None = None, checkpointing: bool = False) -> D
         config=dit_preset("debug"),
         weights=Weights("", dit_preset("debug"), seed=42),
         trainable_modules=trainable or ["."],
-        gradient_checkpointing="full" if checkpointing else "none",
+        checkpoint_policy=ActivationCheckpointing("full" if checkpointing else "none"),
     )
 
 

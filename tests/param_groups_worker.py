@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from fsdp_engine_worker import Weights, batch
 from ranks import gloo_worker_main
 
-from train.checkpoint import write_safetensors
+from train.checkpoint_io import write_safetensors
 from train.config import OptimConfig, ParallelConfig
 from train.engines import EngineSetup, build_engine
 from train.models import DiTRecipe

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from param_groups_worker import ENGINES, LR, recipe, setup, step, trainable
 from ranks import gloo_worker_main
 
-from train.checkpoint import write_safetensors
+from train.checkpoint_io import write_safetensors
 from train.engines import build_engine
 
 NEW_LR = LR / 2

@@ -22,11 +22,10 @@ from train.checkpoint import (
     capture_rng_state,
     find_latest,
     read_marker,
-    read_safetensors,
     resolve_resume,
     restore_rng_state,
-    write_safetensors,
 )
+from train.checkpoint_io import read_safetensors, write_safetensors
 from train.engines.named_optimizer import load_named_optimizer_state, optimizer_state_to_named
 
 REPO = Path(__file__).resolve().parents[1]

@@ -26,17 +26,14 @@ from ranks import private_tmpfs
 from train_runs import ENGINE_STEPS, REPO, data, engine_run_args, losses, torchrun
 
 from train.checkpoint import (
-    _WRITTEN,
     Checkpointer,
     RNGState,
     read_marker,
-    read_safetensors,
     remove_interrupted_saves,
     resolve_resume,
     verify_main,
-    write_json,
-    write_safetensors,
 )
+from train.checkpoint_io import _WRITTEN, read_safetensors, write_json, write_safetensors
 from train.engines.named_optimizer import load_named_optimizer_state, optimizer_state_to_named
 
 __all__ = ["data"]  # a fixture

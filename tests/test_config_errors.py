@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import train.main
+import train.distributed
 from train import config
 from train.config import ConfigError, load_config
 from train.data.sampler import DistributedBucketBatchSampler
@@ -115,13 +115,13 @@ def test_a_misspelt_videox_fun_option_gets_a_did_you_mean():
 def test_a_rank_that_is_not_local_rank_0_waits_then_says_its_own_error(monkeypatch, capsys):
     """The others wait for torchrun to end them (local rank 0 speaks); when nothing does, the problem was
     theirs alone, and they say it."""
-    monkeypatch.setattr(train.main, "SETUP_ERROR_WAIT_S", 0.0)
+    monkeypatch.setattr(train.distributed, "SETUP_ERROR_WAIT_S", 0.0)
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("RANK", "3")
     handler = signal.getsignal(signal.SIGTERM)
     try:
         with pytest.raises(SystemExit) as info:
-            train.main.fail_setup("error: only here")
+            train.distributed.fail_setup("error: only here")
     finally:
         signal.signal(signal.SIGTERM, handler)
     assert info.value.code == 2

@@ -28,7 +28,8 @@ def worker(out: Path) -> None:
 
     import torch
 
-    from train.checkpoint import Checkpointer, write_safetensors
+    from train.checkpoint import Checkpointer
+    from train.checkpoint_io import write_safetensors
 
     class Held:
         """Another rank's file of the save, still open for writing when the save fails."""

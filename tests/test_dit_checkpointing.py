@@ -8,12 +8,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from wan import WanModel, dit_preset
-from wan.modules.checkpointing import (
-    saved_activation_bytes,
-    saved_bytes_per_block,
-    saved_bytes_per_token_per_block,
-)
-from wan.modules.model import WanAttentionBlock
+from wan.modules.checkpointing import ActivationCheckpointing, saved_activation_bytes
+from wan.modules.model import WanAttentionBlock, saved_bytes_per_block, saved_bytes_per_token_per_block
 
 MODES = [("full", False), ("selective", False), ("selective", True)]
 SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
@@ -83,6 +79,16 @@ def test_checkpointing_gives_the_same_loss_and_gradients(model_and_reference, mo
     assert (ops[addmm] == ops_plain[addmm]) == save_matmuls
 
 
+def test_activation_checkpointing_value():
+    assert ActivationCheckpointing(True) == ActivationCheckpointing("full") != ActivationCheckpointing(False)
+    assert list(ActivationCheckpointing("selective", every=3).checkpointed_blocks(7)) == [0, 3, 6]
+    assert ActivationCheckpointing().count(40) == 0 and ActivationCheckpointing("full", every=3).count(40) == 14
+    assert ActivationCheckpointing("selective", 2, True).describe() == "selective every 2 + matmuls"
+    assert ActivationCheckpointing("full").describe() == "full"
+    with pytest.raises(ValueError, match="every"):
+        ActivationCheckpointing("none", every=0)
+
+
 def test_checkpointing_arguments():
     model = WanModel(**dit_preset("debug"))
     with pytest.raises(ValueError, match="every"):
@@ -95,11 +101,16 @@ def test_checkpointing_arguments():
     assert model.gradient_checkpointing_settings == dict(mode="full", every=1, save_matmuls=False)
     assert model.checkpointed_blocks == {0, 1}
     model.set_gradient_checkpointing(False)
-    assert model.checkpointed_blocks == set() and model.checkpoint_mode == "none"
+    assert model.checkpointed_blocks == set() and model.checkpoint_policy == ActivationCheckpointing()
     other = WanModel(**dit_preset("debug"))
     model.set_gradient_checkpointing("selective", every=2, save_matmuls=True)
     other.set_gradient_checkpointing(**model.gradient_checkpointing_settings)  # how ZeRO-3 copies them
-    assert (other.checkpoint_mode, other.checkpoint_save_matmuls, other.checkpointed_blocks) == ("selective", True, {0})
+    assert other.checkpoint_policy == ActivationCheckpointing("selective", 2, True) and other.checkpointed_blocks == {0}
+    other.set_gradient_checkpointing(ActivationCheckpointing("full", every=2))  # as DiTRecipe.build passes it
+    assert other.gradient_checkpointing_settings == dict(mode="full", every=2, save_matmuls=False)
+    assert other.checkpointed_blocks == {0} and not any(b.selective_checkpoint for b in other.blocks)
+    with pytest.raises(TypeError, match="in the policy"):
+        other.set_gradient_checkpointing(ActivationCheckpointing("full"), every=2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -14,7 +14,7 @@ import torch.distributed.checkpoint as dcp
 from fsdp_engine_worker import SUBSET, Weights
 from ranks import free_port, outputs, run_ranks
 
-from train.checkpoint import read_safetensors
+from train.checkpoint_io import read_safetensors
 from train.engines.fsdp import check_dcp_folder
 from train.models import apply_trainable_modules
 from wan import WanModel, dit_preset

@@ -15,7 +15,7 @@ from fsdp_engine_worker import batch
 from param_groups_worker import ENGINES, LOW_LR, LR, TRAINABLE, recipe
 from ranks import gloo_worker_results
 
-from train.checkpoint import read_safetensors
+from train.checkpoint_io import read_safetensors
 from train.config import OptimConfig
 from train.engines.base import build_optimizer
 from train.models import apply_trainable_modules

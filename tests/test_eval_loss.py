@@ -154,12 +154,12 @@ def test_a_broken_clip_is_left_out_and_a_failing_encode_turns_the_eval_off(data,
         assert first.forwards == 2  # 2 clips x 2 quantiles in forwards of batch 2
         assert "encoded once" in capsys.readouterr().out
 
-        def broken_encoder(batch):
+        def broken_encoder(pixels, text):
             raise RuntimeError("out of memory (pretend)")
 
         failing = EvalLoss(
             evaluator.samples, data=cfg.data, flow=trainer.flow, quantiles=[0.5], seed=0, every=1, batch_size=1,
-            encode=broken_encoder, engine=trainer.engine, collective=False, device=trainer.device,
+            encode=broken_encoder, engine=trainer.engine, collective=False, layout=trainer.layout,
             metrics=trainer.metrics,
         )  # fmt: skip
         assert failing.run(1) is None and failing.disabled and failing.run(2) is None

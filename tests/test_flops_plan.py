@@ -8,10 +8,11 @@ import torch.distributed as dist
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from train_runs import REPO, base_args, data
 
-from train.config import load_config
-from train.flops import forward_flops, peak_tflops, step_flops
+from train.config import ModelConfig, load_config
+from train.flops import forward_flops, micro_batch_flops, peak_tflops, step_flops
 from train.main import Trainer
 from wan import dit_preset
+from wan.modules.checkpointing import ActivationCheckpointing
 
 __all__ = ["data"]  # a fixture
 
@@ -29,16 +30,24 @@ def test_forward_flops_matches_an_independent_count_and_checkpointing_adds_recom
     s = 21 * 30 * 52
     assert forward_flops(c, 2, (21, 60, 104)) == pytest.approx(reference_forward_flops(c, s, 2), rel=1e-12)
     none = step_flops(c, 1, (21, 60, 104))
-    full = step_flops(c, 1, (21, 60, 104), "full")
-    every2 = step_flops(c, 1, (21, 60, 104), "full", every=2)
-    selective = step_flops(c, 1, (21, 60, 104), "selective")
-    matmuls = step_flops(c, 1, (21, 60, 104), "selective", save_matmuls=True)
+    full = step_flops(c, 1, (21, 60, 104), ActivationCheckpointing("full"))
+    every2 = step_flops(c, 1, (21, 60, 104), ActivationCheckpointing("full", every=2))
+    selective = step_flops(c, 1, (21, 60, 104), ActivationCheckpointing("selective"))
+    matmuls = step_flops(c, 1, (21, 60, 104), ActivationCheckpointing("selective", save_matmuls=True))
     assert none.model == full.model == 3 * none.forward and none.recompute == 0 == matmuls.recompute
     assert 0.99 * none.forward < full.recompute < none.forward  # the blocks are ~all of a forward
     assert every2.recompute == pytest.approx(full.recompute / 2)
     assert 0 < selective.recompute < full.recompute
     i2v = dit_preset("i2v-14B")
     assert forward_flops(i2v, 1, (21, 60, 104)) > forward_flops(dit_preset("14B"), 1, (21, 60, 104))
+
+
+def test_micro_batch_flops_reads_the_model_sections_checkpoint_policy():
+    c, x0 = dit_preset("1.3B"), (2, 16, 21, 60, 104)
+    m = ModelConfig(gradient_checkpointing="selective", gradient_checkpointing_every=3)
+    assert m.checkpoint_policy == ActivationCheckpointing("selective", every=3)
+    assert micro_batch_flops(c, x0, m) == step_flops(c, 2, (21, 60, 104), m.checkpoint_policy)
+    assert micro_batch_flops(c, x0).recompute == 0 < micro_batch_flops(c, x0, m).recompute
 
 
 def test_peak_tflops_by_name_override_and_cpu():

@@ -19,6 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import wan.modules.attention as attn
 from train.config import ModelConfig, OptimConfig, ParallelConfig
+from train.distributed import ParallelLayout
 from train.engines import EngineSetup, build_engine
 from train.metrics import Metrics
 from train.models import build_dit_recipe, build_models
@@ -184,7 +185,7 @@ def test_validation_samples_on_the_device_and_gathers_over_nccl(tmp_path, proces
     metrics = Metrics(tmp_path, total_steps=10, progress_bar=False)
     sampler = ValidationSampler(
         cfg, sampling_options(cfg, 32, 5, 5.0), models=models, engine=engine, collective=True,
-        dit_config=build_dit_recipe(config, seed=0).config, rank=0, world_size=1, device=DEVICE,
+        dit_config=build_dit_recipe(config, seed=0).config, layout=ParallelLayout.single(DEVICE),
         output_dir=tmp_path, metrics=metrics,
     )  # fmt: skip
     report = sampler.run(3)

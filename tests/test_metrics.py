@@ -8,6 +8,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from train.config import LoggingConfig
 from train.metrics import Metrics, NullMetrics, StepStats, StepTimer, build_metrics, peak_memory_bytes
 
 
@@ -125,7 +126,7 @@ def test_narrow_terminal_keeps_the_line_on_one_row(tmp_path, monkeypatch):
 def test_other_ranks_write_nothing(tmp_path, capsys):
     stream = io.StringIO()
     out = tmp_path / "out"
-    m = build_metrics(out, rank=1, total_steps=5, stream=stream)
+    m = build_metrics(LoggingConfig(), out, rank=1, total_steps=5, stream=stream)
     assert isinstance(m, NullMetrics)
     log(m, 1, **step_args(), timesteps=[1.0], per_sample_loss=[1.0], sections={"forward": 1.0})
     m.log_text("hello")
@@ -135,7 +136,7 @@ def test_other_ranks_write_nothing(tmp_path, capsys):
     assert stream.getvalue() == ""
     assert capsys.readouterr() == ("", "")
 
-    assert isinstance(build_metrics(out, rank=0, total_steps=5, stream=stream), Metrics)
+    assert isinstance(build_metrics(LoggingConfig(), out, rank=0, total_steps=5, stream=stream), Metrics)
     with pytest.raises(ValueError, match="rank 0"):
         Metrics(tmp_path, rank=1, total_steps=5)
 

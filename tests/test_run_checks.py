@@ -9,7 +9,7 @@ import sys
 import pytest
 from train_runs import REPO, base_args, data
 
-import train.main
+import train.setup
 from train.config import load_config
 from train.main import Trainer
 
@@ -46,8 +46,8 @@ def no_model_builds(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was built before the run's inputs were checked")
 
-    monkeypatch.setattr(train.main, "build_models", refuse)
-    monkeypatch.setattr(train.main, "build_dit_recipe", refuse)
+    monkeypatch.setattr(train.setup, "build_models", refuse)
+    monkeypatch.setattr(train.setup, "build_dit_recipe", refuse)
 
 
 def test_the_trainer_checks_paths_before_reading_anything(data, tmp_path, monkeypatch):

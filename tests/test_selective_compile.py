@@ -14,7 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from train.flops import step_flops
 from train.models import compile_dit
 from wan import WanModel, dit_preset
-from wan.modules.checkpointing import saved_bytes_per_block
+from wan.modules.checkpointing import ActivationCheckpointing
+from wan.modules.model import saved_bytes_per_block
 
 LATENT = (1, 16, 3, 8, 8)  # [B, C, F, H, W]: 3 x 4 x 4 = 48 tokens
 SDPA = "aten._scaled_dot_product_flash_attention_for_cpu.default"
@@ -107,6 +108,6 @@ def test_a_compiled_selective_block_keeps_and_recomputes_what_is_counted(save_ma
     layers = cfg["num_layers"]
     assert ops.ops[SDPA.replace(".default", "_backward.default")] == 2 * layers
     assert ops.ops[SDPA] == 0
-    recompute = step_flops(cfg, 1, (f, h, w), "selective", save_matmuls=save_matmuls).recompute
+    recompute = step_flops(cfg, 1, (f, h, w), ActivationCheckpointing("selective", save_matmuls=save_matmuls)).recompute
     assert ops.addmm_flops == recompute
     assert (recompute == 0) == save_matmuls

@@ -22,6 +22,7 @@ from train_runs import base_args, data, losses, torchrun
 
 from tools.zero_to_bf16 import merge
 from train.config import ModelConfig, load_config
+from train.distributed import ParallelLayout
 from train.metrics import Metrics
 from train.models import build_models
 from train.validation import ValidationConfig, ValidationSampler, read_first_frame, sampling_options
@@ -196,13 +197,20 @@ class FlakyEngine:
         return self.model(*args, **kwargs)
 
 
+def layout(rank: int, world_size: int) -> ParallelLayout:
+    cpu = torch.device("cpu")
+    return ParallelLayout(
+        world_size=world_size, rank=rank, local_rank=rank, device=cpu, dp_size=world_size, dp_rank=rank
+    )
+
+
 def test_prompts_are_split_over_ranks_with_padding():
     models = SimpleNamespace(clip=None)
     config = ValidationConfig(validation_prompts=["a", "b", "c"])
     split = [
         ValidationSampler(
             config, sampling_options(config, 64, 9, 5.0), models=models, engine=None, collective=True,
-            dit_config={}, rank=rank, world_size=2, device=torch.device("cpu"), output_dir="/unused", metrics=None,
+            dit_config={}, layout=layout(rank, 2), output_dir="/unused", metrics=None,
         ).mine()
         for rank in range(2)
     ]  # fmt: skip
@@ -221,7 +229,7 @@ def test_ddp_forward_failure_is_reported_and_the_rest_sampled(tmp_path, capsys):
     metrics = Metrics(tmp_path, total_steps=10, progress_bar=False)
     sampler = ValidationSampler(
         cfg, options, models=models, engine=FlakyEngine(model, {1}), collective=False, dit_config=config,
-        rank=0, world_size=1, device=torch.device("cpu"), output_dir=tmp_path, metrics=metrics,
+        layout=layout(0, 1), output_dir=tmp_path, metrics=metrics,
     )  # fmt: skip
     report = sampler.run(5)
     metrics.close()

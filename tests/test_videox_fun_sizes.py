@@ -202,7 +202,7 @@ def test_the_loop_trains_small_batches_repeated(data, tmp_path):
     def first_micro_step(*flags: str):
         trainer = Trainer(load_config([*base_args(data, tmp_path / str(len(flags))), "--max_train_steps=1", *flags]))
         batch = next(next(trainer.optimizer_steps()))
-        _, f, h, w, _ = batch["pixels"].shape
+        _, _, f, h, w = batch["pixels"].shape  # [B, 3, F, H, W] on the device
         return trainer.micro_step(batch, 0), (f, h, w)
 
     stats, _ = first_micro_step("--train_batch_size=2")

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from zero_to_bf16_worker import REPO, list_files, train_checkpoint, write_marker
 
 from tools.zero_to_bf16 import merge
-from train.checkpoint import write_safetensors
+from train.checkpoint_io import write_safetensors
 from train.models import apply_trainable_modules
 from train.torch_zip import load_torch_zip
 from wan import WanModel, dit_preset

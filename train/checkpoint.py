@@ -19,25 +19,21 @@ COMPLETE lists files that all exist with their sizes; a resume also checks every
 (`resolve_resume`; `python -m train.checkpoint verify DIR` by hand), and `latest` falls back past a
 damaged checkpoint to the newest that verifies. A save that fails (a full disk) removes its partial
 files before raising, and a run's start removes what crashed saves left (`remove_interrupted_saves`).
-No state is gathered to one rank. Our own files
-are safetensors or JSON; DeepSpeed's and DCP's are pickles, read back with torch.load(weights_only=True)
-(DeepSpeed: three of its data classes allowed) or, DCP's index, a restricted unpickler that builds only
-DCP's metadata classes (`read_dcp_metadata`, `load_dcp`), never a blanket unpickle: a crafted pickle
+No state is gathered to one rank. The files' bytes are train.checkpoint_io's: our own are safetensors
+or JSON, written durably and checksummed as written; DeepSpeed's and DCP's are pickles, read back with
+torch.load(weights_only=True) (DeepSpeed: three of its data classes allowed) or, DCP's index, a
+restricted unpickler (`read_dcp_metadata`, `load_dcp`), never a blanket unpickle: a crafted pickle
 fails verification and every load. All ranks must see the same output_dir (a shared filesystem).
 """
 
-import errno
 import json
 import logging
 import os
-import pickle
 import random
 import re
 import shutil
 import signal
 import sys
-import zlib
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +43,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from wan.modules.safetensors_io import _DTYPES, read_header, read_tensor
+from train.checkpoint_io import (
+    DCP_METADATA_FILE,
+    NO_ROOM,
+    crc32_file,
+    forget_written,
+    free_bytes,
+    fsync_dir,
+    held_bytes,
+    json_bytes,
+    no_room_cause,
+    read_dcp_metadata,
+    read_json,
+    size_and_crc32,
+    write_durably,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,345 +65,31 @@ CONFIG_FILE = "config.toml"
 MARKER_FILE = "COMPLETE"
 KILL_ENV = "WAN_TRAIN_KILL_DURING_SAVE"
 
+# Called as hook(step, phase) during every save; phase "written": this rank's files of the step are
+# written, the marker is not. Empty in production; tests install one to crash a save (below).
+SAVE_HOOKS: list[Callable[[int, str], None]] = []
+
 _CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
 _LEFTOVER_RE = re.compile(r"checkpoint-(\d+)\.(tmp|old)")
-_SAFETENSORS_DTYPES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / f"checkpoint-{step}"
 
 
-# ----------------------------------------------------------------------------------------------------
-# Durable file writes, checksummed as they are written
-
-# Errors of a write that ran out of room: the disk, a quota, or a file size limit; as a save's error says it.
-_NO_ROOM = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota full", errno.EFBIG: "file size limit reached"}
-
-# (size, crc32) of each file _write_durably wrote, by absolute path, taken from the bytes as they went
-# out: Checkpointer.save takes its files' entries from here instead of reading them back. Files not
-# here (DeepSpeed's, DCP's, the consolidated export) are read back once after they are written.
-_WRITTEN: dict[str, tuple[int, int]] = {}
-
-
-class _Crc32Writer:
-    """A file's write() that keeps the running crc32 and size of what passes through it."""
-
-    def __init__(self, f):
-        self.f, self.crc, self.size = f, 0, 0
-
-    def write(self, data) -> int:
-        view = memoryview(data).cast("B")
-        self.crc = zlib.crc32(view, self.crc)
-        self.size += view.nbytes
-        return self.f.write(view)
-
-
-def _fsync_dir(path: Path) -> None:
-    # A rename is durable only once the directory holding the new entry is fsynced.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _free_bytes(path: Path) -> int | None:
-    for folder in (path, *path.parents):
-        if folder.exists():
-            return shutil.disk_usage(folder).free
-    return None
-
-
-def _held_bytes(folder: Path) -> int:
-    """The disk space the files under `folder` hold (allocated blocks, not sizes); files that vanish
-    while it counts (another rank removing them) count as 0."""
-    held = 0
-    for root, _, files in os.walk(folder):
-        for name in files:
-            try:
-                held += os.lstat(os.path.join(root, name)).st_blocks * 512
-            except OSError:
-                pass
-    return held
-
-
-def _write_durably(path: Path, write: Callable[[Any], None], nbytes: int | None = None) -> None:
-    """Write through `write(file)` to a temporary name, fsync, rename to `path`, fsync the folder:
-    a reader sees either no file or the whole file. `nbytes` (the file's size, when known) goes into
-    the error of a full disk. A failed write removes its temporary file."""
-    part = path.with_name(path.name + ".part")
-    try:
-        with open(part, "wb") as f:
-            out = _Crc32Writer(f)
-            write(out)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(part, path)
-    except BaseException as err:
-        part.unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.errno in _NO_ROOM:
-            # No free space stated here: measured now, it would miss the blocks of other ranks' files of
-            # this save, still open; Checkpointer._failed states it with them counted.
-            need = f"{nbytes} bytes" if nbytes is not None else "its bytes"
-            raise OSError(err.errno, f"{path}: {os.strerror(err.errno)} writing {need}") from err
-        raise
-    _WRITTEN[os.path.abspath(path)] = (out.size, out.crc)
-    _fsync_dir(path.parent)
-
-
-def _crc32_file(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            crc = zlib.crc32(chunk, crc)
-    return crc
-
-
-def _safetensors_header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[bytes, int]:
-    """The encoded header (length prefix excluded) and the size of the data after it."""
-    bad = [key for key, value in metadata.items() if not isinstance(key, str) or not isinstance(value, str)]
-    if bad:
-        raise ValueError(f"safetensors metadata values must be strings; these are not: {', '.join(map(str, bad))}")
-    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
-    offset = 0
-    for key, tensor in tensors.items():
-        if tensor.dtype not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"tensor {key!r} has dtype {tensor.dtype}, which safetensors cannot store")
-        nbytes = tensor.numel() * tensor.element_size()
-        header[key] = {
-            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    return encoded, offset
-
-
-def _write_safetensors(f, encoded: bytes, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Stream tensors into an open file in the safetensors format, one tensor at a time: the library's
-    save_file first copies every tensor into bytes, which would double host memory for a checkpoint."""
-    f.write(len(encoded).to_bytes(8, "little"))
-    f.write(encoded)
-    for tensor in tensors.values():
-        if tensor.numel():
-            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-            f.write(data.numpy())
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors of a safetensors file (plain reads into fresh memory) and its metadata."""
-    header, data_start = read_header(path)
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        metadata = json.loads(f.read(n)).get("__metadata__") or {}
-        tensors = {key: read_tensor(f, info, data_start) for key, info in header.items()}
-    return tensors, metadata
-
-
-def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
-    """Write a safetensors file durably (temporary name, fsync, rename), streaming tensor by tensor."""
-    encoded, data_size = _safetensors_header(tensors, metadata)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_durably(path, lambda f: _write_safetensors(f, encoded, tensors), 8 + len(encoded) + data_size)
-
-
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a safetensors file; ValueError naming it when it is missing or damaged."""
-    if not path.is_file():
-        raise ValueError(f"{path}: missing from the checkpoint")
-    return _read_safetensors(path)
-
-
-def write_json(path: Path, value: Any) -> None:
-    """Write a JSON value durably; refuses values JSON would not give back unchanged."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = _json_bytes(value, path.name, path.stem)
-    _write_durably(path, lambda f: f.write(data), len(data))
-
-
-def read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise ValueError(f"{path}: missing from the checkpoint")
-    return _read_json(path)
-
-
-def fsync_tree(folder: Path) -> None:
-    """fsync every file and folder under `folder` (for files written by a library, e.g. DeepSpeed or
-    DCP, that does not fsync them itself)."""
-    for path in sorted(folder.rglob("*"), reverse=True):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-        elif path.is_dir():
-            _fsync_dir(path)
-    _fsync_dir(folder)
-
-
-def check_json(value: Any, where: str) -> None:
-    """Refuse anything JSON would not give back as it was (dict keys that are not strings come back
-    as strings) or cannot write at all, naming the entry. Tuples come back as lists, which is fine."""
-    if value is None or isinstance(value, (str, bool, int, float)):
+def install_test_hooks_from_env() -> None:
+    """Test-only fault injection, read once at process start: WAN_TRAIN_KILL_DURING_SAVE=N SIGKILLs this
+    process once its files of step N are written and before the marker, to prove a crash mid-save loses
+    nothing. Without the variable nothing is installed."""
+    kill_step = os.environ.get(KILL_ENV)
+    if kill_step is None:
         return
-    if isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            check_json(item, f"{where}[{i}]")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise ValueError(f"{where} has the key {key!r} ({type(key).__name__}); JSON keys must be strings")
-            check_json(item, f"{where}[{key!r}]")
-    else:
-        raise ValueError(f"{where} is a {type(value).__name__}, not a JSON value (dict, list, str, number, bool, None)")
 
+    def kill(step: int, phase: str) -> None:
+        if phase == "written" and str(step) == kill_step:
+            os.kill(os.getpid(), signal.SIGKILL)
 
-def _json_bytes(value: Any, file_name: str, what: str) -> bytes:
-    try:
-        check_json(value, what)
-    except ValueError as err:
-        raise ValueError(f"cannot write {file_name}: {err}") from None
-    return (json.dumps(value, indent=1) + "\n").encode()
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON: {err}") from None
-
-
-# ----------------------------------------------------------------------------------------------------
-# Pickles in checkpoints, read without running code
-#
-# DCP's index (`dcp/.metadata`) is a plain pickle, and torch's FileSystemReader.read_metadata unpickles
-# it blindly, as DefaultLoadPlanner does every non-tensor value of a DCP save (the optimizer's
-# param_groups): a crafted checkpoint, its COMPLETE marker updated to match, would run code on every
-# rank that resumes it. Every reader of a DCP folder (resume, verify, merge, sample) goes through
-# read_dcp_metadata and load_dcp.
-
-DCP_METADATA_FILE = ".metadata"  # DCP's name for the index rank 0 writes last
-
-_UNPICKLE_ERRORS = (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, IndexError, KeyError)
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Builds only what `allowed` maps (module, name) to; everything else is refused, naming it."""
-
-    def __init__(self, file, path: Path, allowed: Callable[[str, str], Any], storage: Callable | None = None):
-        super().__init__(file)
-        self.path, self.allowed, self.storage = path, allowed, storage
-
-    def find_class(self, module: str, name: str) -> Any:
-        found = self.allowed(module, name)
-        if found is None:
-            raise pickle.UnpicklingError(
-                f"{self.path}: refusing to unpickle {module}.{name} (not a class this file is expected to hold)"
-            )
-        return found
-
-    def persistent_load(self, pid: Any) -> Any:
-        if self.storage is None:
-            raise pickle.UnpicklingError(f"{self.path}: unexpected persistent id {pid!r}")
-        return self.storage(pid)
-
-
-_DCP_CLASSES = {
-    "torch.distributed.checkpoint.metadata": {
-        "Metadata", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-        "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING",
-    },
-    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"},
-}  # fmt: skip
-
-
-def _dcp_allowed(module: str, name: str) -> Any:
-    """DCP's .metadata: its own dataclasses, sizes, dtypes and paths; nothing else."""
-    if name in _DCP_CLASSES.get(module, ()):
-        import importlib
-
-        return getattr(importlib.import_module(module), name)
-    if module == "torch" and name == "Size":
-        return torch.Size
-    if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-        return getattr(torch, name)
-    if (module, name) == ("torch.serialization", "_get_layout"):
-        return torch.serialization._get_layout  # a lookup of torch's layouts by name
-    if (module, name) == ("collections", "OrderedDict"):
-        return OrderedDict
-    if module == "builtins" and name in ("set", "frozenset"):
-        return {"set": set, "frozenset": frozenset}[name]
-    return None
-
-
-def read_dcp_metadata(folder: Path) -> Any:
-    """The index (a torch.distributed.checkpoint Metadata) of DCP save `folder`, unpickled by a
-    restricted unpickler that builds only DCP's own metadata classes, sizes, dtypes and paths.
-    ValueError naming the file when it is missing, damaged or holds anything else (nothing in it runs)."""
-    from torch.distributed.checkpoint.metadata import Metadata
-
-    path = Path(folder) / DCP_METADATA_FILE
-    if not path.is_file():
-        raise ValueError(f"{path}: missing from the checkpoint (DCP's index, written last by rank 0)")
-    with open(path, "rb") as f:
-        try:
-            metadata = RestrictedUnpickler(f, path, _dcp_allowed).load()
-        except _UNPICKLE_ERRORS as err:
-            raise ValueError(f"{path}: cannot read: {str(err).removeprefix(f'{path}: ')}") from None
-    if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict):
-        raise ValueError(f"{path}: not a DCP index (holds a {type(metadata).__name__})")
-    if not isinstance(metadata.storage_data, dict):
-        raise ValueError(f"{path}: not a DCP index (no storage_data table)")
-    return metadata
-
-
-def load_dcp(state: dict, folder: Path, metadata: Any = None, *, no_dist: bool = False) -> None:
-    """dcp.load of `state` from DCP save `folder`, with `metadata` (read_dcp_metadata's, read when None)
-    as its index, and its non-tensor values read by torch.load(weights_only=True): nothing in the
-    folder is unpickled blindly. A value that is not plain data is refused with a ValueError naming
-    its file, on every rank alike."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint._traverse import set_element
-    from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.metadata import StorageMeta
-
-    folder = Path(folder)
-    if metadata is None:
-        metadata = read_dcp_metadata(folder)
-
-    class Reader(dcp.FileSystemReader):
-        # The index read safely, above; never DCP's fallback to a per-rank `__{rank}.metadata`.
-        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            if kwargs.get("rank") is not None:
-                raise ValueError(f"{folder}: per-rank DCP indexes are not read")
-            if getattr(metadata, "storage_meta", None) is None:  # as FileSystemReader.read_metadata does
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            return metadata
-
-    class Planner(dcp.DefaultLoadPlanner):
-        def load_bytes(self, read_item: Any, value: Any) -> None:
-            file = folder / metadata.storage_data[read_item.storage_index].relative_path
-            try:
-                obj = torch.load(value, map_location="cpu", weights_only=True)
-            except (*_UNPICKLE_ERRORS, RuntimeError) as err:
-                raise ValueError(f"{file}: cannot read {read_item.dest_index.fqn}: {err}") from None
-            # DefaultLoadPlanner.load_bytes, but with weights_only=True (torch's is False).
-            if self.flatten_state_dict:
-                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
-            else:
-                self.state_dict[read_item.dest_index.fqn] = obj
-
-    try:
-        dcp.load(state, storage_reader=Reader(os.fspath(folder)), planner=Planner(), no_dist=no_dist)
-    except CheckpointException as err:
-        # Collective loads report each rank's error wrapped; ours (a refused value) comes out plain.
-        refused = [exc for exc, _ in err.failures.values() if isinstance(exc, ValueError)]
-        if refused:
-            raise ValueError(str(refused[0])) from None
-        raise
+    SAVE_HOOKS.append(kill)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -524,7 +220,7 @@ def _file_problem(folder: Path, name: str, listed: Listed, checksum: bool) -> st
     if size > listed.size:
         return f"{name} has {size} bytes, {MARKER_FILE} says {listed.size}"
     if checksum and listed.crc32 is not None:
-        crc = _crc32_file(file)
+        crc = crc32_file(file)
         if crc != listed.crc32:
             return f"{name} has a checksum mismatch (crc32 {crc:08x}, {MARKER_FILE} says {listed.crc32:08x})"
     if checksum and file.name == DCP_METADATA_FILE:
@@ -550,19 +246,37 @@ def _share(listed: Mapping[str, Listed], rank: int, world_size: int) -> list[str
     return mine
 
 
+@dataclass(frozen=True)
+class ResumePoint:
+    """A checkpoint that verified, with its COMPLETE marker as parsed then (resolve_resume_point's): the
+    run's checks and Checkpointer.load take the marker from here, so a resume parses it once."""
+
+    path: Path
+    marker: dict
+    files: Mapping[str, Listed]
+
+
+def _check(
+    path: str | Path, checksums: bool, rank: int, world_size: int
+) -> tuple[list[str], tuple[dict, dict[str, Listed]] | None]:
+    """checkpoint_problems's findings, and the marker as parsed on the way (None when it did not parse)."""
+    path = Path(path)
+    if not path.is_dir():
+        return [f"{path}: not a folder"], None
+    try:
+        parsed = parse_marker(path)
+    except ValueError as err:
+        return [str(err)], None
+    listed = parsed[1]
+    names = _share(listed, rank, world_size) if world_size > 1 else sorted(listed)
+    return [p for name in names if (p := _file_problem(path, name, listed[name], checksums))], parsed
+
+
 def checkpoint_problems(path: str | Path, *, checksums: bool = True, rank: int = 0, world_size: int = 1) -> list[str]:
     """What is wrong with checkpoint folder `path` ([] when nothing is): a malformed or missing marker,
     or listed files missing, of another size, or (checksums) with other contents. With world_size > 1
     only this rank's share of the files is read (see verify_checkpoint)."""
-    path = Path(path)
-    if not path.is_dir():
-        return [f"{path}: not a folder"]
-    try:
-        _, listed = parse_marker(path)
-    except ValueError as err:
-        return [str(err)]
-    names = _share(listed, rank, world_size) if world_size > 1 else sorted(listed)
-    return [p for name in names if (p := _file_problem(path, name, listed[name], checksums))]
+    return _check(path, checksums, rank, world_size)[0]
 
 
 def checkpoint_problem(path: str | Path) -> str | None:
@@ -578,18 +292,25 @@ def _dist_rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+def _verify(path: str | Path) -> tuple[list[str], ResumePoint | None]:
+    """(verify_checkpoint's problems, the checkpoint with its parsed marker when there are none)."""
+    rank, world_size = _dist_rank_world()
+    mine, parsed = _check(path, True, rank, world_size)
+    found: list[str] = []
+    for problems in _gather_objects(mine):
+        found += [p for p in problems if p not in found]  # a bad marker is reported by every rank
+    if found or parsed is None:
+        return found, None
+    return found, ResumePoint(Path(path), *parsed)
+
+
 def verify_checkpoint(path: str | Path) -> list[str]:
     """Every problem of checkpoint folder `path`, sizes and checksums checked ([] when it verifies).
 
     Collective when a process group exists: each rank reads its share of the files (see _share: on a
     shared filesystem the reads spread over the nodes instead of one rank reading every rank's shards),
     and every rank gets the union of all ranks' findings, so all take the same decision."""
-    rank, world_size = _dist_rank_world()
-    mine = checkpoint_problems(path, rank=rank, world_size=world_size)
-    found: list[str] = []
-    for problems in _gather_objects(mine):
-        found += [p for p in problems if p not in found]  # a bad marker is reported by every rank
-    return found
+    return _verify(path)[0]
 
 
 def has_checksums(path: str | Path) -> bool:
@@ -612,15 +333,15 @@ def _log0(level: int, message: str) -> None:
         log.log(level, message)
 
 
-def _newest_verified(output_dir: Path) -> tuple[Path | None, list[tuple[Path, list[str]]]]:
+def _newest_verified(output_dir: Path) -> tuple[ResumePoint | None, list[tuple[Path, list[str]]]]:
     """(the newest checkpoint that verifies or None, [(skipped checkpoint, its problems)]). Collective
     when a process group exists: rank 0's listing of output_dir is the one every rank walks."""
     candidates = _gather_objects([path for _, path in _checkpoints(output_dir)])[0]
     skipped = []
     for path in candidates:
-        problems = verify_checkpoint(path)
-        if not problems:
-            return path, skipped
+        problems, point = _verify(path)
+        if point is not None:
+            return point, skipped
         _log0(logging.WARNING, f"skipping {path}: " + "; ".join(problems))
         skipped.append((path, problems))
     return None, skipped
@@ -630,16 +351,24 @@ def find_latest(output_dir: str | Path) -> Path | None:
     """The newest `checkpoint-N` that verifies (sizes and checksums), or None; logs one line per newer
     folder skipped, naming what is wrong. `.tmp`/`.old` folders and anything else are ignored.
     Collective when a process group exists."""
-    return _newest_verified(Path(output_dir))[0]
+    latest = _newest_verified(Path(output_dir))[0]
+    return latest.path if latest is not None else None
 
 
-def _old_marker_note(path: Path) -> None:
-    if not has_checksums(path):
-        _log0(logging.WARNING, f"{path}: its {MARKER_FILE} predates checksums: file sizes checked, contents not")
+def _old_marker_note(point: ResumePoint) -> ResumePoint:
+    if any(entry.crc32 is None for entry in point.files.values()):
+        _log0(logging.WARNING, f"{point.path}: its {MARKER_FILE} predates checksums: file sizes checked, contents not")
+    return point
 
 
 def resolve_resume(output_dir: str | Path, resume_from_checkpoint: str) -> Path | None:
-    """The checkpoint to resume from, verified (every listed file's size and checksum):
+    """The folder of resolve_resume_point's checkpoint, or None."""
+    point = resolve_resume_point(output_dir, resume_from_checkpoint)
+    return point.path if point is not None else None
+
+
+def resolve_resume_point(output_dir: str | Path, resume_from_checkpoint: str) -> ResumePoint | None:
+    """The checkpoint to resume from, verified (every listed file's size and checksum), with its marker:
     "" or "none" -> None (a fresh start); "latest" -> the newest checkpoint in output_dir that verifies,
     None when there is no checkpoint-N at all, ValueError when there are some and none verifies;
     otherwise a checkpoint folder, as given or relative to output_dir, which must verify.
@@ -650,8 +379,7 @@ def resolve_resume(output_dir: str | Path, resume_from_checkpoint: str) -> Path 
     if resume_from_checkpoint == "latest":
         latest, skipped = _newest_verified(output_dir)
         if latest is not None:
-            _old_marker_note(latest)
-            return latest
+            return _old_marker_note(latest)
         if skipped:
             listing = "".join(f"\n  {path}: " + "; ".join(problems) for path, problems in skipped)
             raise ValueError(
@@ -666,11 +394,10 @@ def resolve_resume(output_dir: str | Path, resume_from_checkpoint: str) -> Path 
         path = output_dir / path
     if not path.exists():
         raise ValueError(f"resume_from_checkpoint: {path} does not exist (nor under output_dir {output_dir})")
-    problems = verify_checkpoint(path)
-    if problems:
+    problems, point = _verify(path)
+    if point is None:
         raise ValueError(f"resume_from_checkpoint: {path} does not verify: " + "; ".join(problems))
-    _old_marker_note(path)
-    return path
+    return _old_marker_note(point)
 
 
 def remove_interrupted_saves(output_dir: str | Path, keep_step: int | None = None) -> list[Path]:
@@ -714,15 +441,6 @@ class FileState(Protocol):
     def save(self, folder: Path) -> list[str]: ...
 
     def load(self, folder: Path) -> None: ...
-
-
-def _causes(err: BaseException) -> list[BaseException]:
-    """err and the exceptions it was raised from or during, outermost first."""
-    chain: list[BaseException] = []
-    while err is not None and err not in chain:
-        chain.append(err)
-        err = err.__cause__ or err.__context__
-    return chain
 
 
 def _gather_objects(value: Any) -> list[Any]:
@@ -808,8 +526,7 @@ class Checkpointer:
                 raise
             raise failed from err
         finally:
-            for key in [k for k in _WRITTEN if k.startswith(os.path.abspath(tmp) + os.sep)]:
-                del _WRITTEN[key]  # the marker's own entry, and any a failed save left
+            forget_written(tmp)  # the marker's own entry, and any a failed save left
         if self.rank == 0:
             _prune(self.output_dir, step, self.total_limit)
         _barrier()
@@ -822,7 +539,7 @@ class Checkpointer:
                 log.warning("removing %s, left by an interrupted save", tmp)
                 shutil.rmtree(tmp)
             tmp.mkdir()
-            _fsync_dir(self.output_dir)
+            fsync_dir(self.output_dir)
         _barrier()
 
         # JSON values are checked before anything is written, so a bad value fails fast.
@@ -831,7 +548,7 @@ class Checkpointer:
             if part.files or (self.rank != 0 and not part.per_rank):
                 continue
             file = f"{name}/rank_{self.rank}.json" if part.per_rank else f"{name}.json"
-            jsons[file] = _json_bytes(part.state.state_dict(), file, name)
+            jsons[file] = json_bytes(part.state.state_dict(), file, name)
         if self.rank == 0 and self.config_text is not None:
             jsons[CONFIG_FILE] = self.config_text.encode()
         written: list[str] = []
@@ -841,12 +558,10 @@ class Checkpointer:
         for file, data in jsons.items():
             # No parents=True: a save another rank gave up on has removed tmp, and must not come back.
             (tmp / file).parent.mkdir(exist_ok=True)
-            _write_durably(tmp / file, lambda f, data=data: f.write(data), len(data))
+            write_durably(tmp / file, lambda f, data=data: f.write(data), len(data))
             written.append(file)
-        # Test-only fault injection: WAN_TRAIN_KILL_DURING_SAVE=N SIGKILLs every rank once its files of
-        # step N are written and before the marker, to prove a crash mid-save loses nothing.
-        if os.environ.get(KILL_ENV) == str(step):
-            os.kill(os.getpid(), signal.SIGKILL)
+        for hook in SAVE_HOOKS:
+            hook(step, "written")
         # Sizes and checksums as each rank wrote them: rank 0's view of another node's files may lag on a
         # network filesystem, and then a mismatch must be an error, not a silently different marker.
         mine = {file: self._entry(tmp / file) for file in written}
@@ -861,12 +576,9 @@ class Checkpointer:
 
     @staticmethod
     def _entry(path: Path) -> dict:
-        """The marker's entry of a file this rank wrote. Ours were checksummed as their bytes went out
-        (_write_durably); DeepSpeed's, DCP's and the consolidated export's are written by code that gives
-        us no hook on its bytes, so they are read back once here, each rank its own, before the marker."""
-        size = path.stat().st_size
-        recorded = _WRITTEN.pop(os.path.abspath(path), None)
-        crc = recorded[1] if recorded is not None and recorded[0] == size else _crc32_file(path)
+        """The marker's entry of a file this rank wrote (each rank reads back its own files that were not
+        checksummed as written, before the marker: see size_and_crc32)."""
+        size, crc = size_and_crc32(path)
         return {"size": size, "crc32": f"{crc:08x}"}
 
     def _failed(self, tmp: Path, final: Path, err: BaseException) -> BaseException:
@@ -878,14 +590,14 @@ class Checkpointer:
         # removed file keeps its blocks until closed), and no barrier can wait for those ranks. The free
         # space plus what the save's files hold, taken before removing them, is what the disk has once
         # every rank has let go: another rank's writes only move bytes from one term to the other.
-        free = _free_bytes(self.output_dir)
-        free = free + _held_bytes(tmp) if free is not None else None
+        free = free_bytes(self.output_dir)
+        free = free + held_bytes(tmp) if free is not None else None
         # The whole tmp folder goes, also other ranks' files in it: without this rank's files the save can
         # never be completed, and the .part/.tmp files of writers that died with the error are inside it.
         shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(err, Exception):
             return err  # KeyboardInterrupt, SystemExit: cleaned up, passed on as they are
-        no_room = next((e for e in _causes(err) if isinstance(e, OSError) and e.errno in _NO_ROOM), None)
+        no_room = no_room_cause(err)
         previous = next((p for _, p in _checkpoints(self.output_dir) if checkpoint_problem(p) is None), None)
         need = sum(e.size for e in parse_marker(previous)[1].values()) if previous is not None else None
         if no_room is not None or (need is not None and free is not None and free < need):
@@ -894,7 +606,7 @@ class Checkpointer:
             )
             message = f"saving {final} failed and its partial files were removed: {err}; {room}"
             if no_room is not None:
-                return OSError(no_room.errno, f"{_NO_ROOM[no_room.errno]}: {message}")
+                return OSError(no_room.errno, f"{NO_ROOM[no_room.errno]}: {message}")
             err.add_note(room)
         err.add_note(f"while saving {final}; its partial files ({tmp}) were removed")
         return err
@@ -913,7 +625,7 @@ class Checkpointer:
                 "is output_dir on a filesystem that every rank shares?"
             )
         marker = {"step": step, "world_size": self.world_size, **self.marker_info, "files": files}
-        _write_durably(tmp / MARKER_FILE, lambda f: f.write((json.dumps(marker, indent=1) + "\n").encode()))
+        write_durably(tmp / MARKER_FILE, lambda f: f.write((json.dumps(marker, indent=1) + "\n").encode()))
         if final.exists():
             # Re-saving a step (after a resume): the old copy stays whole until the new one is in place.
             old = final.with_name(final.name + ".old")
@@ -921,21 +633,25 @@ class Checkpointer:
                 shutil.rmtree(old)
             os.replace(final, old)
             os.replace(tmp, final)
-            _fsync_dir(self.output_dir)
+            fsync_dir(self.output_dir)
             shutil.rmtree(old)
         else:
             os.replace(tmp, final)
-        _fsync_dir(self.output_dir)
+        fsync_dir(self.output_dir)
         log.info("saved %s", final)
 
     # --- loading ----------------------------------------------------------------------------------
 
-    def load(self, path: str | Path) -> dict:
-        """Restore every registered part from a complete checkpoint; returns its marker. Per-rank JSON
-        parts of a checkpoint written by another world size are skipped (logged): they must hold only
-        state that can be recomputed (the RNG; every draw of a step derives from the global position)."""
-        path = Path(path)
-        marker = read_marker(path)
+    def load(self, checkpoint: ResumePoint | str | Path) -> dict:
+        """Restore every registered part from a complete checkpoint; returns its marker (a ResumePoint's
+        as parsed when it verified, a folder's parsed here). Per-rank JSON parts of a checkpoint written
+        by another world size are skipped (logged): they must hold only state that can be recomputed
+        (the RNG; every draw of a step derives from the global position)."""
+        if isinstance(checkpoint, ResumePoint):
+            path, marker = checkpoint.path, checkpoint.marker
+        else:
+            path = Path(checkpoint)
+            marker = read_marker(path)
         for key, value in self.marker_info.items():
             if marker.get(key) != value:
                 raise ValueError(
@@ -953,7 +669,7 @@ class Checkpointer:
                 file = f"{name}/rank_{self.rank}.json" if part.per_rank else f"{name}.json"
                 if file not in marker["files"]:
                     raise ValueError(f"{path}: the checkpoint has no {file} (its COMPLETE marker does not list it)")
-                part.state.load_state_dict(_read_json(path / file))
+                part.state.load_state_dict(read_json(path / file))
         return marker
 
 

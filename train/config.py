@@ -35,7 +35,7 @@ from train.validation import ValidationConfig
 from train.videox_fun import FLAG, OPTIONS, VALUES, apply_model_yaml, settle, their_option
 from wan.configs import DIT_PRESETS
 from wan.modules.attention import ATTENTION_BACKENDS, resolve_attention_backend
-from wan.modules.checkpointing import CHECKPOINTING_MODES
+from wan.modules.checkpointing import CHECKPOINTING_MODES, ActivationCheckpointing
 
 TRAIN_MODES = ("normal", "i2v")
 # String keys that also take a boolean (their older spelling): true / false -> these values.
@@ -100,6 +100,14 @@ class ModelConfig:
     """Keep the VAE, text and image encoders off the GPU except while they encode."""
     vae_mini_batch: int = 1
     """Clips the VAE encodes at once."""
+
+    @property
+    def checkpoint_policy(self) -> ActivationCheckpointing:
+        """gradient_checkpointing, gradient_checkpointing_every and selective_checkpoint_matmuls as one
+        value (raises ValueError where problems() would report them)."""
+        return ActivationCheckpointing(
+            self.gradient_checkpointing, self.gradient_checkpointing_every, self.selective_checkpoint_matmuls
+        )
 
     def problems(self) -> list[str]:
         out = _choice("train_mode", self.train_mode, TRAIN_MODES) + _choice("preset", self.preset, tuple(DIT_PRESETS))

@@ -56,11 +56,13 @@ import torch
 import torch.distributed as dist
 
 from train.data.buckets import bucket_table, nearest_ratio, valid_frame_count
+from train.data.dataset import pixels_to_model
 from train.data.loader import DataConfig, drop_implausible
 from train.data.metadata import Sample, load_metadata
 from train.data.probe import fill_sizes
 from train.data.sampler import derive_seed
 from train.data.video import MediaError, decode_frames, load_image, resize_cover_crop, to_frame_tensor
+from train.distributed import ParallelLayout
 from train.engines import engine_traits
 from train.flow import FlowMatching
 
@@ -161,9 +163,7 @@ class EvalLoss:
         encode,
         engine,
         collective: bool,
-        device: torch.device,
-        rank: int = 0,
-        world_size: int = 1,
+        layout: ParallelLayout,
         metrics=None,
         start_step: int = 0,
         output_dir: Path | None = None,
@@ -174,8 +174,8 @@ class EvalLoss:
         self.quantiles = [float(q) for q in quantiles]
         self.sigmas = [flow.sigma_quantile(q) for q in self.quantiles]
         self.seed, self.every, self.batch_size = seed, every, batch_size
-        self.encode, self.engine, self.collective, self.device = encode, engine, collective, device
-        self.rank, self.world_size, self.metrics = rank, world_size, metrics
+        self.encode, self.engine, self.collective, self.device = encode, engine, collective, layout.device
+        self.rank, self.world_size, self.metrics = layout.dp_rank, layout.dp_size, metrics
         self.start_step, self.out = start_step, None if output_dir is None else Path(output_dir)
         self.cache: dict[int, dict[str, torch.Tensor]] = {}  # clip -> its encoded inputs [1, ...] on the CPU
         self.loaded: list[bool] | None = None  # every clip's load, agreed by all ranks (None: not prepared)
@@ -219,7 +219,7 @@ class EvalLoss:
 
     def _encode_one(self, sample: Sample) -> dict[str, torch.Tensor]:
         pixels = load_clip(sample, self.data)
-        inputs = self.encode({"pixels": pixels[None], "text": [sample.text]})
+        inputs = self.encode(pixels_to_model(pixels[None].to(self.device, non_blocking=True)), [sample.text])
         return {k: v.detach().to("cpu") for k, v in inputs.items()}
 
     def prepare(self) -> bool:
@@ -405,9 +405,9 @@ def build_eval_loss(trainer, held_out: list[Sample]) -> EvalLoss | None:
         return None
     evaluator = EvalLoss(
         samples, data=cfg.data, flow=trainer.flow, quantiles=v.eval_quantiles, seed=v.validation_seed,
-        every=v.eval_steps, batch_size=cfg.train.train_batch_size, encode=trainer.encode, engine=trainer.engine,
-        collective=engine_traits(cfg.parallel.engine).collective_inference, device=trainer.device, rank=trainer.rank,
-        world_size=trainer.world_size, metrics=trainer.metrics, start_step=trainer.state.step, output_dir=trainer.out,
+        every=v.eval_steps, batch_size=cfg.train.train_batch_size, encode=trainer.inputs.encode, engine=trainer.engine,
+        collective=engine_traits(cfg.parallel.engine).collective_inference, layout=trainer.layout,
+        metrics=trainer.metrics, start_step=trainer.state.step, output_dir=trainer.out,
     )  # fmt: skip
     evaluator.write_listing()
     return evaluator

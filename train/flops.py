@@ -29,6 +29,10 @@ tests/test_selective_compile.py).
 import math
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the FLOP count reads the policy's fields only: importing it would import torch
+    from wan.modules.checkpointing import ActivationCheckpointing
 
 CLIP_TOKENS = 257  # open-clip ViT-H/14 tokens of the i2v image condition
 CLIP_DIM = 1280
@@ -83,43 +87,34 @@ def forward_flops(config: dict, batch: int, latent_shape: tuple[int, int, int]) 
     return sum(forward_breakdown(config, batch, latent_shape).values())
 
 
-def checkpointed_blocks(num_layers: int, mode: str, every: int = 1) -> int:
-    """How many blocks recompute in backward: blocks 0, every, 2 every, ... unless mode is "none"."""
-    return 0 if mode == "none" else len(range(0, num_layers, every))
-
-
 def step_flops(
     config: dict,
     batch: int,
     latent_shape: tuple[int, int, int],
-    checkpointing: str = "none",
-    every: int = 1,
-    save_matmuls: bool = False,
+    checkpointing: "ActivationCheckpointing | None" = None,
 ) -> StepFlops:
-    """Model FLOPs (forward x 3) and recompute FLOPs of one micro-batch of `batch` samples."""
+    """Model FLOPs (forward x 3) and recompute FLOPs of one micro-batch of `batch` samples under
+    `checkpointing` (None: none)."""
     parts = forward_breakdown(config, batch, latent_shape)
     forward = sum(parts.values())
     layers = config["num_layers"]
-    share = checkpointed_blocks(layers, checkpointing, every) / layers if layers else 0.0
-    if checkpointing == "full":
-        per_block = parts["blocks_linear"] + parts["blocks_attention"]
-    elif checkpointing == "selective":
-        per_block = 0.0 if save_matmuls else parts["blocks_linear"]
-    else:
-        per_block = 0.0
-    return StepFlops(model=3.0 * forward, recompute=share * per_block, forward=forward)
+    recompute = 0.0
+    if checkpointing is not None and layers:
+        if checkpointing.mode == "full":
+            per_block = parts["blocks_linear"] + parts["blocks_attention"]
+        elif checkpointing.mode == "selective":
+            per_block = 0.0 if checkpointing.save_matmuls else parts["blocks_linear"]
+        else:
+            per_block = 0.0
+        recompute = checkpointing.count(layers) / layers * per_block
+    return StepFlops(model=3.0 * forward, recompute=recompute, forward=forward)
 
 
 def micro_batch_flops(config: dict, x0_shape: tuple[int, ...], model_cfg=None) -> StepFlops:
-    """step_flops for a latent batch x0 [B, C, F, H, W] under a [model] section's checkpointing
-    (gradient_checkpointing, gradient_checkpointing_every, selective_checkpoint_matmuls)."""
+    """step_flops for a latent batch x0 [B, C, F, H, W] under a [model] section's checkpoint_policy
+    (None: no checkpointing)."""
     b, _, f, h, w = x0_shape
-    if model_cfg is None:
-        return step_flops(config, b, (f, h, w))
-    return step_flops(
-        config, b, (f, h, w), model_cfg.gradient_checkpointing, model_cfg.gradient_checkpointing_every,
-        model_cfg.selective_checkpoint_matmuls,
-    )  # fmt: skip
+    return step_flops(config, b, (f, h, w), model_cfg.checkpoint_policy if model_cfg is not None else None)
 
 
 # Dense (no structured sparsity) bf16 tensor-core peaks in TFLOP/s, FP32 accumulate, at boost clock,

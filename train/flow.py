@@ -85,6 +85,13 @@ def _generator(*parts: object) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(*parts))
 
 
+# The [train] keys a FlowMatching is built from (num_train_timesteps is the model's, not the config's).
+CONFIG_KEYS = (
+    "shift", "weighting_scheme", "logit_mean", "logit_std", "uniform_sampling", "mode_scale", "motion_sub_loss",
+    "motion_sub_loss_ratio",
+)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class FlowMatching:
     """Timestep and noise sampling, noising, target and loss. Pure: all state is in the arguments.
@@ -115,6 +122,11 @@ class FlowMatching:
     mode_scale: float = 1.29
     motion_sub_loss: bool = False
     motion_sub_loss_ratio: float = 0.25
+
+    @classmethod
+    def from_config(cls, train) -> "FlowMatching":
+        """From the [train] section (train.config.TrainConfig), which holds these values by name."""
+        return cls(**{name: getattr(train, name) for name in CONFIG_KEYS})
 
     def __post_init__(self):
         if self.weighting_scheme not in WEIGHTING_SCHEMES:

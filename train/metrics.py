@@ -386,6 +386,11 @@ class Metrics:
         log_every steps and at the last; asked before the step is logged."""
         return step % self.log_every == 0 or self._steps_logged == 0 or step >= self.total_steps
 
+    def add_samples(self, timesteps: torch.Tensor, per_sample_loss: torch.Tensor) -> None:
+        """Loss by timestep of samples the caller gathered itself (steps not skipped), counted in the
+        current window like a step's own timesteps; the window is written at its last log_step."""
+        self._add_to_bins(timesteps, per_sample_loss)
+
     def times_sections(self, step: int) -> bool:
         """Whether `step` logs its timed sections (time/*): the steps with a plain progress line, whether
         or not the bar replaces them. The trainer synchronises the GPU at each section edge of these
@@ -562,6 +567,9 @@ class NullMetrics:
     def log_step(self, step: int, stats: StepStats) -> None:
         pass
 
+    def add_samples(self, timesteps: torch.Tensor, per_sample_loss: torch.Tensor) -> None:
+        pass
+
     def times_sections(self, step: int) -> bool:
         return False  # nothing is logged here, so nothing is worth a GPU synchronisation
 
@@ -584,6 +592,13 @@ class NullMetrics:
         pass
 
 
-def build_metrics(output_dir: str | Path, *, rank: int, **options) -> Metrics | NullMetrics:
-    """`Metrics(output_dir, **options)` on rank 0, `NullMetrics` elsewhere; call it on every rank."""
-    return Metrics(output_dir, **options) if rank == 0 else NullMetrics()
+def build_metrics(logging, output_dir: str | Path, *, rank: int, **options) -> Metrics | NullMetrics:
+    """`Metrics` from the [logging] section (train.config.LoggingConfig) on rank 0, `NullMetrics`
+    elsewhere; call it on every rank. `options` are the run's own (total_steps, start_step, ...)."""
+    if rank != 0:
+        return NullMetrics()
+    section = {
+        "log_every": logging.log_every, "progress_bar": logging.progress_bar, "loss_smoothing": logging.loss_smoothing,
+        "timestep_bins": logging.timestep_bins, "log_dir": logging.logging_dir,
+    }  # fmt: skip
+    return Metrics(output_dir, **{**section, **options})

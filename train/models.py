@@ -24,6 +24,7 @@ from wan import (
     vae_preset,
 )
 from wan.encoders import TextEncoder, park_on_host
+from wan.modules.checkpointing import ActivationCheckpointing
 from wan.modules.dit_weights import WEIGHTS_NAME, diffusers_to_official_key, read_dit_folder
 from wan.modules.safetensors_io import read_header, read_tensor, resolve_weight_files
 from wan.modules.state_dict_io import assign_tensor, check_entries
@@ -148,11 +149,8 @@ class DiTRecipe:
     trainable_modules: list[str] = field(default_factory=lambda: ["."])
     trainable_modules_low_learning_rate: list[str] = field(default_factory=list)
     """Substrings of parameters that also train, at half the learning rate (trainable_modules wins)."""
-    gradient_checkpointing: str = "none"
-    """"full", "selective" or "none" (wan/modules/checkpointing.py CHECKPOINTING_MODES)."""
-    gradient_checkpointing_every: int = 1
-    selective_checkpoint_matmuls: bool = False
-    """With "selective": also keep the mm/addmm outputs."""
+    checkpoint_policy: ActivationCheckpointing = ActivationCheckpointing()
+    """Which blocks recompute in backward, and how (the [model] section's checkpoint_policy)."""
     compile: bool = False
     """torch.compile each block in place (after the trainable flags and checkpointing, before the
     engine wraps the model): see compile_dit."""
@@ -165,10 +163,7 @@ class DiTRecipe:
             model = WanModel(**self.config)
         self.weights.check(model)
         apply_trainable_modules(model, self.trainable_modules, self.trainable_modules_low_learning_rate)
-        model.set_gradient_checkpointing(
-            self.gradient_checkpointing, every=self.gradient_checkpointing_every,
-            save_matmuls=self.selective_checkpoint_matmuls,
-        )  # fmt: skip
+        model.set_gradient_checkpointing(self.checkpoint_policy)
         if self.compile:
             compile_dit(model)
         return model
@@ -215,8 +210,7 @@ def build_dit_recipe(model_cfg, seed: int) -> DiTRecipe:
     return DiTRecipe(
         config=config, weights=DiTWeights(folder, config, seed, override), trainable_modules=m.trainable_modules,
         trainable_modules_low_learning_rate=m.trainable_modules_low_learning_rate,
-        gradient_checkpointing=m.gradient_checkpointing, gradient_checkpointing_every=m.gradient_checkpointing_every,
-        selective_checkpoint_matmuls=m.selective_checkpoint_matmuls, compile=m.compile,
+        checkpoint_policy=m.checkpoint_policy, compile=m.compile,
     )  # fmt: skip
 
 

@@ -10,7 +10,7 @@ binds), as a micro-batch of train_batch_size x the token-length repeats:
                  plus the frozen encoders on the GPU: umT5 (bf16, replicated), VAE (fp32), CLIP
                  (i2v); with low_vram they come to the GPU only while encoding (counted then).
   activations    what autograd keeps for backward, measured exactly on fake tensors of the real shapes
-                 (wan/modules/checkpointing.py: saved_bytes_per_block) for each block's mode: the
+                 (wan/modules/model.py: saved_bytes_per_block) for each block's mode: the
                  checkpointed blocks under the configured mode, the others under "none" (a compiled
                  selective block keeps the same: tests/test_selective_compile.py); plus the
                  embeddings and head. bf16 weight copies of autocast count under ddp (fp32 weights);
@@ -227,7 +227,7 @@ def model_state_bytes(cfg: RunConfig, counts: dict, gpus: int) -> dict[str, floa
 
 
 def _fake_bytes(config_json: str, mode: str, save_matmuls: bool, tokens: int, batch: int, dtype: torch.dtype) -> int:
-    from wan.modules.checkpointing import saved_bytes_per_block
+    from wan.modules.model import saved_bytes_per_block
 
     return saved_bytes_per_block(json.loads(config_json), mode, save_matmuls, tokens, dtype, batch)
 
@@ -277,21 +277,20 @@ def activation_bytes(
     cfg: RunConfig, config: dict, counts: dict, batch: int, latent: tuple[int, int, int]
 ) -> Activations:
     """Saved activations of a micro-batch of `batch` samples of `latent` (frames, height, width)."""
-    m = cfg.model
+    policy = cfg.model.checkpoint_policy
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision, torch.float32)
     key = json.dumps(config, sort_keys=True)
     pt, ph, pw = config.get("patch_size", (1, 2, 2))
     tokens = (latent[0] // pt) * (latent[1] // ph) * (latent[2] // pw)
     layers = config["num_layers"]
-    mode = m.gradient_checkpointing
-    checkpointed = 0 if mode == "none" else len(range(0, layers, m.gradient_checkpointing_every))
+    checkpointed = policy.count(layers)
     # autocast's bf16 weight copies exist only with fp32 weights (an engine without low_precision_params);
     # the others compute with bf16 parameters (gathered and freed where they are sharded).
     low_params = engine_traits(cfg.parallel.engine).low_precision_params
     copies = 2 * counts["block_linear"] if dtype != torch.float32 and low_params else 0
     none = _fake_bytes(key, "none", False, tokens, batch, dtype) - copies
     if checkpointed:
-        ckpt = _fake_bytes(key, mode, m.selective_checkpoint_matmuls, tokens, batch, dtype)
+        ckpt = _fake_bytes(key, policy.mode, policy.save_matmuls, tokens, batch, dtype)
     else:
         ckpt = 0
     outside = _outside_blocks_bytes(key, batch, latent, dtype)
@@ -386,10 +385,10 @@ def count_compiles(cfg: RunConfig, dynamic_tokens: bool | None = None, frame_cap
     from train.models import COMPILE_DYNAMIC_TOKENS
 
     dynamic = COMPILE_DYNAMIC_TOKENS if dynamic_tokens is None else dynamic_tokens
-    config, m = dit_config(cfg)[0], cfg.model
+    config, policy = dit_config(cfg)[0], cfg.model.checkpoint_policy
     pt, ph, pw = config.get("patch_size", (1, 2, 2))
     layers = config["num_layers"]
-    mixed = m.gradient_checkpointing == "selective" and len(range(0, layers, m.gradient_checkpointing_every)) < layers
+    mixed = policy.mode == "selective" and policy.count(layers) < layers
     kinds = ("selective", "plain") if mixed else ("plain",)
 
     def graph(batch: int, latent: tuple[int, int, int]) -> tuple:
@@ -498,7 +497,8 @@ def advice(cfg: RunConfig, rows: list[Row], info: dict) -> list[str]:
         return []
     m, p = cfg.model, cfg.parallel
     out = []
-    if m.gradient_checkpointing != "full" or m.gradient_checkpointing_every != 1:
+    policy = m.checkpoint_policy
+    if policy.mode != "full" or policy.every != 1:
         out.append('[model] gradient_checkpointing = "full" with gradient_checkpointing_every = 1 (least activations)')
     traits = engine_traits(p.engine)
     if not traits.shards_parameters:
@@ -545,8 +545,7 @@ def report(cfg: RunConfig, rows: list[Row], info: dict) -> str:
         f"{counts['trainable'] / 1e9:.2f} B trainable",
         f"engine {p.engine} on {info['gpus']} GPUs of {info['gpu_memory'] / GB:.0f} GB "
         f"(limit {info['limit'] / GB:.1f} GB with headroom), {cfg.train.mixed_precision}, checkpointing "
-        f"{m.gradient_checkpointing}" + (f" every {m.gradient_checkpointing_every}" if m.gradient_checkpointing_every > 1 else "")
-        + (" + matmuls" if m.selective_checkpoint_matmuls else "") + f", micro-batch {cfg.train.train_batch_size}",
+        f"{m.checkpoint_policy.describe()}, micro-batch {cfg.train.train_batch_size}",
         "model states per GPU: " + ", ".join(f"{k} {v / GB:.2f} GB" for k, v in states.items() if k != "host")
         + (f" (+ {states['host'] / GB:.1f} GB in host memory)" if states["host"] else ""),
         "frozen encoders: " + ", ".join(f"{k} {v / GB:.2f} GB" for k, v in info["encoders"].items())

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from train.checkpoint import RestrictedUnpickler  # one restricted unpickler, DCP's index uses it too
+from train.checkpoint_io import RestrictedUnpickler  # one restricted unpickler, DCP's index uses it too
 
 
 class Stub:

@@ -25,11 +25,14 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+if TYPE_CHECKING:
+    from train.distributed import ParallelLayout
 from wan.media import DEFAULT_FPS, contact_sheet, prompt_slug, video_to_frames, write_mp4, write_png
 from wan.pipeline import (
     DEFAULT_NEGATIVE_PROMPT,
@@ -204,7 +207,7 @@ class ValidationSampler:
     engine (its inference_forward is the DiT); collective: whether that forward is a collective (the
     engine's traits: parameters gathered from every rank);
     dit_config: the DiT's WanModel keyword arguments (for the padding inputs); options: from
-    `sampling_options`; metrics: the run's Metrics (NullMetrics off rank 0); offload: the run's
+    `sampling_options`; layout: the run's ranks (train/distributed.py); metrics: the run's Metrics (NullMetrics off rank 0); offload: the run's
     low_vram (encoders move to the device only while they work)."""
 
     def __init__(
@@ -216,9 +219,7 @@ class ValidationSampler:
         engine,
         collective: bool,
         dit_config: dict,
-        rank: int,
-        world_size: int,
-        device: torch.device,
+        layout: "ParallelLayout",
         output_dir: str | Path,
         metrics,
         offload: bool = False,
@@ -229,7 +230,7 @@ class ValidationSampler:
         self.options = options
         self.models, self.engine, self.dit_config = models, engine, dit_config
         self.collective = collective
-        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
+        self.rank, self.world_size, self.device = layout.dp_rank, layout.dp_size, layout.device
         self.output_dir, self.metrics, self.offload = Path(output_dir), metrics, offload
         self.i2v = models.clip is not None
         if self.i2v and len(self.images) not in (1, len(self.prompts)):

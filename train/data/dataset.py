@@ -393,10 +393,11 @@ class BadSampleTracker:
             self.refused += 1
             self._note(path, reason)
 
-    def update(self, batch: dict, device: torch.device | None = None, step: int | None = None) -> None:
+    def update(self, batch: dict, device: torch.device | None = None, step: int | None = None, group=None) -> None:
         """Count a batch from VideoDataset; raise BadDataError when the run must stop. With `device`
-        under torch.distributed this is a collective (see the class docstring); `step` names the
-        training step in the error."""
+        under torch.distributed this is a collective (see the class docstring) over `group` (the
+        default group when None; a gloo group sums on the host, with no GPU synchronisation); `step`
+        names the training step in the error."""
         served = int((batch["index"] >= 0).sum())
         for path, reason in batch["skipped"]:
             self.failures[path] += 1
@@ -406,8 +407,9 @@ class BadSampleTracker:
         counts = [served, len(batch["skipped"]), len(errors)]
         distributed = device is not None and dist.is_initialized()
         if distributed:
-            summed = torch.tensor(counts, dtype=torch.float64, device=device)
-            dist.all_reduce(summed)
+            on = torch.device("cpu") if group is not None else device
+            summed = torch.tensor(counts, dtype=torch.float64, device=on)
+            dist.all_reduce(summed, group=group)
             counts = [round(c) for c in summed.tolist()]
         self.served += counts[0]
         self.skips += counts[1]

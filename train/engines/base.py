@@ -268,7 +268,7 @@ def build_grad_scaler(setup: EngineSetup) -> torch.amp.GradScaler | None:
 
 def save_grad_scaler(scaler: torch.amp.GradScaler | None, folder: Path) -> list[str]:
     """Rank 0's part of a save: the scaler state (replicated: every rank decides skips alike)."""
-    from train.checkpoint import write_json
+    from train.checkpoint_io import write_json
 
     if scaler is None:
         return []
@@ -279,7 +279,7 @@ def save_grad_scaler(scaler: torch.amp.GradScaler | None, folder: Path) -> list[
 def load_grad_scaler(scaler: torch.amp.GradScaler | None, folder: Path) -> None:
     """Restore the loss scale saved by save_grad_scaler. A checkpoint of a bf16 or fp32 run has none: an
     fp16 run continuing it starts from a fresh scale, as a new fp16 run would."""
-    from train.checkpoint import read_json
+    from train.checkpoint_io import read_json
 
     path = folder / GRAD_SCALER_FILE
     if scaler is None:

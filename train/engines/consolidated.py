@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from train.checkpoint import fsync_tree, write_json
+from train.checkpoint_io import fsync_tree, write_json
 from train.engines.base import Engine
 from wan import WanModel
 from wan.modules.dit_weights import CONFIG_NAME, WEIGHTS_NAME

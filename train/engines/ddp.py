@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from train.checkpoint import read_json, read_safetensors, write_json, write_safetensors
+from train.checkpoint_io import read_json, read_safetensors, write_json, write_safetensors
 from train.engines.base import (
     SCHEDULER_FILE,
     EngineSetup,
@@ -37,7 +37,7 @@ from train.engines.base import (
     save_grad_scaler,
 )
 from train.engines.named_optimizer import load_named_optimizer_state, optimizer_state_to_named
-from wan.modules.safetensors_io import _DTYPES, read_header, read_tensor
+from wan.modules.safetensors_io import DTYPES, read_header, read_tensor
 
 if TYPE_CHECKING:
     from train.models import DiTRecipe
@@ -159,7 +159,7 @@ def read_checkpoint(ckpt: Path, world_size: int, tag: str | None) -> dict[str, T
         return read
 
     return {
-        key: TensorSource(tuple(info["shape"]), _DTYPES[info["dtype"]], reader(info), DDP_MODEL_FILE)
+        key: TensorSource(tuple(info["shape"]), DTYPES[info["dtype"]], reader(info), DDP_MODEL_FILE)
         for key, info in header.items()
     }
 

@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from train.checkpoint import read_json, write_json
+from train.checkpoint_io import read_json, write_json
 from train.engines.base import (
     SCHEDULER_FILE,
     EngineSetup,

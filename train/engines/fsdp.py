@@ -45,7 +45,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
-from train.checkpoint import DCP_METADATA_FILE, fsync_tree, load_dcp, read_dcp_metadata, read_json, write_json
+from train.checkpoint_io import DCP_METADATA_FILE, fsync_tree, load_dcp, read_dcp_metadata, read_json, write_json
 from train.engines.base import (
     AUTOCAST_DTYPES,
     SCHEDULER_FILE,

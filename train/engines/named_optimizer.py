@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from train.checkpoint import check_json
+from train.checkpoint_io import check_json
 
 
 def _named_params(optimizer: torch.optim.Optimizer, names_by_param: Mapping[torch.Tensor, str]) -> list[list[str]]:

@@ -26,20 +26,20 @@ its body), because the policy replays the forward op by op and must see the bloc
   overload reaching it is an error, not a silent recompute. Dynamo takes the policy only as a
   constant: the module-level functions below.
 
-`saved_bytes_per_block` measures what one block keeps, exactly, on fake (shapes-only) tensors, so it
-costs nothing at release sizes; a compiled block keeps the same (tests/test_selective_compile.py).
-Imports nothing distributed.
+`saved_activation_bytes` measures what a block keeps, exactly, on real or fake (shapes-only) tensors;
+wan/modules/model.py `saved_bytes_per_block` runs it on a fake DiT block, so it costs nothing at
+release sizes; a compiled block keeps the same (tests/test_selective_compile.py). Imports nothing
+distributed, nor the model (which imports this module).
 """
 
 import contextlib
 import functools
-import math
+from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 CHECKPOINTING_MODES = ("full", "selective", "none")
-RELEASE_TOKENS = 21 * 30 * 52  # 81 frames of 480x832: 32,760 tokens
 
 _aten = torch.ops.aten
 MATMUL_OPS = frozenset({_aten.mm.default, _aten.addmm.default, _aten.bmm.default})
@@ -54,6 +54,43 @@ def normalize_mode(mode: str | bool) -> str:
     if mode not in CHECKPOINTING_MODES:
         raise ValueError(f"gradient checkpointing mode must be one of {', '.join(CHECKPOINTING_MODES)}, got {mode!r}")
     return mode
+
+
+@dataclass(frozen=True)
+class ActivationCheckpointing:
+    """Which DiT blocks recompute in backward, and how: the [model] section's gradient_checkpointing,
+    gradient_checkpointing_every and selective_checkpoint_matmuls as one value, so the model, the FLOP
+    count and the memory plan read the same three settings. (Not torch's CheckpointPolicy, which
+    decides op by op inside one selective checkpoint.)"""
+
+    mode: str = "none"
+    """"full", "selective" or "none" (True / False are taken as "full" / "none")."""
+    every: int = 1
+    """Checkpoint blocks 0, every, 2 every, ... and run the others plainly."""
+    save_matmuls: bool = False
+    """With "selective": also keep the mm/addmm/bmm outputs."""
+
+    def __post_init__(self) -> None:
+        # Checked here rather than where a model applies it, so that a FLOP count or a memory plan
+        # never describes a setting no model would take.
+        object.__setattr__(self, "mode", normalize_mode(self.mode))
+        if self.every < 1:
+            raise ValueError(f"gradient checkpointing 'every' must be >= 1, got {self.every}")
+        if self.save_matmuls and self.mode != "selective":
+            raise ValueError(f"save_matmuls needs selective gradient checkpointing, got mode {self.mode!r}")
+
+    def checkpointed_blocks(self, num_layers: int) -> range:
+        """Indices of the blocks that recompute in backward (none under "none")."""
+        return range(0, num_layers if self.mode != "none" else 0, self.every)
+
+    def count(self, num_layers: int) -> int:
+        """How many of num_layers blocks recompute in backward."""
+        return len(self.checkpointed_blocks(num_layers))
+
+    def describe(self) -> str:
+        """A short label: "full", "selective every 2 + matmuls", ..."""
+        every = f" every {self.every}" if self.every > 1 else ""
+        return f"{self.mode}{every}" + (" + matmuls" if self.save_matmuls else "")
 
 
 def is_attention_op(op) -> bool:
@@ -181,50 +218,3 @@ def saved_activation_bytes(
     nbytes = counter.nbytes
     del out
     return nbytes
-
-
-def saved_bytes_per_block(
-    config: dict,
-    mode: str | bool = "full",
-    save_matmuls: bool = False,
-    tokens: int = RELEASE_TOKENS,
-    dtype: torch.dtype = torch.bfloat16,
-    batch: int = 1,
-) -> int:
-    """Exact bytes one DiT block of `config` (WanModel keyword arguments) keeps for backward for
-    `batch` samples of `tokens` video tokens (and text_len text tokens), under `mode`, with float32
-    weights and `dtype` autocast (float32: none), as the trainer runs it.
-
-    Runs one block on fake tensors (shapes only, no memory, no compute; the CPU's kernels' output
-    shapes: SDPA is flash_attention_for_cpu, which keeps the output and a float32 logsumexp, as the
-    CUDA flash/cuDNN kernels do). Counts as `saved_activation_bytes`: the block's input x (the
-    previous block's output), the text k/v and, under autocast, the bf16 weight copies included."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from wan.modules.model import WanAttentionBlock
-
-    dim, heads, text_len = config["dim"], config["num_heads"], config.get("text_len", 512)
-    with_image = config.get("model_type", "t2v") == "i2v"
-    with FakeTensorMode(), torch.device("cpu"):
-        block = WanAttentionBlock(dim, config["ffn_dim"], heads, config.get("eps", 1e-6), with_image)
-        block.train()
-        x = torch.empty(batch, tokens, dim, requires_grad=True)
-        e0 = torch.empty(batch, 6, dim, requires_grad=True)
-        context = torch.empty(batch, text_len, dim, requires_grad=True)
-        image_context = torch.empty(batch, 257, dim, requires_grad=True) if with_image else None
-        half = dim // heads // 2
-        rope = (torch.empty(tokens, 1, half), torch.empty(tokens, 1, half))
-        autocast_dtype = None if dtype == torch.float32 else dtype
-        return saved_activation_bytes(block, (x, e0, context, image_context, rope), mode, save_matmuls, autocast_dtype)
-
-
-def saved_bytes_per_token_per_block(
-    config: dict,
-    mode: str | bool = "full",
-    save_matmuls: bool = False,
-    tokens: int = RELEASE_TOKENS,
-    dtype: torch.dtype = torch.bfloat16,
-) -> int:
-    """`saved_bytes_per_block` for one sample of `tokens` tokens, divided by tokens, rounded up: the
-    per-token cost with the block's fixed part (text k/v, autocast weight copies) spread over tokens."""
-    return math.ceil(saved_bytes_per_block(config, mode, save_matmuls, tokens, dtype) / tokens)

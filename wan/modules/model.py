@@ -9,6 +9,7 @@ Shapes: B batch, C channels, F/H/W latent frames/height/width, S = f*h*w tokens 
 L text tokens (text_len), D model width (dim).
 """
 
+import dataclasses
 import functools
 import math
 from pathlib import Path
@@ -19,11 +20,12 @@ import torch.nn.functional as F
 
 from wan.modules import dit_weights
 from wan.modules.attention import attention
-from wan.modules.checkpointing import checkpoint_block, normalize_mode
+from wan.modules.checkpointing import ActivationCheckpointing, checkpoint_block, saved_activation_bytes
 from wan.modules.precision import autocast_for_weights
 
 ROPE_MAX_POSITIONS = 1024  # positions per axis in the reference RoPE tables
 CLIP_DIM = 1280  # width of the I2V image features (open-clip ViT-H/14)
+RELEASE_TOKENS = 21 * 30 * 52  # 81 frames of 480x832: 32,760 tokens
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -322,9 +324,7 @@ class WanModel(nn.Module):
         self.rope = RotaryEmbedding(dim // num_heads)
 
         self.checkpointed_blocks: set[int] = set()
-        self.checkpoint_mode = "none"  # for the blocks in checkpointed_blocks: "full" or "selective"
-        self.checkpoint_every = 1
-        self.checkpoint_save_matmuls = False
+        self.checkpoint_policy = ActivationCheckpointing()
         # On the meta device there is nothing to initialise (and init ops there cost a one-time
         # ~75 MB import of torch's decompositions): call init_weights() after to_empty().
         if not self.patch_embedding.weight.is_meta:
@@ -356,27 +356,31 @@ class WanModel(nn.Module):
         self.head.modulation.copy_(torch.randn_like(self.head.modulation) / self.dim**0.5)
         self.rope.reset_tables()
 
-    def set_gradient_checkpointing(self, mode: str | bool = "full", every: int = 1, save_matmuls: bool = False) -> None:
-        """Recompute block activations in backward (wan/modules/checkpointing.py). mode "full" (or
-        True) keeps each checkpointed block's inputs only; "selective" also keeps the attention
-        kernels' outputs (with save_matmuls the mm/addmm outputs too) and recomputes the rest; "none"
-        (or False) turns it off. With every=k only blocks 0, k, 2k, ... are checkpointed: a trade
-        between memory and the ~1/3 extra compute of full checkpointing."""
-        mode = normalize_mode(mode)
-        if every < 1:
-            raise ValueError(f"gradient checkpointing 'every' must be >= 1, got {every}")
-        if save_matmuls and mode != "selective":
-            raise ValueError(f"save_matmuls needs selective gradient checkpointing, got mode {mode!r}")
-        self.checkpoint_mode, self.checkpoint_every, self.checkpoint_save_matmuls = mode, every, save_matmuls
-        self.checkpointed_blocks = set(range(0, len(self.blocks), every)) if mode != "none" else set()
+    def set_gradient_checkpointing(
+        self, mode: ActivationCheckpointing | str | bool = "full", every: int = 1, save_matmuls: bool = False
+    ) -> None:
+        """Recompute block activations in backward (wan/modules/checkpointing.py), as an
+        ActivationCheckpointing or its fields. mode "full" (or True) keeps each checkpointed block's
+        inputs only; "selective" also keeps the attention kernels' outputs (with save_matmuls the
+        mm/addmm outputs too) and recomputes the rest; "none" (or False) turns it off. With every=k only
+        blocks 0, k, 2k, ... are checkpointed: a trade between memory and the ~1/3 extra compute of full
+        checkpointing."""
+        if isinstance(mode, ActivationCheckpointing):
+            if (every, save_matmuls) != (1, False):
+                raise TypeError("set_gradient_checkpointing: every and save_matmuls go in the policy, not beside it")
+            policy = mode
+        else:
+            policy = ActivationCheckpointing(mode, every, save_matmuls)
+        self.checkpoint_policy = policy
+        self.checkpointed_blocks = set(policy.checkpointed_blocks(len(self.blocks)))
         for i, block in enumerate(self.blocks):
-            block.selective_checkpoint = mode == "selective" and i in self.checkpointed_blocks
-            block.checkpoint_save_matmuls = save_matmuls
+            block.selective_checkpoint = policy.mode == "selective" and i in self.checkpointed_blocks
+            block.checkpoint_save_matmuls = policy.save_matmuls
 
     @property
     def gradient_checkpointing_settings(self) -> dict:
         """set_gradient_checkpointing's arguments as last set (to copy them onto another build)."""
-        return dict(mode=self.checkpoint_mode, every=self.checkpoint_every, save_matmuls=self.checkpoint_save_matmuls)
+        return dataclasses.asdict(self.checkpoint_policy)
 
     # ----------------------------------------------------------------------------------------------
     def forward(
@@ -428,7 +432,7 @@ class WanModel(nn.Module):
         rope = self.rope(grid)
         grad_on = torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            if grad_on and i in self.checkpointed_blocks and self.checkpoint_mode == "full":
+            if grad_on and i in self.checkpointed_blocks and self.checkpoint_policy.mode == "full":
                 x = checkpoint_block(block, x, e0, context, image_context, rope, mode="full")
             else:  # a selective block checkpoints inside its call
                 x = block(x, e0, context, image_context, rope)
@@ -497,3 +501,53 @@ def _mark_dynamic_tokens(compiled, x, e0, context, image_context, rope):
         if tensor is not None:
             torch._dynamo.maybe_mark_dynamic(tensor, dims)
     return compiled(x, e0, context, image_context, rope)
+
+
+# ----------------------------------------------------------------------------------------------------
+# What a block keeps for backward: here rather than in wan/modules/checkpointing.py because it builds a
+# WanAttentionBlock, and that module must not import this one (this one imports it).
+
+
+def saved_bytes_per_block(
+    config: dict,
+    mode: str | bool = "full",
+    save_matmuls: bool = False,
+    tokens: int = RELEASE_TOKENS,
+    dtype: torch.dtype = torch.bfloat16,
+    batch: int = 1,
+) -> int:
+    """Exact bytes one DiT block of `config` (WanModel keyword arguments) keeps for backward for
+    `batch` samples of `tokens` video tokens (and text_len text tokens), under `mode`, with float32
+    weights and `dtype` autocast (float32: none), as the trainer runs it.
+
+    Runs one block on fake tensors (shapes only, no memory, no compute; the CPU's kernels' output
+    shapes: SDPA is flash_attention_for_cpu, which keeps the output and a float32 logsumexp, as the
+    CUDA flash/cuDNN kernels do). Counts as `saved_activation_bytes`: the block's input x (the
+    previous block's output), the text k/v and, under autocast, the bf16 weight copies included."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    dim, heads, text_len = config["dim"], config["num_heads"], config.get("text_len", 512)
+    with_image = config.get("model_type", "t2v") == "i2v"
+    with FakeTensorMode(), torch.device("cpu"):
+        block = WanAttentionBlock(dim, config["ffn_dim"], heads, config.get("eps", 1e-6), with_image)
+        block.train()
+        x = torch.empty(batch, tokens, dim, requires_grad=True)
+        e0 = torch.empty(batch, 6, dim, requires_grad=True)
+        context = torch.empty(batch, text_len, dim, requires_grad=True)
+        image_context = torch.empty(batch, 257, dim, requires_grad=True) if with_image else None
+        half = dim // heads // 2
+        rope = (torch.empty(tokens, 1, half), torch.empty(tokens, 1, half))
+        autocast_dtype = None if dtype == torch.float32 else dtype
+        return saved_activation_bytes(block, (x, e0, context, image_context, rope), mode, save_matmuls, autocast_dtype)
+
+
+def saved_bytes_per_token_per_block(
+    config: dict,
+    mode: str | bool = "full",
+    save_matmuls: bool = False,
+    tokens: int = RELEASE_TOKENS,
+    dtype: torch.dtype = torch.bfloat16,
+) -> int:
+    """`saved_bytes_per_block` for one sample of `tokens` tokens, divided by tokens, rounded up: the
+    per-token cost with the block's fixed part (text k/v, autocast weight copies) spread over tokens."""
+    return math.ceil(saved_bytes_per_block(config, mode, save_matmuls, tokens, dtype) / tokens)

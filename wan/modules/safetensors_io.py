@@ -10,7 +10,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,14 +62,14 @@ def resolve_weight_files(folder: Path, weights_name: str) -> list[Path]:
     )
 
 
-_DTYPES = {
+DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }  # fmt: skip
 
 
-_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 def read_header(path: Path) -> tuple[dict[str, dict], int]:
@@ -86,9 +86,9 @@ def read_header(path: Path) -> tuple[dict[str, dict], int]:
     header.pop("__metadata__", None)
     for key, info in header.items():
         begin, end = info["data_offsets"]
-        if info["dtype"] not in _DTYPES:
+        if info["dtype"] not in DTYPES:
             raise ValueError(f"{path}: key {key!r} has dtype {info['dtype']}, which this loader does not read")
-        expected = math.prod(info["shape"]) * _DTYPES[info["dtype"]].itemsize
+        expected = math.prod(info["shape"]) * DTYPES[info["dtype"]].itemsize
         if end - begin != expected or 8 + n + end > size:
             raise ValueError(f"{path}: key {key!r} is truncated or corrupt (bytes {begin}..{end}, file size {size})")
     return header, 8 + n
@@ -98,7 +98,7 @@ def read_tensor(f, info: dict, data_start: int) -> torch.Tensor:
     """One tensor of an open safetensors file, given its header entry (see read_header)."""
     # Read straight into fresh (64-byte aligned) memory: no mmap keeps the file's pages resident
     # beside the copy, so a load peaks at one copy of the model.
-    tensor = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
+    tensor = torch.empty(info["shape"], dtype=DTYPES[info["dtype"]])
     if tensor.numel():
         f.seek(data_start + info["data_offsets"][0])
         f.readinto(tensor.reshape(-1).view(torch.uint8).numpy())
@@ -213,37 +213,59 @@ def plan_shards(items: list[ShardItem], limit: int, weights_name: str) -> list[t
     return [(f"{stem}-{i + 1:05d}-of-{len(shards):05d}.{ext}", s) for i, s in enumerate(shards)]
 
 
+def encode_header(
+    entries: Iterable[tuple[str, torch.dtype, Sequence[int]]], metadata: Mapping[str, str] | None = None
+) -> tuple[bytes, int]:
+    """The encoded header (length prefix excluded) of a file holding `entries` (key, dtype, shape), in
+    that order, and the size of the tensor data after it. Known up front, so a writer can state a
+    file's size before writing it and stream the tensors one at a time."""
+    metadata = metadata or {}
+    bad = [key for key, value in metadata.items() if not isinstance(key, str) or not isinstance(value, str)]
+    if bad:
+        raise ValueError(f"safetensors metadata values must be strings; these are not: {', '.join(map(str, bad))}")
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for key, dtype, shape in entries:
+        if dtype not in _DTYPE_NAMES:
+            raise ValueError(f"tensor {key!r} has dtype {dtype}, which safetensors cannot store")
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[key] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # tensor data starts 8-byte aligned, as safetensors writes it
+    return encoded, offset
+
+
+def write_safetensors_to(f: Any, encoded: bytes, tensors: Iterable[torch.Tensor]) -> None:
+    """Write a safetensors file into the open binary file `f` (anything with write()): the length
+    prefix, `encoded` (encode_header's, for these tensors in this order), then each tensor's bytes as
+    `tensors` yields it. The library's save_file first copies every tensor into bytes, which would
+    double host memory for a model; a generator here keeps one tensor in memory at a time."""
+    f.write(len(encoded).to_bytes(8, "little"))
+    f.write(encoded)
+    for tensor in tensors:
+        if tensor.numel():
+            f.write(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+        del tensor  # before the generator makes the next one
+
+
 def write_safetensors_streaming(
     path: Path, items: list[ShardItem], produce: Callable[[ShardItem], torch.Tensor]
 ) -> None:
     """Write a safetensors file whose header comes from the plan, then each tensor as `produce` makes
     it (cast to its item's dtype), so only one tensor is in memory at a time. Temporary name, then
     rename: a reader never sees half a file."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for item in items:
-        header[item.key] = {
-            "dtype": _DTYPE_NAMES[item.dtype],
-            "shape": list(item.shape),
-            "data_offsets": [offset, offset + item.nbytes],
-        }
-        offset += item.nbytes
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # tensor data starts 8-byte aligned, as safetensors writes it
+    encoded, _ = encode_header(((item.key, item.dtype, item.shape) for item in items), {"format": "pt"})
+
+    def produced(item: ShardItem) -> torch.Tensor:
+        tensor = produce(item)
+        if tuple(tensor.shape) != item.shape:
+            raise ValueError(f"{item.name}: read a tensor of shape {list(tensor.shape)}, expected {list(item.shape)}")
+        return tensor.to(item.dtype)
+
     part = path.with_name(path.name + ".tmp")
     with open(part, "wb") as f:
-        f.write(len(encoded).to_bytes(8, "little"))
-        f.write(encoded)
-        for item in items:
-            tensor = produce(item)
-            if tuple(tensor.shape) != item.shape:
-                raise ValueError(
-                    f"{item.name}: read a tensor of shape {list(tensor.shape)}, expected {list(item.shape)}"
-                )
-            tensor = tensor.to(item.dtype).contiguous()
-            if tensor.numel():
-                f.write(tensor.reshape(-1).view(torch.uint8).numpy())
-            del tensor
+        write_safetensors_to(f, encoded, (produced(item) for item in items))
         f.flush()
         os.fsync(f.fileno())
     os.replace(part, path)

@@ -1,0 +1,121 @@
+"""The run's processes: the rank layout built once from torchrun's environment and the config, the few
+collectives the loop uses, and how a rank says a setup error and leaves.
+
+`ParallelLayout` is in the spirit of torchtitan's ParallelDims: every part that needs to know where it
+runs (the sampler, the engines, validation, the eval loss) reads it instead of asking torch.distributed.
+Today the only dimension is data parallel over every rank; sequence parallel adds one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import os
+import signal
+import sys
+import time
+import typing
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+# How long a rank other than local rank 0 waits before it says a setup error itself (see fail_setup).
+SETUP_ERROR_WAIT_S = 10.0
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """Where this process sits in the run."""
+
+    world_size: int
+    rank: int
+    local_rank: int
+    device: torch.device
+    dp_size: int
+    """Data-parallel ranks: each draws its own share of the global batch (all ranks, for now)."""
+    dp_rank: int
+    host_group: dist.ProcessGroup | None = None
+    """A gloo group for counts the host holds (bad samples, stop flags): reducing them takes no GPU
+    synchronisation. None: the default group (single process, or gloo already)."""
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @staticmethod
+    def single(device: torch.device) -> ParallelLayout:
+        """One process on `device` (tests, tools)."""
+        return ParallelLayout(world_size=1, rank=0, local_rank=0, device=device, dp_size=1, dp_rank=0)
+
+
+def init_distributed(backend: str, device: torch.device) -> ParallelLayout:
+    """torchrun's environment -> the layout; a plain `python -m train.main` is one rank. `backend` is
+    [parallel] backend: "auto" is nccl with GPUs, gloo without; `device` this rank's (train.config
+    run_device)."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.set_device(device)
+    host_group = None
+    if world_size > 1:
+        backend = ("nccl" if cuda else "gloo") if backend == "auto" else backend
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        if backend != "gloo":
+            host_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=30))
+    return ParallelLayout(
+        world_size=world_size, rank=rank, local_rank=local_rank, device=device, dp_size=world_size, dp_rank=rank,
+        host_group=host_group,
+    )  # fmt: skip
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> list[float]:
+    """Sum `t` over the ranks and read it on the host: the one synchronisation it costs."""
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    if not dist.is_initialized():
+        return t
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out)
+
+
+def write_whole_lines() -> None:
+    """Each line of stdout and stderr in one write. Under PYTHONUNBUFFERED (or -u) `print` writes the
+    text and its newline separately, so two ranks sharing torchrun's pipe interleave mid-line; a line
+    of up to PIPE_BUF (4 KiB) bytes written at once stays whole."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(line_buffering=True, write_through=False)
+
+
+def fail_setup(message: str, code: int = 2) -> typing.NoReturn:
+    """Say a setup error once per node and exit with `code`.
+
+    Every rank of a node checks the same config against the same files, so local rank 0 speaks for
+    them (decided from torchrun's environment: there may be no process group yet). The others do not
+    exit first: torchrun's agent would then end local rank 0 with SIGTERM, maybe before it printed.
+    They wait for that SIGTERM instead, which local rank 0's exit brings, and exit with the same code;
+    a problem local rank 0 did not share leaves the job running, so after SETUP_ERROR_WAIT_S they say
+    it themselves."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if local_rank != 0:
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(code))
+        time.sleep(SETUP_ERROR_WAIT_S)
+        message = f"rank {os.environ.get('RANK', local_rank)}: {message}"
+    print(message, file=sys.stderr, flush=True)
+    raise SystemExit(code)

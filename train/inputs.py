@@ -1,0 +1,80 @@
+"""From a micro-batch of pixels to what the DiT trains on: latents and text context from the frozen
+encoders (under no_grad), the copies training_with_video_token_length asks for, then flow matching's
+noise and timesteps, drawn from (seed, step, position in the global batch) so that a resumed run
+repeats an uninterrupted one whatever the split over ranks and micro-steps."""
+
+from dataclasses import dataclass
+
+import torch
+
+from train.config import RunConfig
+from train.data.buckets import token_length_repeats
+from train.distributed import ParallelLayout
+from train.flow import FlowMatching, batch_positions
+from train.metrics import StepTimer
+from train.models import Models
+from wan.encoders import encode_i2v_condition, encode_latents
+
+
+@dataclass
+class DiTInputs:
+    """A micro-batch as the DiT sees it, with the target and the sigmas its loss needs."""
+
+    x_t: torch.Tensor  # [B, C, F, H, W] noised latents
+    t: torch.Tensor  # [B] timesteps in [0, 1000)
+    target: torch.Tensor  # [B, C, F, H, W] the velocity
+    sigmas: torch.Tensor  # [B]
+    context: torch.Tensor  # [B, L, text_dim]
+    clip_fea: torch.Tensor | None = None  # i2v
+    y: torch.Tensor | None = None  # i2v
+
+
+class InputBuilder:
+    def __init__(self, cfg: RunConfig, layout: ParallelLayout, models: Models, flow: FlowMatching, timer: StepTimer):
+        self.cfg, self.layout, self.models, self.flow, self.timer = cfg, layout, models, flow, timer
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor, text: list[str]) -> dict:
+        """The DiT's inputs for a micro-batch of pixels [B, 3, F, H, W]: x0 latents, context, and for
+        i2v clip_fea and y."""
+        m, low_vram = self.models, self.cfg.model.low_vram
+        x0 = encode_latents(m.vae, pixels, self.cfg.model.vae_mini_batch, offload=low_vram)
+        inputs = {"x0": x0.float(), "context": m.text(text, device=self.layout.device)}
+        if m.clip is not None:
+            y, clip_fea = encode_i2v_condition(m.vae, m.clip, pixels[:, :, 0], pixels.shape[2], offload=low_vram)
+            inputs.update(y=y, clip_fea=clip_fea)
+        return inputs
+
+    def copies(self, pixels_shape: torch.Size) -> int:
+        """Times a micro-batch trains at once: training_with_video_token_length repeats batches far below
+        its token budget 2x or 4x (VideoX-Fun's rule), each copy with its own noise and timestep. Every
+        rank of a step has the same shape, so every rank repeats alike."""
+        d = self.cfg.data
+        if not d.training_with_video_token_length:
+            return 1
+        _, _, f, h, w = pixels_shape  # [B, 3, F, H, W]
+        return token_length_repeats(f, h, w, d.token_sample_size, d.video_sample_n_frames)
+
+    def build(self, batch: dict, micro: int, step: int) -> DiTInputs:
+        """Micro-step `micro` of optimizer step `step` (0-based: the steps done before it); the batch's
+        pixels are on the device in the VAE's layout and leave the batch here."""
+        copies = self.copies(batch["pixels"].shape)
+        with self.timer.section("encode"):
+            inputs = self.encode(batch.pop("pixels"), batch["text"])
+        b = inputs["x0"].shape[0]
+        # Position of each sample in the global batch: (micro-step, rank, index), as the sampler lays it out;
+        # copy c of a sample sits at its position + c x the global batch.
+        dp_rank, dp_size = self.layout.dp_rank, self.layout.dp_size
+        positions = batch_positions(micro, dp_rank, dp_size, b)
+        global_size = self.cfg.train.gradient_accumulation_steps * dp_size * b
+        if copies > 1:
+            inputs = {k: torch.cat([v] * copies) for k, v in inputs.items()}
+            positions = [p + c * global_size for c in range(copies) for p in positions]
+            global_size *= copies
+        x0, seed, device = inputs["x0"], self.cfg.train.seed, self.layout.device
+        sigmas = self.flow.sample_sigmas(seed, step, positions, global_size).to(device)
+        noise = self.flow.sample_noise(seed, step, positions, tuple(x0.shape[1:])).to(device)
+        return DiTInputs(
+            x_t=self.flow.add_noise(x0, noise, sigmas), t=self.flow.timesteps(sigmas), target=self.flow.target(x0, noise),
+            sigmas=sigmas, context=inputs["context"], clip_fea=inputs.get("clip_fea"), y=inputs.get("y"),
+        )  # fmt: skip

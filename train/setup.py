@@ -1,0 +1,125 @@
+"""The run's parts, built in order before the loop (train/main.py): process defaults, the output
+folder, the data, the encoders and the engine, the checkpointer with every saved part, validation.
+Each builder gets the config sections it needs and the rank layout (train/distributed.py)."""
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from train.checkpoint import Checkpointer, RNGState, remove_interrupted_saves
+from train.config import RunConfig, config_to_toml
+from train.data.loader import build_dataloader
+from train.distributed import ParallelLayout, barrier
+from train.engines import Engine, EngineSetup, build_engine, engine_traits
+from train.engines.consolidated import ConsolidatedWeights
+from train.guard import hold_output_dir
+from train.models import DiTRecipe, Models, build_dit_recipe, build_models
+from train.state import SamplerState, TrainerState, count_steps
+from train.validation import ValidationSampler, sampling_options
+from wan.modules.attention import device_label, set_attention_backend
+
+
+def set_process_defaults(cfg: RunConfig, layout: ParallelLayout) -> None:
+    if layout.device.type == "cuda":  # TF32 for fp32 matmuls and convolutions only when asked (torch's default)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
+    if not layout.is_main:  # console logs from rank 0 only; other ranks' bad files reach it at the end
+        logging.getLogger().setLevel(logging.ERROR)
+    # The global RNGs only seed what is not derived per step (nothing in the loop draws from them); they
+    # are still saved and restored per rank for code that might.
+    torch.manual_seed(cfg.train.seed + layout.rank)
+
+
+def prepare_output_dir(cfg: RunConfig, out: Path, layout: ParallelLayout, log: Callable[[str], None]) -> None:
+    hold_output_dir(out, layout.rank)  # one job per output_dir: before anything is written there
+    if layout.is_main:
+        # A crashed or failed save's leftovers may hold the disk space the coming saves need.
+        for leftover in remove_interrupted_saves(out):
+            log(f"removed {leftover}, left by an interrupted or failed save")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.toml").write_text(config_to_toml(cfg))
+    barrier()
+
+
+@dataclass
+class Data:
+    loader: torch.utils.data.DataLoader
+    sampler: object  # train.data.sampler.DistributedBucketBatchSampler
+    tracker: object  # train.data.dataset.BadSampleTracker
+    total_steps: int
+    held_out: list
+    """The samples eval_holdout keeps out of training (for the eval loss)."""
+
+
+def build_data(cfg: RunConfig, layout: ParallelLayout, out: Path) -> Data:
+    """The loader over this data-parallel rank's share, its sampler and bad-sample tracker, and the run's
+    length in optimizer steps."""
+    t, v = cfg.train, cfg.validation
+    held_out: list = []
+    loader, sampler, tracker = build_dataloader(
+        cfg.data, t.train_batch_size, layout.dp_rank, layout.dp_size, t.seed,
+        pin_memory=layout.device.type == "cuda", accumulation_steps=t.gradient_accumulation_steps, cache_dir=out,
+        holdout=v.eval_holdout, holdout_seed=v.validation_seed, held_out=held_out,
+    )  # fmt: skip
+    return Data(loader, sampler, tracker, count_steps(sampler, t.max_train_steps, t.num_train_epochs), held_out)
+
+
+def build_training(
+    cfg: RunConfig, layout: ParallelLayout, total_steps: int, log: Callable[[str], None]
+) -> tuple[Engine, Models, DiTRecipe]:
+    """The frozen encoders and the engine with the DiT built from its recipe."""
+    t, m, optim = cfg.train, cfg.model, cfg.optim
+    if optim.scale_lr:  # VideoX-Fun's: the lr grows with the global batch (the config keeps the base lr)
+        factor = t.train_batch_size * t.gradient_accumulation_steps * layout.dp_size
+        optim = dataclasses.replace(optim, learning_rate=optim.learning_rate * factor)
+        log(f"scale_lr: learning_rate {cfg.optim.learning_rate:g} x {factor} = {optim.learning_rate:g}")
+    setup = EngineSetup(
+        parallel=cfg.parallel, optim=optim, mixed_precision=t.mixed_precision, micro_batch_size=t.train_batch_size,
+        accumulation_steps=t.gradient_accumulation_steps, total_steps=total_steps, device=layout.device,
+    )  # fmt: skip
+    # The attention kernel, chosen explicitly (check_run refused an unavailable one).
+    kernel = set_attention_backend(m.attention_backend, layout.device)
+    log(f"attention: {kernel if kernel != 'default' else 'torch default'} ({device_label(layout.device)})")
+    recipe = build_dit_recipe(m, t.seed)
+    models = build_models(m, layout.device, t.seed)
+    engine = build_engine(recipe, setup)
+    trainable, total = recipe.parameter_counts()
+    log(
+        f"DiT on the {cfg.parallel.engine} engine: {trainable:,} of {total:,} parameters train "
+        f"({100 * trainable / total:.1f}%)"
+    )
+    return engine, models, recipe
+
+
+def build_checkpointer(
+    cfg: RunConfig, out: Path, layout: ParallelLayout, engine: Engine, state: TrainerState, sampler, dit_config: dict
+) -> Checkpointer:
+    """Every saved part registered once; load order = registration order: the RNG last, after everything
+    that might draw."""
+    checkpointer = Checkpointer(
+        out, rank=layout.rank, world_size=layout.world_size, total_limit=cfg.checkpoint.checkpoints_total_limit,
+        config_text=config_to_toml(cfg), marker_info={"engine": cfg.parallel.engine},
+    )  # fmt: skip
+    checkpointer.register_files("engine", engine)
+    if cfg.checkpoint.save_consolidated_weights:
+        checkpointer.register_files("consolidated", ConsolidatedWeights(engine, dit_config))
+    checkpointer.register("trainer_state", state)
+    checkpointer.register("sampler", SamplerState(sampler, state))
+    checkpointer.register("rng", RNGState(), per_rank=True)
+    return checkpointer
+
+
+def build_validation(
+    cfg: RunConfig, layout: ParallelLayout, models: Models, engine: Engine, dit_config: dict, out: Path, metrics
+) -> ValidationSampler | None:
+    v, d = cfg.validation, cfg.data
+    if not v.sampling_enabled():  # prompts, and validation_steps or validation_epochs
+        return None
+    return ValidationSampler(
+        v, sampling_options(v, d.video_sample_size, d.video_sample_n_frames, cfg.train.shift), models=models,
+        engine=engine, collective=engine_traits(cfg.parallel.engine).collective_inference, dit_config=dit_config,
+        layout=layout, output_dir=out, metrics=metrics, offload=cfg.model.low_vram,
+    )  # fmt: skip
