@@ -1,4 +1,4 @@
-"""DeepSpeed's set-up on CPU (train/engine_deepspeed.py): no JIT-compiled shared-memory op (it was
+"""DeepSpeed's set-up on CPU (train/engines/deepspeed.py): no JIT-compiled shared-memory op (it was
 rebuilt, ~80 s, whenever another checkout or environment had built it into the shared torch-extensions
 folder), no repeated deprecation notices of the collectives it calls, and a single process (not under
 torchrun) on a free port rather than on a fixed 29500 that a second such run would collide with."""

@@ -131,7 +131,7 @@ def engine_steps(engine: DDPEngine, steps, inf_at: int | None = None) -> list[di
 
 
 def plain_steps(steps, inf_at: int | None = None) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """The textbook loop (torch's AMP recipe), written without train.engine."""
+    """The textbook loop (torch's AMP recipe), written without train.engines."""
     model = recipe().materialize(CPU)
     o = OptimConfig()
     opt = torch.optim.AdamW(

@@ -1,7 +1,7 @@
 """ZeRO-3 with selective checkpointing: the checkpoint runs inside each block's call and the block is a
 DeepSpeed leaf module, so ZeRO-3's parameter fetches (whose number changes once it prefetches, after a
 first traced forward such as the eval loss's no_grad baseline) never run inside the region the policy
-replays (wan/modules/checkpointing.py, train/engine_deepspeed.py)."""
+replays (wan/modules/checkpointing.py, train/engines/deepspeed.py)."""
 
 import json
 from pathlib import Path

@@ -89,7 +89,7 @@ def run_deepspeed(stage: int, ckpt: Path, rank: int, world: int, spec: dict, mod
 
     prepare_deepspeed(torch.device("cpu"))  # as the engine does: no shm op build, no deprecation notices
     bf16 = spec["mixed_precision"] == "bf16"
-    # As train/engine_deepspeed.py configures it (contiguous gradients, fp32 reduction under bf16, a torch
+    # As train/engines/deepspeed.py configures it (contiguous gradients, fp32 reduction under bf16, a torch
     # AdamW), with every parameter partitioned under ZeRO-3 (tiny tensors stay whole by default).
     ds_config = {
         "train_micro_batch_size_per_gpu": 1,

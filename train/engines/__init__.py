@@ -15,7 +15,7 @@ from train.engines.base import Engine, EngineSetup, EngineTraits, StepResult
 DEFAULT_ENGINE = ddp.TRAITS.name
 
 REGISTRY: dict[str, EngineTraits] = {
-    t.name: t for t in (ddp.TRAITS, deepspeed.TRAITS["zero2"], deepspeed.TRAITS["zero3"], fsdp.TRAITS)
+    t.name: t for t in (ddp.TRAITS, *deepspeed.TRAITS.values(), fsdp.TRAITS)
 }
 
 
