@@ -14,9 +14,7 @@ from train.engines.base import Engine, EngineSetup, EngineTraits, StepResult
 
 DEFAULT_ENGINE = ddp.TRAITS.name
 
-REGISTRY: dict[str, EngineTraits] = {
-    t.name: t for t in (ddp.TRAITS, *deepspeed.TRAITS.values(), fsdp.TRAITS)
-}
+REGISTRY: dict[str, EngineTraits] = {t.name: t for t in (ddp.TRAITS, *deepspeed.TRAITS.values(), fsdp.TRAITS)}
 
 
 def register_engine(traits: EngineTraits) -> None:
