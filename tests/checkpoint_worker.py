@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from train.checkpoint import Checkpointer, RNGState
+from train.checkpoint import Checkpointer, RNGState, install_test_hooks_from_env
 from train.checkpoint_io import read_safetensors, write_safetensors
 
 
@@ -135,6 +135,7 @@ class BigFile:
 
 
 if __name__ == "__main__":
+    install_test_hooks_from_env()  # as train.main does: the test's SIGKILL switch
     mode, out, *rest = sys.argv[1:]
     if mode == "save":
         save(out, [int(s) for s in rest])
