@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from train.checkpoint import Checkpointer, RNGState, install_test_hooks_from_env
+from train.checkpoint import Checkpointer, install_test_hooks_from_env
 from train.checkpoint_io import read_safetensors, write_safetensors
+from train.rng import RNGState
 
 
 class Value:
@@ -76,7 +77,7 @@ def save(output_dir: str, steps: list[int]) -> None:
 def dist_rank(output_dir: str, rank: int, world_size: int, port: int) -> None:
     import torch.distributed as dist
 
-    from train.checkpoint import capture_rng_state
+    from train.rng import capture_rng_state
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     random.seed(rank)
@@ -101,7 +102,7 @@ def full(output_dir: str) -> None:
     and what the failed save left: what a test outside a mount namespace cannot look at afterwards."""
     import shutil
 
-    from train.checkpoint import checkpoint_problems, find_latest
+    from train.checkpoint_verify import checkpoint_problems, find_latest
 
     out = Path(output_dir)
     build(output_dir, 0, 1, 1)[0].save(1)

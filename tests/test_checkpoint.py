@@ -16,17 +16,11 @@ from checkpoint_worker import RankFiles, Value, build, shard, trainer_state
 from ranks import free_port, outputs, run_ranks
 from safetensors import safe_open
 
-from train.checkpoint import (
-    Checkpointer,
-    RNGState,
-    capture_rng_state,
-    find_latest,
-    read_marker,
-    resolve_resume,
-    restore_rng_state,
-)
+from train.checkpoint import Checkpointer
 from train.checkpoint_io import read_safetensors, write_safetensors
+from train.checkpoint_verify import find_latest, read_marker, resolve_resume
 from train.engines.named_optimizer import load_named_optimizer_state, optimizer_state_to_named
+from train.rng import RNGState, capture_rng_state, restore_rng_state
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("checkpoint_worker.py")

@@ -25,16 +25,11 @@ from checkpoint_worker import Value
 from ranks import private_tmpfs
 from train_runs import ENGINE_STEPS, REPO, data, engine_run_args, losses, torchrun
 
-from train.checkpoint import (
-    Checkpointer,
-    RNGState,
-    read_marker,
-    remove_interrupted_saves,
-    resolve_resume,
-    verify_main,
-)
+from train.checkpoint import Checkpointer, remove_interrupted_saves
 from train.checkpoint_io import _WRITTEN, read_safetensors, write_json, write_safetensors
+from train.checkpoint_verify import read_marker, resolve_resume, verify_main
 from train.engines.named_optimizer import load_named_optimizer_state, optimizer_state_to_named
+from train.rng import RNGState
 
 __all__ = ["data"]  # a fixture
 
@@ -203,7 +198,7 @@ def check_fallback(out: Path, expected: str, caplog) -> None:
     """`latest` skips checkpoint-2 naming `expected` and gives checkpoint-1; the explicit path and a
     load are refused naming it; verify reports it with a non-zero exit."""
     first, second = out / "checkpoint-1", out / "checkpoint-2"
-    with caplog.at_level(logging.WARNING, logger="train.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="train.checkpoint_verify"):
         assert resolve_resume(out, "latest") == first
     skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping")]
     assert len(skipped) == 1 and skipped[0].startswith(f"skipping {second}: "), skipped
@@ -275,7 +270,7 @@ def test_markers_written_before_checksums_are_accepted_on_sizes(tmp_path, caplog
     marker = json.loads((second / "COMPLETE").read_text())
     old = {**marker, "files": {name: entry["size"] for name, entry in marker["files"].items()}}
     (second / "COMPLETE").write_text(json.dumps(old))
-    with caplog.at_level(logging.WARNING, logger="train.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="train.checkpoint_verify"):
         assert resolve_resume(tmp_path, "latest") == second
     assert f"{second}: its COMPLETE predates checksums: file sizes checked, contents not" in caplog.text
     done = verify_cli(second)

@@ -20,7 +20,8 @@ import torch.distributed.checkpoint as dcp
 from tools.sample import load_checkpoint_dit
 from tools.sample import main as sample_main
 from tools.zero_to_bf16 import merge
-from train.checkpoint import Checkpointer, find_latest, resolve_resume, verify_main
+from train.checkpoint import Checkpointer
+from train.checkpoint_verify import find_latest, resolve_resume, verify_main
 from train.config import OptimConfig, ParallelConfig
 from train.engines import EngineSetup
 from train.engines.fsdp import FSDPEngine

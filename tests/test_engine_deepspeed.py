@@ -12,7 +12,8 @@ import torch
 from deepspeed_engine_worker import LR, STEPS, setup
 from ranks import free_port, outputs, run_ranks
 
-from train.engines.deepspeed import deepspeed_config, generated_config
+from train.engines.deepspeed import deepspeed_config
+from train.engines.deepspeed_config import generated_config
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("deepspeed_engine_worker.py")

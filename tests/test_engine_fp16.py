@@ -23,7 +23,8 @@ from train.config import OptimConfig, ParallelConfig, load_config
 from train.engines import EngineSetup, engine_traits
 from train.engines.base import check_mixed_precision
 from train.engines.ddp import DDPEngine
-from train.engines.deepspeed import generated_config
+from train.engines.deepspeed import deepspeed_config
+from train.engines.deepspeed_config import generated_config
 from train.main import Trainer
 from train.models import DiTRecipe
 from wan import dit_preset
@@ -99,7 +100,7 @@ def test_deepspeed_fp16_config_on_cuda(monkeypatch):
     assert config["communication_data_type"] == "fp32"
     cpu = EngineSetup(ParallelConfig(engine="zero3"), optim, "fp16", 1, 1, 10, CPU)
     with pytest.raises(ValueError, match="DeepSpeed's CPU accelerator has no fp16"):
-        generated_config(cpu, world_size=2)
+        deepspeed_config(cpu, world_size=2)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from train_runs import ENGINE_STEPS, ENGINES, REPO, base_args, data, engine_run_args, losses, torchrun
 
 from tools.zero_to_bf16 import merge
-from train.checkpoint import KILL_ENV, find_latest, read_marker
+from train.checkpoint import KILL_ENV
+from train.checkpoint_verify import find_latest, read_marker
 from train.config import load_config
 from train.main import Trainer
 from wan import WanModel, dit_preset

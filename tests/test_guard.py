@@ -16,7 +16,7 @@ import pytest
 from train_runs import REPO, base_args, data, torchrun
 
 from train import guard
-from train.checkpoint import find_latest
+from train.checkpoint_verify import find_latest
 
 __all__ = ["data"]  # a fixture
 

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from train_runs import base_args, data
 
-from train.checkpoint import find_latest
 from train.checkpoint_io import read_json, read_safetensors
+from train.checkpoint_verify import find_latest
 from train.config import load_config
 from train.lr import lr_multiplier
 from train.main import Trainer

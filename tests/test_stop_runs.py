@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from train_runs import REPO, base_args, data, losses, torchrun
 
-from train.checkpoint import find_latest
+from train.checkpoint_verify import find_latest
 
 __all__ = ["data"]  # a fixture
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 from train_runs import REPO, base_args, data
 
-from train.checkpoint import find_latest
+from train.checkpoint_verify import find_latest
 from train.config import load_config
 from train.main import Trainer
 from train.metrics import Metrics, StepStats

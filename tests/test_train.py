@@ -15,7 +15,8 @@ from ranks import free_port
 from safetensors.torch import load_file
 from train_runs import REPO, assert_close_runs, base_args, data, final_weights, losses, torchrun
 
-from train.checkpoint import KILL_ENV, find_latest
+from train.checkpoint import KILL_ENV
+from train.checkpoint_verify import find_latest
 from train.config import load_config
 from train.main import Trainer
 from train.models import T5_FILE

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from train.checkpoint import find_latest
+from train.checkpoint_verify import find_latest
 from train.models import T5_FILE, TOKENIZER_DIR, VAE_FILE
 from wan import T5_PRESETS, UMT5Encoder, WanModel, WanVAE, dit_preset, vae_preset
 from wan.modules.tokenizer import DEBUG_TOKENIZER

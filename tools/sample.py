@@ -252,7 +252,8 @@ def resolve_source(args: argparse.Namespace, problems: list[str]) -> Source | No
 
 def _checkpoint_source(path: Path, model: str | None, problems: list[str]) -> Source | None:
     from tools.zero_to_bf16 import open_checkpoint
-    from train.checkpoint import CONFIG_FILE, MARKER_FILE, find_latest
+    from train.checkpoint import CONFIG_FILE
+    from train.checkpoint_verify import MARKER_FILE, find_latest
     from train.config import load_config
 
     if not (path / MARKER_FILE).exists() and any(path.glob("checkpoint-*")):  # an output_dir

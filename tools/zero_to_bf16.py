@@ -58,7 +58,8 @@ import torch
 if __package__ in (None, ""):  # run as a script: python tools/zero_to_bf16.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train.checkpoint import CONFIG_FILE, MARKER_FILE, read_marker  # noqa: E402
+from train.checkpoint import CONFIG_FILE  # noqa: E402
+from train.checkpoint_verify import MARKER_FILE, read_marker  # noqa: E402
 from train.engines import REGISTRY  # noqa: E402
 from train.engines.base import TensorSource  # noqa: E402
 from train.engines.deepspeed_reader import TAG as DEEPSPEED_TAG  # noqa: E402

@@ -94,6 +94,15 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
+def all_gather_objects(value: typing.Any) -> list[typing.Any]:
+    """Every rank's `value` (picklable), in rank order; [value] without a process group."""
+    if not dist.is_initialized():
+        return [value]
+    out: list[typing.Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
 def write_whole_lines() -> None:
     """Each line of stdout and stderr in one write. Under PYTHONUNBUFFERED (or -u) `print` writes the
     text and its newline separately, so two ranks sharing torchrun's pipe interleave mid-line; a line

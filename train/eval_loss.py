@@ -62,7 +62,7 @@ from train.data.metadata import Sample, load_metadata
 from train.data.probe import fill_sizes
 from train.data.sampler import derive_seed
 from train.data.video import MediaError, decode_frames, load_image, resize_cover_crop, to_frame_tensor
-from train.distributed import ParallelLayout
+from train.distributed import ParallelLayout, all_gather_objects
 from train.engines import engine_traits
 from train.flow import FlowMatching
 
@@ -135,14 +135,6 @@ class EvalResult:
 
 def quantile_tag(q: float) -> str:
     return f"eval/loss_q{q:g}"
-
-
-def _gather_objects(obj) -> list:
-    if not dist.is_initialized():
-        return [obj]
-    out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 class EvalLoss:
@@ -235,7 +227,7 @@ class EvalLoss:
                     bad[i] = f"{err.path}: {err.reason}"
         except Exception as err:  # noqa: BLE001 -- reported on every rank and turned into "eval off"
             error = f"{type(err).__name__}: {err}"
-        parts = _gather_objects({"bad": bad, "error": error})
+        parts = all_gather_objects({"bad": bad, "error": error})
         if any(p["error"] for p in parts):
             self.cache.clear()
             self._disable("loading and encoding the held-out clips", [p["error"] for p in parts])
@@ -330,7 +322,7 @@ class EvalLoss:
                 table = self.evaluate()
             except Exception as err:  # noqa: BLE001 -- local forwards: every rank can agree to stop evaluating
                 error = f"{type(err).__name__}: {err}"
-            errors = _gather_objects(error)
+            errors = all_gather_objects(error)
             if any(errors):
                 self._disable(f"the evaluation at step {step}", errors)
                 return None

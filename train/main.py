@@ -32,7 +32,8 @@ guard.tie_rank_to_launcher()
 import torch
 import torch.distributed as dist
 
-from train.checkpoint import checkpoint_dir, install_test_hooks_from_env, resolve_resume_point
+from train.checkpoint import install_test_hooks_from_env
+from train.checkpoint_verify import checkpoint_dir, resolve_resume_point
 from train.config import (
     ConfigError,
     RunConfig,

@@ -241,13 +241,13 @@ def _outside_blocks_bytes(config_json: str, batch: int, latent: tuple[int, int, 
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from wan import WanModel
-    from wan.modules.checkpointing import _StorageCounter
+    from wan.modules.checkpointing import StorageCounter
 
     config = dict(json.loads(config_json), num_layers=0)
     i2v = config.get("model_type") == "i2v"
     with FakeTensorMode(), torch.device("cpu"):
         model = WanModel(**config).train()
-        counter = _StorageCounter(exclude=list(model.parameters()))
+        counter = StorageCounter(exclude=list(model.parameters()))
         c = 16 if not i2v else 16
         x = torch.empty(batch, c, *latent)
         y = torch.empty(batch, config["in_dim"] - c, *latent) if i2v else None

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from train.checkpoint import Checkpointer, RNGState, remove_interrupted_saves
+from train.checkpoint import Checkpointer, remove_interrupted_saves
 from train.config import RunConfig, config_to_toml
 from train.data.loader import build_dataloader
 from train.distributed import ParallelLayout, barrier
@@ -18,6 +18,7 @@ from train.engines import Engine, EngineSetup, build_engine, engine_traits
 from train.engines.consolidated import ConsolidatedWeights
 from train.guard import hold_output_dir
 from train.models import DiTRecipe, Models, build_dit_recipe, build_models
+from train.rng import RNGState
 from train.state import SamplerState, TrainerState, count_steps
 from train.validation import ValidationSampler, sampling_options
 from wan.modules.attention import device_label, set_attention_backend

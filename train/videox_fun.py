@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from train.engines import DEFAULT_ENGINE, engine_family
-from train.engines.deepspeed import STAGES
+from train.engines.deepspeed_config import STAGES
 
 FLAG, VALUE, VALUES = "flag", "value", "values"  # argparse store_true, one value, nargs="+"
 STATUSES = ("same", "mapped", "ignored", "refused")

@@ -166,7 +166,7 @@ def checkpoint_block(block, *args, mode: str = "full", save_matmuls: bool = Fals
 
 
 # --------------------------------------------------------------------------------------------------
-class _StorageCounter:
+class StorageCounter:
     """Unique storages seen, by identity of the storage (views of one tensor count once)."""
 
     def __init__(self, exclude: list[torch.Tensor]):
@@ -203,7 +203,7 @@ def saved_activation_bytes(
     x = inputs[0]
     shared = [t for t in inputs[1:] if isinstance(t, torch.Tensor)]
     shared += [t for v in inputs[1:] if isinstance(v, (tuple, list)) for t in v if isinstance(t, torch.Tensor)]
-    counter = _StorageCounter(exclude=[*block.parameters(), *shared])
+    counter = StorageCounter(exclude=[*block.parameters(), *shared])
 
     def pack(t):
         counter.add(t)
