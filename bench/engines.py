@@ -57,6 +57,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from train.checkpoint import Checkpointer
     from train.config import OptimConfig, ParallelConfig, RunConfig, config_to_toml
+    from train.distributed import ParallelLayout
     from train.engines import EngineSetup, build_engine
     from train.models import DiTRecipe, DiTWeights
     from wan.modules.checkpointing import ActivationCheckpointing
@@ -81,7 +82,7 @@ def worker(args: argparse.Namespace) -> None:
     parallel = ParallelConfig(engine=args.engine, reduce_bucket_size=args.bucket, allgather_bucket_size=args.bucket)
     setup = EngineSetup(
         parallel=parallel, optim=OptimConfig(), mixed_precision=args.precision, micro_batch_size=1,
-        accumulation_steps=1, total_steps=1000, device=device,
+        accumulation_steps=1, total_steps=1000, layout=ParallelLayout.of_process_group(device),
     )  # fmt: skip
     # The runtime's first-use allocations and the engine's imports come before the baseline.
     torch.ones(64, 64) @ torch.ones(64, 64)

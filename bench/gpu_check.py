@@ -12,7 +12,7 @@ Sections:
 
     env                 torch, the device, the resolved "auto" attention kernel, the carried packages;
                         writes the synthetic demo dataset the training sections read
-    pytest-gpu          `pytest -m gpu tests/test_gpu_*.py`: every attention backend (auto, cudnn,
+    pytest-gpu          `pytest -m gpu tests/**/test_gpu_*.py`: every attention backend (auto, cudnn,
                         flash, efficient, math, fa3 when importable) at the 1.3B 480p81 shapes, forward
                         and backward, self-attention and cross-attention with 512 and 257 keys, and
                         CLIP's head_dim of 80, against the math kernel in float32; validation sampling
@@ -233,7 +233,7 @@ def summarize_worker(out: str) -> str:
 
 
 def pytest_command(ctx: Context) -> list[str]:
-    files = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_gpu_*.py"))
+    files = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").rglob("test_gpu_*.py"))
     return [ctx.python, "-m", "pytest", "-q", "-s", "-m", "gpu", "-p", "no:cacheprovider", *files]
 
 

@@ -46,7 +46,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tests" / "reference"))
 
 from train.flops import device_peak_tflops, step_flops  # noqa: E402
 from wan import WanModel, dit_preset  # noqa: E402

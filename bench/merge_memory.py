@@ -6,7 +6,7 @@ tensor (fp32 plus its cast), far below the fp32 model.
     python bench/merge_memory.py probe-load DIT_DIR     (control: a whole fp32 model loaded, measured alike)
 
 Trains a DiT of that size for one step over 2 gloo processes under ZeRO-3 and FSDP2 (the test worker
-tests/zero_to_bf16_worker.py, saving as the engines do), then merges each checkpoint in a fresh
+tests/distributed/zero_to_bf16_worker.py, saving as the engines do), then merges each checkpoint in a fresh
 process and reports the growth of its peak resident set (VmHWM, reset just before the merge) against
 the fp32 model size. The control, loading the merged folder as an fp32 WanModel, shows that the
 measurement sees a whole model when one is in memory (~1x).
@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--text_dim", type=int, default=4096)
     parser.add_argument("--max_shard_size", default="80GB")
     args = parser.parse_args()
-    sys.path[:0] = [str(REPO), str(REPO / "tests")]
+    sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "tests" / "distributed")]
     from zero_to_bf16_worker import train_checkpoint
 
     config = model_config(args.dim, args.ffn_dim, args.num_heads, args.num_layers, args.text_dim)

@@ -24,7 +24,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # the diffusers reference helpers
+sys.path.insert(0, str(ROOT / "tests" / "reference"))  # the diffusers reference helpers
 
 from wan import dit_preset  # noqa: E402
 from wan.pipeline import SamplingOptions, denoise, initial_noise  # noqa: E402
@@ -42,7 +42,7 @@ def model_config(preset: str) -> dict:
 
 
 def build(cfg: dict, device: torch.device, dtype: torch.dtype):
-    """diffusers' pipeline and our DiT over the same random weights (tests/dit_reference.py build_pair)."""
+    """diffusers' pipeline and our DiT over the same random weights (tests/reference/dit_reference.py build_pair)."""
     from diffusers import WanPipeline
     from diffusers.utils import logging as diffusers_logging
 

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-# Tests import helpers (dit_reference) that live beside them.
-sys.path.insert(0, str(Path(__file__).parent))
+# Tests in every folder import the shared helpers here (train_runs, ranks) and the reference models
+# (tests/reference: dit_reference, ...); a worker beside its tests is found from its own folder.
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent / "reference")]
 
 # The processes tests start write unbuffered, as under CI: `print` then writes a line's text and its
 # newline apart, and two ranks on one pipe would interleave mid-line unless train.main writes whole lines.

@@ -69,7 +69,7 @@ ENGINE_STEPS = 6  # checkpoints at 3 and 6
 # Tiny models never partition under ZeRO-3 below DeepSpeed's persistence threshold (1e5 elements):
 # 0 makes every parameter sharded, so the runs exercise the real ZeRO-3 path.
 # zero3 and fsdp checkpoint selectively (debug.toml: full), which gives the gradients of full checkpointing
-# bit for bit (tests/test_dit_checkpointing.py): their runs still equal DDP's, and cover selective
+# bit for bit (tests/reference/test_dit_checkpointing.py): their runs still equal DDP's, and cover selective
 # checkpointing under sharded parameters.
 ENGINE_ARGS = {
     "ddp": [], "zero2": [],

@@ -52,6 +52,16 @@ class ParallelLayout:
         """One process on `device` (tests, tools)."""
         return ParallelLayout(world_size=1, rank=0, local_rank=0, device=device, dp_size=1, dp_rank=0)
 
+    @staticmethod
+    def of_process_group(device: torch.device) -> ParallelLayout:
+        """The layout of a default process group set up elsewhere (tests' and benchmarks' own workers):
+        data parallel over every rank, as init_distributed builds it; one process without a group."""
+        if not dist.is_initialized():
+            return ParallelLayout.single(device)
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        return ParallelLayout(world_size, rank, local_rank, device, dp_size=world_size, dp_rank=rank)
+
 
 def init_distributed(backend: str, device: torch.device) -> ParallelLayout:
     """torchrun's environment -> the layout; a plain `python -m train.main` is one rank. `backend` is

@@ -23,7 +23,7 @@ model + recompute): "full" recomputes the forward of each checkpointed block, "s
 it without the attention products (their outputs are kept), and "selective" with
 `save_matmuls` recomputes no matmul at all (only elementwise work, not counted). The same holds in
 compiled blocks, where the selective checkpoint is traced with the block (measured in
-tests/test_selective_compile.py).
+tests/unit/test_selective_compile.py).
 """
 
 import math

@@ -12,7 +12,7 @@ binds), as a micro-batch of train_batch_size x the token-length repeats:
   activations    what autograd keeps for backward, measured exactly on fake tensors of the real shapes
                  (wan/modules/model.py: saved_bytes_per_block) for each block's mode: the
                  checkpointed blocks under the configured mode, the others under "none" (a compiled
-                 selective block keeps the same: tests/test_selective_compile.py); plus the
+                 selective block keeps the same: tests/unit/test_selective_compile.py); plus the
                  embeddings and head. bf16 weight copies of autocast count under ddp (fp32 weights);
                  the sharded / bf16 engines hold no such copies.
   buffers        DeepSpeed's reduce / all-gather buckets, FSDP's all-gathered blocks and one block's

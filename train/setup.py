@@ -79,7 +79,7 @@ def build_training(
         log(f"scale_lr: learning_rate {cfg.optim.learning_rate:g} x {factor} = {optim.learning_rate:g}")
     setup = EngineSetup(
         parallel=cfg.parallel, optim=optim, mixed_precision=t.mixed_precision, micro_batch_size=t.train_batch_size,
-        accumulation_steps=t.gradient_accumulation_steps, total_steps=total_steps, device=layout.device,
+        accumulation_steps=t.gradient_accumulation_steps, total_steps=total_steps, layout=layout,
     )  # fmt: skip
     # The attention kernel, chosen explicitly (check_run refused an unavailable one).
     kernel = set_attention_backend(m.attention_backend, layout.device)

@@ -9,7 +9,7 @@ training timesteps, so s starts at 0.999), shifted s' = shift * s / (1 + (shift 
 final 0: N + 1 sigmas. The DiT sees the timesteps int64(s' * T), truncated, as the references pass
 them. Note: diffusers' UniPCMultistepScheduler(use_flow_sigmas=True).set_timesteps(N) builds a
 different grid (linspace(1, 1/T), first sigma 1 - 1e-6); given the release's unshifted s through
-set_timesteps(sigmas=...) it builds this one exactly (tests/test_samplers.py).
+set_timesteps(sigmas=...) it builds this one exactly (tests/reference/test_samplers.py).
 
 UniPC is diffusers' UniPCMultistepScheduler as WanPipeline and the release configure it:
 flow_prediction, predict x0, order 2, "bh2", lower_order_final, the corrector on every step after

@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
+from train.distributed import ParallelLayout
 from train.lr import build_lr_scheduler
 
 if TYPE_CHECKING:  # the config imports the engines' traits (train/engines/__init__.py)
@@ -60,7 +60,12 @@ class EngineSetup:
     accumulation_steps: int
     total_steps: int
     """Optimizer steps of the whole run (the lr schedule's length)."""
-    device: torch.device
+    layout: ParallelLayout
+    """Where this process runs: its device, rank and data-parallel place (train/distributed.py)."""
+
+    @property
+    def device(self) -> torch.device:
+        return self.layout.device
 
 
 @dataclass
@@ -320,10 +325,6 @@ def restore_schedule(
     betas = (optim.adam_beta1, optim.adam_beta2)
     for group, base, lr in zip(optimizer.param_groups, base_lrs, lrs, strict=True):
         group.update(initial_lr=base, lr=lr, betas=betas, eps=optim.adam_epsilon, weight_decay=optim.adam_weight_decay)
-
-
-def distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def optimizer_step(

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from train.checkpoint_io import read_json, read_safetensors, write_json, write_safetensors
@@ -28,7 +27,6 @@ from train.engines.base import (
     build_optimizer,
     build_schedule,
     check_named_tensors,
-    distributed,
     held_bytes,
     load_grad_scaler,
     optimizer_step,
@@ -57,7 +55,7 @@ class DDPEngine:
         self.module = recipe.materialize(setup.device)
         self.named_trainable = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
         self.names_by_param = {p: n for n, p in self.named_trainable.items()}
-        if distributed():
+        if setup.layout.distributed:
             # Frozen parameters (requires_grad=False before wrapping) get no gradient buckets. Buffers
             # (the RoPE tables) are computed alike on every rank: no broadcast before each forward.
             # Gradients as views of the all-reduce buckets: one copy of the gradients, not two.
@@ -89,7 +87,7 @@ class DDPEngine:
 
     @contextlib.contextmanager
     def micro_step(self, last: bool) -> Iterator[None]:
-        if distributed() and not last:
+        if self.setup.layout.distributed and not last:
             with self.model.no_sync():
                 yield
         else:
@@ -112,7 +110,7 @@ class DDPEngine:
         return {"params": held_bytes(params), "grads": self._grad_bytes, "optimizer": held_bytes(optim)}
 
     def save(self, folder: Path) -> list[str]:
-        if dist.is_initialized() and dist.get_rank() != 0:
+        if self.setup.layout.rank != 0:
             return []  # replicated state: rank 0 writes it once
         tensors, meta = optimizer_state_to_named(self.optimizer, self.names_by_param)
         weights = {n: p.detach() for n, p in self.named_trainable.items()}

@@ -45,6 +45,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from train.checkpoint_io import read_json, write_json
+from train.distributed import ParallelLayout
 from train.engines.base import (
     SCHEDULER_FILE,
     EngineSetup,
@@ -101,14 +102,6 @@ def deepspeed_config(setup: EngineSetup, world_size: int, report: Callable[[str]
 
 # ----------------------------------------------------------------------------------------------------
 # The engine
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 # torch's deprecation notices for the collectives DeepSpeed calls (all_gather_into_tensor,
@@ -178,7 +171,7 @@ class DeepSpeedEngine:
         self.setup = setup
         self.stage = STAGES[setup.parallel.engine]
         _init_distributed(setup.device)
-        rank, world = _rank(), _world_size()
+        rank, world = self.setup.layout.rank, self.setup.layout.world_size
         self.config = deepspeed_config(
             setup, world, report=(lambda line: print(line, flush=True)) if rank == 0 else None
         )
@@ -221,7 +214,7 @@ class DeepSpeedEngine:
         start): rank 0 reads each trainable tensor and broadcasts it, each rank keeps its partition."""
         from deepspeed.utils import safe_set_full_fp32_param
 
-        device, rank0 = self.setup.device, _rank() == 0
+        device, rank0 = self.setup.device, self.setup.layout.rank == 0
         for name, param in self.module.named_parameters():
             if not param.requires_grad:
                 continue
@@ -234,7 +227,9 @@ class DeepSpeedEngine:
                 dist.broadcast(value, 0)
             if hasattr(param, "ds_tensor"):
                 # ZeRO-3 cuts each rank's slice at rank * partition size of a flat, padded buffer.
-                padded = torch.zeros(param.ds_tensor.ds_numel * _world_size(), dtype=torch.float32, device=device)
+                padded = torch.zeros(
+                    param.ds_tensor.ds_numel * self.setup.layout.world_size, dtype=torch.float32, device=device
+                )
                 padded[: value.numel()] = value.reshape(-1)
                 value = padded
             safe_set_full_fp32_param(param, value)
@@ -268,7 +263,7 @@ class DeepSpeedEngine:
         del meta
         apply_selective_leaf_blocks(model)
 
-        rank0 = _rank() == 0
+        rank0 = self.setup.layout.rank == 0
         with torch.no_grad():
             for prefix, mod in model.named_modules():
                 own = list(mod.named_parameters(recurse=False))
@@ -332,7 +327,7 @@ class DeepSpeedEngine:
         scheduler.json. Returns this rank's files relative to `folder`, each fsynced: the files named
         *zero_pp_rank_{r}_* belong to rank r, the rest (ZeRO-2's mp_rank_00_model_states.pt) to rank 0."""
         folder = Path(folder)
-        rank = _rank()
+        rank = self.setup.layout.rank
         # save_latest=False: no `latest` file (a tag pointer nobody would claim); the fixed tag is the
         # sub-folder. save_checkpoint ends with a barrier: every rank's files are complete on return.
         self.engine.save_checkpoint(str(folder), tag=TAG, client_state={}, save_latest=False)
@@ -385,7 +380,7 @@ class DeepSpeedEngine:
         """The DeepSpeed files (relative to the checkpoint folder) a save by this engine writes, all ranks."""
         optim = "bf16_" if self.dtype == torch.bfloat16 else ""
         files = [] if self.stage == 3 else [f"{TAG}/mp_rank_00_model_states.pt"]
-        for r in range(_world_size()):
+        for r in range(self.setup.layout.world_size):
             if self.stage == 3:
                 files.append(f"{TAG}/zero_pp_rank_{r}_mp_rank_00_model_states.pt")
             files.append(f"{TAG}/{optim}zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
@@ -396,7 +391,7 @@ class DeepSpeedEngine:
         are not exactly the ones this engine, precision and world size would write; DeepSpeed itself
         would fail with an assertion, a FileNotFoundError or, worse, load a mismatched state."""
         folder = Path(folder)
-        world = _world_size()
+        world = self.setup.layout.world_size
         ds = folder / TAG
         present = sorted(f"{TAG}/{n}" for n in os.listdir(ds)) if ds.is_dir() else []
         expected = self.expected_files()
@@ -586,7 +581,7 @@ def preflight(cfg: RunConfig, device: torch.device, world_size: int | None) -> l
     setup = EngineSetup(
         parallel=cfg.parallel, optim=cfg.optim, mixed_precision=t.mixed_precision,
         micro_batch_size=t.train_batch_size, accumulation_steps=t.gradient_accumulation_steps,
-        total_steps=max(t.max_train_steps, 1), device=device,
+        total_steps=max(t.max_train_steps, 1), layout=ParallelLayout.single(device),
     )  # fmt: skip
     try:
         theirs = read_override(source)

@@ -28,7 +28,7 @@ its body), because the policy replays the forward op by op and must see the bloc
 
 `saved_activation_bytes` measures what a block keeps, exactly, on real or fake (shapes-only) tensors;
 wan/modules/model.py `saved_bytes_per_block` runs it on a fake DiT block, so it costs nothing at
-release sizes; a compiled block keeps the same (tests/test_selective_compile.py). Imports nothing
+release sizes; a compiled block keeps the same (tests/unit/test_selective_compile.py). Imports nothing
 distributed, nor the model (which imports this module).
 """
 

@@ -18,7 +18,7 @@ from train import config
 from train.config import ConfigError, load_config
 from train.data.sampler import DistributedBucketBatchSampler
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 

@@ -1,5 +1,5 @@
 """The DeepSpeed ZeRO-2 / ZeRO-3 engine: its config builder (no processes), and 2 gloo ranks training the
-debug DiT against the DDP engine on the same batches (tests/deepspeed_engine_worker.py runs every
+debug DiT against the DDP engine on the same batches (tests/distributed/deepspeed_engine_worker.py runs every
 scenario once per engine; the tests below check what it measured)."""
 
 import json
@@ -15,7 +15,7 @@ from ranks import free_port, outputs, run_ranks
 from train.engines.deepspeed import deepspeed_config
 from train.engines.deepspeed_config import generated_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("deepspeed_engine_worker.py")
 
 

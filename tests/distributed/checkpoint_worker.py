@@ -1,4 +1,4 @@
-"""Subprocess side of tests/test_checkpoint.py: saves checkpoints in a process of its own, so that a
+"""Subprocess side of tests/distributed/test_checkpoint.py: saves checkpoints in a process of its own, so that a
 test can SIGKILL it mid-save or run several ranks over gloo.
 
     checkpoint_worker.py save OUTPUT_DIR STEP [STEP ...]      one process, saves each step in turn

@@ -1,4 +1,4 @@
-"""Subprocess side of tests/test_engine_deepspeed.py: one rank of a 2-process gloo group that trains the
+"""Subprocess side of tests/distributed/test_engine_deepspeed.py: one rank of a 2-process gloo group that trains the
 debug DiT with the DDP engine and a DeepSpeed engine on the same synthetic batches and writes what it
 measured to OUT/rank_{r}.json for the test to check.
 
@@ -18,6 +18,7 @@ import torch.distributed as dist
 from ranks import quick_exit
 
 from train.config import OptimConfig, ParallelConfig
+from train.distributed import ParallelLayout
 from train.engines import EngineSetup
 from train.engines.ddp import DDPEngine
 from train.engines.deepspeed import DeepSpeedEngine
@@ -47,7 +48,15 @@ def setup(engine: str, mixed: str = "fp32", accumulation: int = 1, micro: int = 
         stage3_param_persistence_threshold=0,  # tiny parameters would otherwise never be partitioned
     )
     optim = OptimConfig(learning_rate=LR, lr_scheduler="linear", lr_warmup_steps=2, max_grad_norm=clip)
-    return EngineSetup(parallel, optim, mixed, micro, accumulation, total_steps=10, device=torch.device("cpu"))
+    return EngineSetup(
+        parallel,
+        optim,
+        mixed,
+        micro,
+        accumulation,
+        total_steps=10,
+        layout=ParallelLayout.of_process_group(torch.device("cpu")),
+    )
 
 
 def batch(step: int, rank: int, size: int = 1, sample: int = 0) -> tuple[torch.Tensor, ...]:

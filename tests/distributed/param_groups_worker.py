@@ -1,4 +1,4 @@
-"""Subprocess side of tests/test_engine_param_groups.py: one rank of a 2-process gloo group. For each
+"""Subprocess side of tests/distributed/test_engine_param_groups.py: one rank of a 2-process gloo group. For each
 engine (ddp, zero2, zero3, fsdp) it trains the debug DiT one AdamW step with trainable_modules and
 trainable_modules_low_learning_rate set, saves, loads into a fresh engine and takes one more step on
 both; it writes the weights and what the optimizers held for the test to compare.
@@ -19,6 +19,7 @@ from ranks import gloo_worker_main
 
 from train.checkpoint_io import write_safetensors
 from train.config import OptimConfig, ParallelConfig
+from train.distributed import ParallelLayout
 from train.engines import EngineSetup, build_engine
 from train.models import DiTRecipe
 from wan import dit_preset
@@ -47,7 +48,9 @@ def setup(engine: str) -> EngineSetup:
     # linear decay over 10 steps from step 0: the first update at the full lr, the lr moving after it (so
     # that a resume has a schedule to restore); no clipping, so the reference needs none.
     optim = OptimConfig(learning_rate=LR, lr_scheduler="linear", lr_warmup_steps=0, max_grad_norm=0.0)
-    return EngineSetup(parallel, optim, "fp32", 1, 1, total_steps=10, device=torch.device("cpu"))
+    return EngineSetup(
+        parallel, optim, "fp32", 1, 1, total_steps=10, layout=ParallelLayout.of_process_group(torch.device("cpu"))
+    )
 
 
 def step(engine, step: int, rank: int) -> dict:

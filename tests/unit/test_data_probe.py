@@ -18,7 +18,7 @@ from train.data.metadata import Sample, load_metadata
 from train.data.probe import fill_sizes
 from train.data.video import load_image
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write_clip(path: Path, width: int, height: int, frames: int, fps: int) -> Path:

@@ -9,6 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from train_runs import REPO, base_args, data
 
 from train.config import ModelConfig, load_config
+from train.distributed import ParallelLayout
 from train.flops import forward_flops, micro_batch_flops, peak_tflops, step_flops
 from train.main import Trainer
 from wan import dit_preset
@@ -95,7 +96,7 @@ def _measured_step(cfg, latent):
 
     setup = EngineSetup(
         parallel=cfg.parallel, optim=cfg.optim, mixed_precision=cfg.train.mixed_precision, micro_batch_size=1,
-        accumulation_steps=1, total_steps=10, device=torch.device("cpu"),
+        accumulation_steps=1, total_steps=10, layout=ParallelLayout.single(torch.device("cpu")),
     )  # fmt: skip
     engine = build_engine(build_dit_recipe(cfg.model, 0), setup)
     module = engine.module

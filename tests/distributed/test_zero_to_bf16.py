@@ -3,7 +3,7 @@ engine's own weights (bf16 exactly; fp32 exactly), sharded or not, official or d
 the base model where the checkpoint holds only the trainable weights; incomplete checkpoints and
 pickled code are refused; memory stays far below the fp32 model.
 
-The DeepSpeed and FSDP checkpoints are made by tests/zero_to_bf16_worker.py: 2 or 3 gloo processes that
+The DeepSpeed and FSDP checkpoints are made by tests/distributed/zero_to_bf16_worker.py: 2 or 3 gloo processes that
 train a seeded debug WanModel for two steps and save as the engines do, with the engine's gathered
 fp32 weights beside them as the reference.
 """

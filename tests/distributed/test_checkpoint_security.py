@@ -23,6 +23,7 @@ from tools.zero_to_bf16 import merge
 from train.checkpoint import Checkpointer
 from train.checkpoint_verify import find_latest, resolve_resume, verify_main
 from train.config import OptimConfig, ParallelConfig
+from train.distributed import ParallelLayout
 from train.engines import EngineSetup
 from train.engines.fsdp import FSDPEngine
 from train.models import DiTRecipe, DiTWeights
@@ -44,7 +45,9 @@ class Touch:
 def build_engine() -> FSDPEngine:
     recipe = DiTRecipe(config=dit_preset("debug"), weights=DiTWeights("", dit_preset("debug"), seed=42))
     optim = OptimConfig(learning_rate=1e-3)
-    setup = EngineSetup(ParallelConfig(engine="fsdp"), optim, "fp32", 1, 1, 4, torch.device("cpu"))
+    setup = EngineSetup(
+        ParallelConfig(engine="fsdp"), optim, "fp32", 1, 1, 4, ParallelLayout.single(torch.device("cpu"))
+    )
     return FSDPEngine(recipe, setup)
 
 

@@ -177,7 +177,7 @@ def test_validation_samples_on_the_device_and_gathers_over_nccl(tmp_path, proces
     config = ModelConfig(preset="debug")
     setup = EngineSetup(
         parallel=ParallelConfig(engine="fsdp"), optim=OptimConfig(), mixed_precision="bf16", micro_batch_size=1,
-        accumulation_steps=1, total_steps=10, device=DEVICE,
+        accumulation_steps=1, total_steps=10, layout=ParallelLayout.single(DEVICE),
     )  # fmt: skip
     engine = build_engine(build_dit_recipe(config, seed=0), setup)
     models = build_models(config, DEVICE, seed=0)

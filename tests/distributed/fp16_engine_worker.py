@@ -1,4 +1,4 @@
-"""Subprocess side of tests/test_engine_fp16.py: one rank of a 2-process gloo group training the debug
+"""Subprocess side of tests/distributed/test_engine_fp16.py: one rank of a 2-process gloo group training the debug
 DiT in fp16 (loss scaling) with the ddp and fsdp engines.
 
     fp16_engine_worker.py OUT RANK PORT
@@ -18,6 +18,7 @@ from fsdp_engine_worker import Weights, batch
 from ranks import gloo_worker_main
 
 from train.config import OptimConfig, ParallelConfig
+from train.distributed import ParallelLayout
 from train.engines import EngineSetup, build_engine
 from train.engines.base import local_tensor
 from train.models import DiTRecipe
@@ -35,7 +36,15 @@ def recipe() -> DiTRecipe:
 
 def setup(engine: str, precision: str) -> EngineSetup:
     optim = OptimConfig(learning_rate=1e-3, lr_scheduler="constant", max_grad_norm=0.1)
-    return EngineSetup(ParallelConfig(engine=engine), optim, precision, 1, 1, STEPS, torch.device("cpu"))
+    return EngineSetup(
+        ParallelConfig(engine=engine),
+        optim,
+        precision,
+        1,
+        1,
+        STEPS,
+        ParallelLayout.of_process_group(torch.device("cpu")),
+    )
 
 
 def trainable(engine) -> dict[str, torch.Tensor]:

@@ -1,7 +1,7 @@
 """trainable_modules_low_learning_rate (VideoX-Fun's option): parameters matching only that list train,
 at half the learning rate, in a second AdamW param group, on every engine.
 
-The 2-rank run (tests/param_groups_worker.py, ~1 min) takes one AdamW step per engine; the reference
+The 2-rank run (tests/distributed/param_groups_worker.py, ~1 min) takes one AdamW step per engine; the reference
 is independent of build_optimizer: a plain torch AdamW with two hand-made groups (lr, lr/2) stepped on
 the gradients of the same model and global batch in this process."""
 

@@ -10,7 +10,7 @@ from train.config import load_config
 from train.plan import CUDA_CONTEXT, GB, plan, report
 from wan import T5_PRESETS, UMT5Encoder
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_the_umt5_drives_the_small_buckets_and_its_column_says_so():

@@ -1,4 +1,4 @@
-"""Subprocess side of tests/test_resume_changes.py: one rank of a 2-process gloo group. For each engine
+"""Subprocess side of tests/distributed/test_resume_changes.py: one rank of a 2-process gloo group. For each engine
 (ddp, zero2, zero3, fsdp) it trains the debug DiT one AdamW step at LR (two param groups: LR and LR/2,
 as param_groups_worker.py sets them up), saves, then loads that checkpoint into two fresh engines, one
 built with LR and one with NEW_LR, and takes the same second step on both.

@@ -1,4 +1,4 @@
-"""Training checkpoints for tests/test_zero_to_bf16.py and bench/merge_memory.py, saved the way the
+"""Training checkpoints for tests/distributed/test_zero_to_bf16.py and bench/merge_memory.py, saved the way the
 engines save them. `train_checkpoint` (imported by both) runs this file as one rank of a gloo group per
 process: it trains a seeded WanModel for a few steps under DeepSpeed ZeRO-2/3 or FSDP2 and saves a
 checkpoint, plus the engine's own full fp32 weights for comparison; then config.toml and COMPLETE are
@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from train.models import apply_trainable_modules
 from wan import WanModel
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def train_checkpoint(ckpt: Path, engine: str, spec: dict, world_size: int = 2, timeout: int = 600) -> Path:

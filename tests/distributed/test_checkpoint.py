@@ -22,7 +22,7 @@ from train.checkpoint_verify import find_latest, read_marker, resolve_resume
 from train.engines.named_optimizer import load_named_optimizer_state, optimizer_state_to_named
 from train.rng import RNGState, capture_rng_state, restore_rng_state
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("checkpoint_worker.py")
 
 

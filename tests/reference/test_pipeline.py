@@ -4,7 +4,7 @@ references) holding the same tiny random weights, plus the pipeline's own guaran
 Shared with the reference: the weights (umT5, DiT, VAE, CLIP tower), the tokenizer vocabulary
 (checked id for id), the starting noise (`latents=`) and the scheduler: diffusers' own
 UniPCMultistepScheduler(flow_prediction, use_flow_sigmas, flow_shift), fed the release's unshifted
-grid because its own set_timesteps(N) grid is not the release's (tests/pipeline_reference.py).
+grid because its own set_timesteps(N) grid is not the release's (tests/reference/pipeline_reference.py).
 Everything else is the reference's own code: prompt cleaning, tokenization to 512, zero padding,
 the CFG loop (two DiT passes), int64 timesteps, latent de-normalisation, decoding, postprocessing.
 For I2V the pipeline's CLIPImageProcessor (PIL resize + center crop) is swapped for the release's

@@ -14,7 +14,7 @@ from train_runs import data, free_port, torchrun
 
 __all__ = ["data"]  # a fixture
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # One process as the engine starts DeepSpeed outside torchrun; prints what it ended up with.
 SINGLE = """

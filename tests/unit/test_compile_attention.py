@@ -98,7 +98,7 @@ def test_compiled_blocks_match_eager_and_compile_once_per_micro_batch_class():
     compile_dit(compiled)
     assert list(compiled.state_dict()) == list(eager.state_dict())  # official names, in place
     watch = CompileWatch()
-    shape = (1, 16, 3, 8, 8)  # the debug config's latents: tests/test_train runs share inductor's cache
+    shape = (1, 16, 3, 8, 8)  # the debug config's latents: tests/distributed/test_train.py runs share inductor's cache
     for checkpointing in ("none", "full", "none"):  # the same shape again: no new graph
         got = loss_and_grads(compiled, shape, checkpointing)
         want = loss_and_grads(eager, shape, checkpointing)

@@ -7,7 +7,7 @@ keeps it open (as a rank still inside DCP's or DeepSpeed's save does when rank 0
 next part's write runs out of room. The removal unlinks that file, but its blocks stay taken until it
 is closed: a free-space figure measured then is short by them.
 
-    python tests/test_disk_full.py OUT   the worker, run inside the mount namespace
+    python tests/distributed/test_disk_full.py OUT   the worker, run inside the mount namespace
 """
 
 import json
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from ranks import private_tmpfs
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 HELD = 256 * 1024  # bytes the "other rank" holds open when the disk fills
 
 

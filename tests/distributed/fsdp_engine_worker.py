@@ -1,4 +1,4 @@
-"""Subprocess side of tests/test_engine_fsdp.py: trains the debug DiT with FSDPEngine and DDPEngine on
+"""Subprocess side of tests/distributed/test_engine_fsdp.py: trains the debug DiT with FSDPEngine and DDPEngine on
 seeded synthetic batches and writes what the tests compare.
 
     fsdp_engine_worker.py two OUT RANK PORT   one rank of a 2-rank gloo group: every 2-rank scenario
@@ -22,6 +22,7 @@ from ranks import quick_exit
 
 from train.checkpoint_io import write_safetensors
 from train.config import OptimConfig, ParallelConfig
+from train.distributed import ParallelLayout
 from train.engines import EngineSetup
 from train.engines.ddp import DDPEngine
 from train.engines.fsdp import FSDPEngine
@@ -72,7 +73,7 @@ def setup(
         micro_batch,
         accumulation,
         STEPS,
-        torch.device("cpu"),
+        ParallelLayout.of_process_group(torch.device("cpu")),
     )
 
 

@@ -1,6 +1,6 @@
 """FSDPEngine (FSDP2) against DDPEngine on the debug DiT, with real gloo processes.
 
-One 2-rank run of tests/fsdp_engine_worker.py trains every 2-rank scenario (~15 s), then one process
+One 2-rank run of tests/distributed/fsdp_engine_worker.py trains every 2-rank scenario (~15 s), then one process
 resumes its checkpoint on a single rank (~5 s); the tests below check what they wrote.
 """
 
@@ -19,7 +19,7 @@ from train.engines.fsdp import check_dcp_folder
 from train.models import apply_trainable_modules
 from wan import WanModel, dit_preset
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("fsdp_engine_worker.py")
 
 

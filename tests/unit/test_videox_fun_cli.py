@@ -11,7 +11,7 @@ import pytest
 from train import videox_fun
 from train.config import BOOLEAN_CHOICES, SECTIONS, ConfigError, _types, load_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # The flags of VideoX-Fun's README_TRAIN.md (Wan2.1 full training) after `scripts/wan2.1/train.py`,
 # the same in each of its documented lines; $VARS and config files are the paths to replace.
@@ -169,13 +169,16 @@ def test_documented_command_lines(launcher, paths):
 
 def test_the_documented_zero_lines_build_their_deepspeed_config(paths):
     """The DeepSpeed config the zero3 line stands for: the JSON's values over ours, 'auto' keeping ours."""
+    import torch
+
+    from train.distributed import ParallelLayout
     from train.engines import EngineSetup
     from train.engines.deepspeed import deepspeed_config
 
     cfg = load_config(pasted("zero3", paths))
     setup = EngineSetup(
         parallel=cfg.parallel, optim=cfg.optim, mixed_precision=cfg.train.mixed_precision, micro_batch_size=1,
-        accumulation_steps=1, total_steps=10, device=__import__("torch").device("cpu"),
+        accumulation_steps=1, total_steps=10, layout=ParallelLayout.single(torch.device("cpu")),
     )  # fmt: skip
     changes: list[str] = []
     ds = deepspeed_config(setup, world_size=16, report=changes.append)

@@ -20,6 +20,7 @@ from ranks import gloo_worker_results
 
 import train.engines.base
 from train.config import OptimConfig, ParallelConfig, load_config
+from train.distributed import ParallelLayout
 from train.engines import EngineSetup, engine_traits
 from train.engines.base import check_mixed_precision
 from train.engines.ddp import DDPEngine
@@ -90,7 +91,9 @@ def test_deepspeed_fp16_config_on_cuda(monkeypatch):
     with GradScaler's rule, fp32 reduction; refused on the CPU."""
     monkeypatch.setattr(train.engines.base, "autocast_supports", lambda device_type, dtype: True)
     optim = OptimConfig()
-    cuda = EngineSetup(ParallelConfig(engine="zero2"), optim, "fp16", 1, 1, 10, torch.device("cuda", 0))
+    cuda = EngineSetup(
+        ParallelConfig(engine="zero2"), optim, "fp16", 1, 1, 10, ParallelLayout.single(torch.device("cuda", 0))
+    )
     config = generated_config(cuda, world_size=2)
     assert config["bf16"] == {"enabled": False}
     assert config["fp16"] == {
@@ -98,7 +101,7 @@ def test_deepspeed_fp16_config_on_cuda(monkeypatch):
         "consecutive_hysteresis": False, "min_loss_scale": 1,
     }  # fmt: skip
     assert config["communication_data_type"] == "fp32"
-    cpu = EngineSetup(ParallelConfig(engine="zero3"), optim, "fp16", 1, 1, 10, CPU)
+    cpu = EngineSetup(ParallelConfig(engine="zero3"), optim, "fp16", 1, 1, 10, ParallelLayout.single(CPU))
     with pytest.raises(ValueError, match="DeepSpeed's CPU accelerator has no fp16"):
         deepspeed_config(cpu, world_size=2)
 
@@ -116,7 +119,7 @@ def recipe() -> DiTRecipe:
 
 def ddp_engine() -> DDPEngine:
     optim = OptimConfig(learning_rate=LR, lr_scheduler="constant", max_grad_norm=CLIP)
-    return DDPEngine(recipe(), EngineSetup(ParallelConfig(), optim, "fp16", 2, 1, 10, CPU))
+    return DDPEngine(recipe(), EngineSetup(ParallelConfig(), optim, "fp16", 2, 1, 10, ParallelLayout.single(CPU)))
 
 
 def engine_steps(engine: DDPEngine, steps, inf_at: int | None = None) -> list[dict]:
@@ -202,7 +205,7 @@ def test_ddp_fp16_resume_restores_the_scale(tmp_path):
 def test_fp16_engine_loads_a_checkpoint_without_a_scaler(tmp_path):
     """A bf16 / fp32 checkpoint continued in fp16: the scale starts afresh (2**16), as a new fp16 run's."""
     optim = OptimConfig(learning_rate=LR, lr_scheduler="constant")
-    fp32 = DDPEngine(recipe(), EngineSetup(ParallelConfig(), optim, "fp32", 2, 1, 10, CPU))
+    fp32 = DDPEngine(recipe(), EngineSetup(ParallelConfig(), optim, "fp32", 2, 1, 10, ParallelLayout.single(CPU)))
     assert fp32.scaler is None and "grad_scaler.json" not in fp32.save(tmp_path)
     engine = ddp_engine()
     engine.load(tmp_path)

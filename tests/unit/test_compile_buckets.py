@@ -16,7 +16,7 @@ from train.models import CompileWatch, compile_dit
 from train.plan import count_compiles, step_shapes
 from wan import WanModel, dit_preset
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHIPPED_14B = ["14b_zero3.toml", "14b_zero2.toml", "14b_fsdp.toml", "14b_i2v_zero3.toml"]
 
 
