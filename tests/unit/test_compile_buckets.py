@@ -2,7 +2,6 @@
 the sampler itself draws, and against a real compile on the CPU (one compile, ~20-40 s)."""
 
 import copy
-import dataclasses
 import random
 from pathlib import Path
 
@@ -24,7 +23,7 @@ def drawn_shapes(cfg, draws_per_bucket: int = 200) -> set[tuple[int, tuple[int, 
     """(micro-batch, latent) of steps drawn by the sampler's own choice (make_choose) for every bucket
     key, the micro-batch by VideoX-Fun's token-length tiling restated here."""
     d = cfg.data
-    options = SizeOptions(**{f.name: getattr(d, f.name) for f in dataclasses.fields(SizeOptions)})
+    options = SizeOptions.of(d)
     choose = make_choose(options)
     rng = random.Random(0)
     ratios = list(ASPECT_RATIOS_512) if d.enable_bucket else [1.0]

@@ -32,7 +32,8 @@ import signal
 import threading
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -71,6 +72,11 @@ class SizeOptions:
     training_with_video_token_length: bool = False
     token_sample_size: int = 512
     random_frame_crop: bool = False
+
+    @classmethod
+    def of(cls, section: Any) -> "SizeOptions":
+        """The options a [data] section (train.data.loader.DataConfig) holds under the same names."""
+        return cls(**{f.name: getattr(section, f.name) for f in fields(cls)})
 
 
 def bucket_keys(samples: list[Sample]) -> list[tuple[str, float]]:

@@ -200,13 +200,7 @@ def build_dataloader(
     keys = bucket_keys(kept)
     if not config.enable_bucket:
         keys = [(kind, 1.0) for kind, _ in keys]  # one square bucket per kind: a centre crop
-    options = SizeOptions(
-        video_sample_size=config.video_sample_size, image_sample_size=config.image_sample_size,
-        video_sample_n_frames=config.video_sample_n_frames, video_sample_stride=config.video_sample_stride,
-        random_hw_adapt=config.random_hw_adapt,
-        training_with_video_token_length=config.training_with_video_token_length,
-        token_sample_size=config.token_sample_size, random_frame_crop=config.random_frame_crop,
-    )  # fmt: skip
+    options = SizeOptions.of(config)
     choose = make_choose(options, [(s.height, s.width) for s in kept], [s.num_frames for s in kept])
     sampler = DistributedBucketBatchSampler(
         keys, batch_size, rank=rank, world_size=world_size, seed=seed,
