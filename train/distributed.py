@@ -2,7 +2,8 @@
 collectives the loop uses, and how a rank says a setup error and leaves.
 
 `ParallelLayout` is in the spirit of torchtitan's ParallelDims: every part that needs to know where it
-runs (the sampler, the engines, validation, the eval loss) reads it instead of asking torch.distributed.
+runs (the sampler, the engines, the planner, validation, the eval loss) reads it instead of asking
+torch.distributed.
 Today the only dimension is data parallel over every rank; sequence parallel adds one.
 """
 
@@ -51,6 +52,11 @@ class ParallelLayout:
     def single(device: torch.device) -> ParallelLayout:
         """One process on `device` (tests, tools)."""
         return ParallelLayout(world_size=1, rank=0, local_rank=0, device=device, dp_size=1, dp_rank=0)
+
+    @staticmethod
+    def planned(num_gpus: int) -> ParallelLayout:
+        """Rank 0 of a run planned on `num_gpus` GPUs, before any process exists (train.plan)."""
+        return ParallelLayout(num_gpus, 0, 0, torch.device("cuda"), dp_size=num_gpus, dp_rank=0)
 
     @staticmethod
     def of_process_group(device: torch.device) -> ParallelLayout:

@@ -60,6 +60,7 @@ from train.data.buckets import (
     valid_frame_count,
 )
 from train.data.loader import longest_step_frames
+from train.distributed import ParallelLayout
 from train.engines import REGISTRY, engine_traits
 from train.engines.base import ModelStates
 
@@ -216,7 +217,7 @@ def model_state_bytes(cfg: RunConfig, counts: dict, gpus: int) -> dict[str, floa
     """Per-GPU bytes of the DiT's params, grads, master weights and AdamW state on the GPU, and what
     offloading puts in host memory ("host"): the engine's own formula (its traits' memory)."""
     states = ModelStates(
-        total=counts["total"], trainable=counts["trainable"], fp32=cfg.train.mixed_precision == "fp32", gpus=gpus,
+        total=counts["total"], trainable=counts["trainable"], fp32=cfg.train.mixed_precision == "fp32", layout=ParallelLayout.planned(gpus),
         parallel=cfg.parallel,
     )  # fmt: skip
     return engine_traits(cfg.parallel.engine).memory(states)

@@ -128,7 +128,8 @@ class ModelStates:
     """Of them, the ones that train (psi_t)."""
     fp32: bool
     """mixed_precision = "fp32" (no low-precision copy of anything)."""
-    gpus: int
+    layout: ParallelLayout
+    """The planned run (ParallelLayout.planned): what state is sharded over."""
     parallel: ParallelConfig
 
 

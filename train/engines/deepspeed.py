@@ -598,8 +598,8 @@ def model_states(m: ModelStates) -> dict[str, float]:
     fp32 master partitions and their AdamW moments; offload_optimizer moves the master and the moments
     to the host, offload_param (ZeRO-3) the parameter partitions."""
     low = 4 if m.fp32 else 2
-    shard = m.gpus if STAGES[m.parallel.engine] == 3 else 1
-    n = m.gpus
+    n = m.layout.world_size  # partitions over every rank (sequence parallel ranks too, as torchtitan shards)
+    shard = n if STAGES[m.parallel.engine] == 3 else 1
     out = {"params": low * m.total / shard, "grads": low * m.trainable / n, "master": 4 * m.trainable / n,
            "optimizer": 8 * m.trainable / n}  # fmt: skip
     return apply_offloads(out, m.parallel, ("master", "optimizer"))
