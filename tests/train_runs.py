@@ -86,6 +86,18 @@ def engine_run_args(engine: str, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.fixture
+def one_thread():
+    """In-process arithmetic compared with the torchrun ranks' (OMP_NUM_THREADS=1) runs on one thread too:
+    CPU GEMMs split their sums by thread, so two threads give other last bits (measured: the validation
+    videos of generate on the merged checkpoint then differ from the run's by a grey level on some
+    pixels). One thread also keeps in-process trainers off oversubscribed cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def torchrun(
     data: Path,
     out: Path,

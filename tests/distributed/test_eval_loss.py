@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from train_runs import base_args, data, torchrun
+from train_runs import base_args, data, one_thread, torchrun
 
 from train.checkpoint import KILL_ENV
 from train.config import load_config
@@ -20,7 +20,7 @@ from train.flow import FlowMatching
 from train.guard import release_output_dir
 from train.main import Trainer
 
-__all__ = ["data"]  # a fixture
+__all__ = ["data", "one_thread"]  # fixtures
 
 STEPS, EVERY, HOLDOUT = 4, 2, 3
 EVAL_STEPS = [0, 2, 4]  # the baseline, every EVERY steps; the last is also the end of training
@@ -35,14 +35,7 @@ def run_args(*extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """In-process trainers compute with one thread, as the torchrun ranks (OMP_NUM_THREADS=1): the same
-    kernels, and no oversubscribed cores (several threads per op made a 4 s test take 30 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # several threads per op made a 4 s test take 30 s
 
 
 def evaluations(out: Path) -> dict[int, dict]:

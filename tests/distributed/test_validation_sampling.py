@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from train_runs import base_args, data, losses, torchrun
+from train_runs import base_args, data, losses, one_thread, torchrun
 
 from tools.zero_to_bf16 import merge
 from train.config import ModelConfig, load_config
@@ -30,7 +30,8 @@ from wan import WanModel, dit_preset
 from wan.media import contact_sheet, video_to_frames
 from wan.pipeline import generate
 
-__all__ = ["data"]  # a fixture
+__all__ = ["data", "one_thread"]  # fixtures
+pytestmark = pytest.mark.usefixtures("one_thread")  # generate computes as the ranks do
 
 PROMPTS = [
     "a red circle moves left to right over a blue background",

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 import torch.nn as nn
 
+from train.checkpoint_io import read_json, write_json
 from train.distributed import ParallelLayout
 from train.lr import build_lr_scheduler
 
@@ -274,8 +275,6 @@ def build_grad_scaler(setup: EngineSetup) -> torch.amp.GradScaler | None:
 
 def save_grad_scaler(scaler: torch.amp.GradScaler | None, folder: Path) -> list[str]:
     """Rank 0's part of a save: the scaler state (replicated: every rank decides skips alike)."""
-    from train.checkpoint_io import write_json
-
     if scaler is None:
         return []
     write_json(folder / GRAD_SCALER_FILE, scaler.state_dict())
@@ -285,8 +284,6 @@ def save_grad_scaler(scaler: torch.amp.GradScaler | None, folder: Path) -> list[
 def load_grad_scaler(scaler: torch.amp.GradScaler | None, folder: Path) -> None:
     """Restore the loss scale saved by save_grad_scaler. A checkpoint of a bf16 or fp32 run has none: an
     fp16 run continuing it starts from a fresh scale, as a new fp16 run would."""
-    from train.checkpoint_io import read_json
-
     path = folder / GRAD_SCALER_FILE
     if scaler is None:
         return
