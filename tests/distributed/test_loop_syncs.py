@@ -1,7 +1,7 @@
 """The loop reads device values on the host (a GPU synchronisation each) once per optimizer step where
 nothing is logged: the step's loss, counts and stop flags in one all-reduce. Counted by wrapping the
 tensor methods that copy to the host, on a real run of the debug models (one process, CPU: the calls
-are the ones a GPU would wait on)."""
+are the ones a GPU would wait on). A resume parses the COMPLETE marker once."""
 
 import sys
 from collections import Counter
@@ -75,3 +75,33 @@ def test_a_step_that_logs_nothing_reads_the_device_once(data, tmp_path, monkeypa
 def _no_leftover_hooks():
     yield
     assert torch.Tensor.item.__name__ == "item"
+
+
+def test_a_resume_parses_the_checkpoint_marker_once(data, tmp_path, monkeypatch):
+    """Verification, the resume checks and the load all read the COMPLETE marker as parsed once."""
+    import train.checkpoint_verify
+
+    args = [
+        *base_args(data, tmp_path / "out"),
+        "--max_train_steps=2",
+        "--checkpointing_steps=2",
+        "--progress_bar=false",
+    ]
+    try:
+        Trainer(load_config(args)).train()
+    finally:
+        release_output_dir()
+    parsed: list[Path] = []
+    real = train.checkpoint_verify.parse_marker
+
+    def parse_marker(path):
+        parsed.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(train.checkpoint_verify, "parse_marker", parse_marker)
+    try:
+        trainer = Trainer(load_config([*args, "--max_train_steps=3", "--resume_from_checkpoint=latest"]))
+    finally:
+        release_output_dir()
+    assert trainer.state.step == 2
+    assert parsed == [tmp_path / "out" / "checkpoint-2"]
