@@ -70,7 +70,7 @@ def worker(out: Path) -> None:
 def test_a_full_disk_says_so_and_states_the_free_space_after_every_writer_let_go(tmp_path):
     mnt, namespace = private_tmpfs(tmp_path, "768k")
     cmd = [*namespace, sys.executable, __file__, str(mnt / "out")]
-    env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    env = {"PYTHONPATH": f"{REPO}:{REPO / 'tests'}", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
