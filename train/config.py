@@ -314,6 +314,10 @@ class ParallelConfig:
     reduce_every_micro_step: bool = True
     """fsdp: reduce-scatter gradients on every micro-step; false accumulates full-size unsharded
     gradients on every rank until the last micro-step (56 GB at 14B) to save communication."""
+    sp: int = 1
+    """Sequence parallel (Ulysses) degree: each group of sp consecutive ranks trains the same samples,
+    each rank on 1/sp of the video tokens, so activation memory divides by sp. The number of ranks and
+    the DiT's heads (1.3B: 12, 14B: 40) must divide by it; the data-parallel size is ranks / sp. 1: off."""
 
     def problems(self) -> list[str]:
         out = _choice("engine", self.engine, engine_names()) + _choice("backend", self.backend, BACKENDS)
@@ -334,7 +338,7 @@ class ParallelConfig:
                     continue  # said above: use_deepspeed with an engine that is not DeepSpeed's
                 able = [t.name for t in REGISTRY.values() if offload in t.offloads]
                 out.append(f"offload_{offload} needs engine {_one_of(able)}, not {self.engine!r}")
-        out += _at_least(self, 0, "stage3_param_persistence_threshold")
+        out += _at_least(self, 0, "stage3_param_persistence_threshold") + _at_least(self, 1, "sp")
         out += _at_least(self, 1, "reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
                          "stage3_max_live_parameters")  # fmt: skip
         return out
@@ -711,6 +715,33 @@ def check_run(cfg: RunConfig, device: torch.device, world_size: int | None) -> l
             out.append(f"[model] {err}")
     if precision_ok:  # an engine's own checks (the DeepSpeed file merged over ours) need a precision it runs
         out += traits.preflight(cfg, device, world_size)
+    if p.sp > 1:
+        out += _sequence_parallel_problems(cfg, world_size)
+    return out
+
+
+def _sequence_parallel_problems(cfg: RunConfig, world_size: int | None) -> list[str]:
+    """[parallel] sp against the number of ranks and the DiT's heads (from its config.json or preset),
+    before any model is built. An unreadable DiT folder is check_paths' to report."""
+    from train.models import dit_source
+
+    sp, out = cfg.parallel.sp, []
+    if world_size is not None and world_size % sp:
+        out.append(f"[parallel] sp = {sp} does not divide the {world_size} ranks")
+    try:
+        config, source = dit_source(cfg.model)[:2]
+    except ValueError:
+        return out
+    heads = config.get("num_heads", 1)
+    if heads % sp:
+        valid = ", ".join(str(n) for n in range(1, heads + 1) if heads % n == 0)
+        out.append(f"[parallel] sp = {sp}: the DiT's {heads} heads ({source}) do not divide by it; sp can be {valid}")
+    v = cfg.validation
+    for what, enabled in (("validation sampling", v.sampling_enabled()), ("the eval loss", v.eval_enabled())):
+        if enabled:
+            out.append(f"[parallel] sp = {sp} with {what} ([validation]): not supported yet; use sp = 1 for it")
+    if cfg.model.compile:
+        out.append(f"[parallel] sp = {sp} with [model] compile: not supported yet; set compile = false")
     return out
 
 

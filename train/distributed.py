@@ -4,11 +4,14 @@ collectives the loop uses, and how a rank says a setup error and leaves.
 `ParallelLayout` is in the spirit of torchtitan's ParallelDims: every part that needs to know where it
 runs (the sampler, the engines, the planner, validation, the eval loss) reads it instead of asking
 torch.distributed.
-Today the only dimension is data parallel over every rank; sequence parallel adds one.
+Two dimensions, data x sequence: rank r is sequence rank r % sp of data-parallel rank r // sp, so the
+sp ranks of a sequence group (one sample, 1/sp of its tokens each: wan/modules/ulysses.py) are
+neighbours, on one node whenever sp divides the GPUs of a node.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import io
 import os
@@ -34,11 +37,16 @@ class ParallelLayout:
     local_rank: int
     device: torch.device
     dp_size: int
-    """Data-parallel ranks: each draws its own share of the global batch (all ranks, for now)."""
+    """Data-parallel ranks: each draws its own share of the global batch (world_size / sp_size)."""
     dp_rank: int
     host_group: dist.ProcessGroup | None = None
     """A gloo group for counts the host holds (bad samples, stop flags): reducing them takes no GPU
     synchronisation. None: the default group (single process, or gloo already)."""
+    sp_size: int = 1
+    """Ranks of a sequence group: they train the same samples, each on 1/sp_size of the tokens."""
+    sp_rank: int = 0
+    sp_group: dist.ProcessGroup | None = None
+    """This rank's sequence group (None when sp_size is 1)."""
 
     @property
     def distributed(self) -> bool:
@@ -87,6 +95,23 @@ def init_distributed(backend: str, device: torch.device) -> ParallelLayout:
     return ParallelLayout(
         world_size=world_size, rank=rank, local_rank=local_rank, device=device, dp_size=world_size, dp_rank=rank,
         host_group=host_group,
+    )  # fmt: skip
+
+
+def apply_sequence_parallel(layout: ParallelLayout, sp: int) -> ParallelLayout:
+    """The layout with sequence groups of `sp` consecutive ranks (collective: every rank makes every
+    group, as torch.distributed.new_group requires). sp must divide the world size (check_run)."""
+    if sp == 1:
+        return layout
+    assert layout.world_size % sp == 0, (layout.world_size, sp)
+    mine = None
+    for first in range(0, layout.world_size, sp):
+        group = dist.new_group(list(range(first, first + sp)))
+        if first <= layout.rank < first + sp:
+            mine = group
+    return dataclasses.replace(
+        layout, dp_size=layout.world_size // sp, dp_rank=layout.rank // sp, sp_size=sp, sp_rank=layout.rank % sp,
+        sp_group=mine,
     )  # fmt: skip
 
 

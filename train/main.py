@@ -45,7 +45,15 @@ from train.config import (
     wants_help,
 )
 from train.data.dataset import BadDataError, pixels_to_model
-from train.distributed import all_gather_cat, all_reduce_sum, barrier, fail_setup, init_distributed, write_whole_lines
+from train.distributed import (
+    all_gather_cat,
+    all_reduce_sum,
+    apply_sequence_parallel,
+    barrier,
+    fail_setup,
+    init_distributed,
+    write_whole_lines,
+)
 from train.engines import StepResult
 from train.eval_loss import build_eval_loss
 from train.flops import device_peak_tflops, micro_batch_flops
@@ -106,6 +114,7 @@ class Trainer:
         problems = check_run(cfg, self.device, self.world_size)
         if problems:
             raise ConfigError(problems)
+        self.layout = layout = apply_sequence_parallel(layout, cfg.parallel.sp)
         self.flow = FlowMatching.from_config(cfg.train)
         set_process_defaults(cfg, layout)
         self.out = Path(cfg.train.output_dir)
@@ -206,7 +215,10 @@ class Trainer:
                 pred = self.engine.forward(x.x_t, x.t, x.context, clip_fea=x.clip_fea, y=x.y)
                 loss, per_sample = self.flow.loss(pred, x.target, x.sigmas)
             with self.timer.section("backward"):
-                self.engine.backward(loss)
+                # Engines average gradients over every rank; a sequence group's ranks each hold their
+                # tokens' share of one sample's gradient (wan/modules/ulysses.py): x sp_size makes the
+                # average one over samples, as without sequence parallel.
+                self.engine.backward(loss * self.layout.sp_size if self.layout.sp_size > 1 else loss)
         shape = tuple(x.x_t.shape)  # [B, C, F, H, W] latents
         if self.compile_watch is not None:
             self.report_compiles(f"latents {list(shape)}", time.perf_counter() - started)
@@ -219,8 +231,9 @@ class Trainer:
         cfg, s, t0, start = self.cfg, self.state, time.perf_counter(), self.state.step
         self.log(
             f"training {self.total_steps - s.step} steps from step {s.step} to {self.total_steps}: "
-            f"{self.world_size} rank(s) x batch {cfg.train.train_batch_size} x {self.accumulation} micro-steps "
-            f"on {self.device}"
+            f"{self.layout.dp_size} data-parallel rank(s) x batch {cfg.train.train_batch_size} x {self.accumulation} "
+            f"micro-steps on {self.device}"
+            + (f", each sample on {self.layout.sp_size} ranks (sequence parallel)" if self.layout.sp_size > 1 else "")
         )
         guard.stop_gracefully()  # SIGINT / SIGTERM from here on: finish the step, save, exit 0
         if self.eval_loss is not None:
@@ -317,6 +330,8 @@ class Trainer:
                 float(stop == signal.SIGINT), float(stop == signal.SIGTERM)]  # fmt: skip
         summed = torch.cat([loss_sum.reshape(1), torch.tensor(host, dtype=torch.float64, device=self.device)])
         loss_total, samples, tokens, flops, sigint, sigterm = all_reduce_sum(summed)
+        sp = self.layout.sp_size  # a sequence group's ranks each counted its samples (and their FLOPs) whole
+        samples, tokens, flops = samples / sp, tokens / sp, flops / sp
         if sigint or sigterm:
             s.stop_signal = "SIGINT" if sigint else "SIGTERM"
         loss = loss_total / (self.accumulation * self.world_size)

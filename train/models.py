@@ -28,6 +28,7 @@ from wan.modules.checkpointing import ActivationCheckpointing
 from wan.modules.dit_weights import WEIGHTS_NAME, diffusers_to_official_key, read_dit_folder
 from wan.modules.safetensors_io import read_header, read_tensor, resolve_weight_files
 from wan.modules.state_dict_io import assign_tensor, check_entries
+from wan.modules.ulysses import SequenceParallel
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,8 @@ class DiTRecipe:
     compile: bool = False
     """torch.compile each block in place (after the trainable flags and checkpointing, before the
     engine wraps the model): see compile_dit."""
+    sequence_parallel: SequenceParallel | None = None
+    """This rank's sequence group ([parallel] sp > 1): every forward runs on its share of the tokens."""
 
     def build(self) -> WanModel:
         """The DiT on the meta device, its folder's weights checked against it, trainable parameters
@@ -164,6 +167,7 @@ class DiTRecipe:
         self.weights.check(model)
         apply_trainable_modules(model, self.trainable_modules, self.trainable_modules_low_learning_rate)
         model.set_gradient_checkpointing(self.checkpoint_policy)
+        model.set_sequence_parallel(self.sequence_parallel)
         if self.compile:
             compile_dit(model)
         return model
@@ -194,18 +198,24 @@ class DiTRecipe:
         return model
 
 
-def build_dit_recipe(model_cfg, seed: int) -> DiTRecipe:
-    """From the [model] section: the DiT of transformer_path (a merged folder) or of the release folder
-    (checked against train_mode before anything loads), or a preset's, with random weights. A
-    transformer_path that is one file (VideoX-Fun's) replaces the tensors it holds and keeps the rest."""
+def dit_source(model_cfg) -> tuple[dict, str, str, str]:
+    """(WanModel kwargs, where they come from, the weights folder or "", the override file or ""): the
+    DiT of transformer_path (a merged folder) or of the release folder, else [model] preset's. Reads
+    config.json only."""
     m = model_cfg
     override = m.transformer_path if m.transformer_path and Path(m.transformer_path).is_file() else ""
     folder = (m.transformer_path if not override else "") or m.pretrained_model_name_or_path
     if folder:
-        _, config, _ = read_dit_folder(folder)
-        source = folder
-    else:
-        config, source = dit_preset(m.preset), f"preset {m.preset}"
+        return read_dit_folder(folder)[1], folder, folder, override
+    return dit_preset(m.preset), f"preset {m.preset}", "", override
+
+
+def build_dit_recipe(model_cfg, seed: int) -> DiTRecipe:
+    """From the [model] section: the DiT of dit_source, checked against train_mode before anything loads
+    (a preset's with random weights). A transformer_path that is one file (VideoX-Fun's) replaces the
+    tensors it holds and keeps the rest."""
+    m = model_cfg
+    config, source, folder, override = dit_source(m)
     check_mode(config.get("model_type", "t2v"), config.get("in_dim", 16), m.train_mode, source)
     return DiTRecipe(
         config=config, weights=DiTWeights(folder, config, seed, override), trainable_modules=m.trainable_modules,

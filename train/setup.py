@@ -22,6 +22,7 @@ from train.rng import RNGState
 from train.state import SamplerState, TrainerState, count_steps
 from train.validation import ValidationSampler, sampling_options
 from wan.modules.attention import device_label, set_attention_backend
+from wan.modules.ulysses import SequenceParallel
 
 
 def set_process_defaults(cfg: RunConfig, layout: ParallelLayout) -> None:
@@ -85,6 +86,8 @@ def build_training(
     kernel = set_attention_backend(m.attention_backend, layout.device)
     log(f"attention: {kernel if kernel != 'default' else 'torch default'} ({device_label(layout.device)})")
     recipe = build_dit_recipe(m, t.seed)
+    if layout.sp_size > 1:
+        recipe.sequence_parallel = SequenceParallel(layout.sp_group)
     models = build_models(m, layout.device, t.seed)
     engine = build_engine(recipe, setup)
     trainable, total = recipe.parameter_counts()

@@ -260,6 +260,7 @@ class DeepSpeedEngine:
         for name, param in model.named_parameters():
             param.requires_grad_(trainable[name].requires_grad)
         model.set_gradient_checkpointing(**meta.gradient_checkpointing_settings)
+        model.set_sequence_parallel(meta.sequence_parallel)
         del meta
         apply_selective_leaf_blocks(model)
 

@@ -154,15 +154,24 @@ class WanSelfAttention(nn.Module):
         # q/k RMSNorm spans all heads at once (weight [dim]), as in the release.
         self.norm_q = WanRMSNorm(dim, eps)
         self.norm_k = WanRMSNorm(dim, eps)
+        # A wan.modules.ulysses.SequenceParallel when this rank holds 1/N of the tokens (self-attention
+        # only: WanModel.set_sequence_parallel); None runs on every token here.
+        self.sequence_parallel = None
 
     def heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads, -1))  # [B, S, D] -> [B, S, H, D/H]
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        # Projections, the full-width q/k norms and RoPE act on each token alone: local under Ulysses.
         q = apply_rope(self.heads(self.norm_q(self.q(x))), *rope)
         k = apply_rope(self.heads(self.norm_k(self.k(x))), *rope)
         v = self.heads(self.v(x))
-        return self.o(attention(q, k, v))
+        sp = self.sequence_parallel
+        if sp is None:
+            return self.o(attention(q, k, v))
+        # [B, S/N, H, d] -> [B, S, H/N, d]: every real token for this rank's heads, then back.
+        out = attention(sp.to_heads(q), sp.to_heads(k), sp.to_heads(v))  # [B, S, H/N * d]
+        return self.o(sp.to_tokens(out.unflatten(-1, (q.shape[2] // sp.size, -1))).flatten(2))
 
 
 class WanCrossAttention(WanSelfAttention):
@@ -325,6 +334,7 @@ class WanModel(nn.Module):
 
         self.checkpointed_blocks: set[int] = set()
         self.checkpoint_policy = ActivationCheckpointing()
+        self.sequence_parallel = None  # see set_sequence_parallel
         # On the meta device there is nothing to initialise (and init ops there cost a one-time
         # ~75 MB import of torch's decompositions): call init_weights() after to_empty().
         if not self.patch_embedding.weight.is_meta:
@@ -376,6 +386,16 @@ class WanModel(nn.Module):
         for i, block in enumerate(self.blocks):
             block.selective_checkpoint = policy.mode == "selective" and i in self.checkpointed_blocks
             block.checkpoint_save_matmuls = policy.save_matmuls
+
+    def set_sequence_parallel(self, sp) -> None:
+        """Run each forward on this rank's share of the tokens (`sp`: a wan.modules.ulysses.
+        SequenceParallel, whose group must run the same inputs), or on all of them (None). Every rank
+        of the group returns the whole output."""
+        if sp is not None:
+            sp.check_heads(self.blocks[0].self_attn.num_heads if len(self.blocks) else 1)
+        self.sequence_parallel = sp
+        for block in self.blocks:
+            block.self_attn.sequence_parallel = sp
 
     @property
     def gradient_checkpointing_settings(self) -> dict:
@@ -430,6 +450,9 @@ class WanModel(nn.Module):
         image_context = self.img_emb(clip_fea) if self.model_type == "i2v" else None  # [B, 257, D]
 
         rope = self.rope(grid)
+        sp = self.sequence_parallel
+        if sp is not None:  # this rank's share of the tokens from here to the head: [B, S_pad/N, D]
+            x, rope = sp.shard(x, rope)
         grad_on = torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             if grad_on and i in self.checkpointed_blocks and self.checkpoint_policy.mode == "full":
@@ -438,6 +461,8 @@ class WanModel(nn.Module):
                 x = block(x, e0, context, image_context, rope)
 
         x = self.head(x, e)  # [B, S, pt*ph*pw*out_dim], float32
+        if sp is not None:
+            x = sp.gather(x)
         return self.unpatchify(x, grid)
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
