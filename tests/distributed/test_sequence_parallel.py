@@ -1,0 +1,65 @@
+"""Sequence parallel training ([parallel] sp, wan/modules/ulysses.py) through train.main: sp = 2 on 2
+ranks trains what sp = 1 on 1 rank trains with the same global batch (losses and the merged weights
+within 1e-6) on ddp, zero3 and fsdp, with a token count that needs padding and an i2v run among them;
+4 ranks as 2 data x 2 sequence equal 2 ranks of sp 1. A DiT whose heads do not divide by sp, or a
+world size that does not, is refused before any model is built."""
+
+import pytest
+import torch
+from train_runs import base_args, data, engine_run_args, losses, torchrun
+
+from tools.zero_to_bf16 import merge
+from train.checkpoint_verify import find_latest
+from train.config import check_run, load_config
+from wan import WanModel
+
+__all__ = ["data"]  # a fixture
+
+# 48 x 48 frames are 3 x 3 tokens a latent frame: 27 tokens, padded to 28 for sp 2.
+ODD_TOKENS = ["--video_sample_size=48", "--image_sample_size=48"]
+I2V = ["--train_mode=i2v", "--preset=debug-i2v"]
+CASES = {"ddp": [], "zero3": [], "fsdp": ODD_TOKENS, "ddp_i2v": I2V}
+
+
+def merged(out, tmp_path, name: str) -> dict[str, torch.Tensor]:
+    merge(find_latest(out), tmp_path / name, dtype="fp32", log=lambda _: None)
+    return dict(WanModel.from_pretrained(tmp_path / name, dtype=None).state_dict())
+
+
+def assert_same_training(a, b, tmp_path) -> None:
+    la, lb = losses(a), losses(b)
+    assert sorted(la) == sorted(lb) == list(range(1, 7))
+    for step in la:
+        assert la[step] == pytest.approx(lb[step], rel=1e-6, abs=0), step
+    wa, wb = merged(a, tmp_path, "a"), merged(b, tmp_path, "b")
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-6, atol=1e-6, msg=name)
+    assert la[1] != la[6]  # it trained
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES)
+def test_two_sequence_ranks_train_what_one_rank_trains(data, tmp_path, case):
+    engine = case.removesuffix("_i2v")
+    args = engine_run_args(engine, *CASES[case])
+    torchrun(data, tmp_path / "sp1", *args, nproc=1)
+    proc = torchrun(data, tmp_path / "sp2", *args, "--sp=2", nproc=2)
+    assert "1 data-parallel rank(s) x batch 1 x 1 micro-steps on cpu, each sample on 2 ranks" in proc.stdout
+    assert_same_training(tmp_path / "sp1", tmp_path / "sp2", tmp_path)
+
+
+@pytest.mark.slow
+def test_two_data_by_two_sequence_ranks_equal_two_ranks(data, tmp_path):
+    args = engine_run_args("ddp")
+    torchrun(data, tmp_path / "dp2", *args, nproc=2)
+    proc = torchrun(data, tmp_path / "dp2sp2", *args, "--sp=2", nproc=4)
+    assert "2 data-parallel rank(s)" in proc.stdout
+    assert_same_training(tmp_path / "dp2", tmp_path / "dp2sp2", tmp_path)
+
+
+def test_sp_that_does_not_divide_the_heads_or_the_ranks_is_refused(data, tmp_path):
+    cfg = load_config([*base_args(data, tmp_path / "out"), "--sp=3"])
+    problems = check_run(cfg, torch.device("cpu"), world_size=4)
+    assert "[parallel] sp = 3 does not divide the 4 ranks" in problems
+    assert "[parallel] sp = 3: the DiT's 4 heads (preset debug) do not divide by it; sp can be 1, 2, 4" in problems
+    assert not (tmp_path / "out").exists()  # refused before anything was written or built
