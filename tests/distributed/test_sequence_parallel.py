@@ -63,3 +63,19 @@ def test_sp_that_does_not_divide_the_heads_or_the_ranks_is_refused(data, tmp_pat
     assert "[parallel] sp = 3 does not divide the 4 ranks" in problems
     assert "[parallel] sp = 3: the DiT's 4 heads (preset debug) do not divide by it; sp can be 1, 2, 4" in problems
     assert not (tmp_path / "out").exists()  # refused before anything was written or built
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("engine", "sp_before", "sp_after"), [("fsdp", 2, 1), ("ddp", 1, 2)])
+def test_a_checkpoint_resumes_at_another_sp(data, tmp_path, engine, sp_before, sp_after):
+    """Same global batch (1 data-parallel rank either way): steps 4-6 after the resume are the
+    uninterrupted run's."""
+    args = engine_run_args(engine)
+    torchrun(data, tmp_path / "a", *args, f"--sp={sp_before}", nproc=sp_before)
+    resume = f"--resume_from_checkpoint={tmp_path / 'a' / 'checkpoint-3'}"
+    proc = torchrun(data, tmp_path / "b", *args, f"--sp={sp_after}", resume, nproc=sp_after)
+    assert "resumed from" in proc.stdout
+    la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert sorted(lb) == [4, 5, 6]
+    for step in lb:
+        assert lb[step] == pytest.approx(la[step], rel=1e-6, abs=0), step
