@@ -62,9 +62,10 @@ class ParallelLayout:
         return ParallelLayout(world_size=1, rank=0, local_rank=0, device=device, dp_size=1, dp_rank=0)
 
     @staticmethod
-    def planned(num_gpus: int) -> ParallelLayout:
-        """Rank 0 of a run planned on `num_gpus` GPUs, before any process exists (train.plan)."""
-        return ParallelLayout(num_gpus, 0, 0, torch.device("cuda"), dp_size=num_gpus, dp_rank=0)
+    def planned(num_gpus: int, sp: int = 1) -> ParallelLayout:
+        """Rank 0 of a run planned on `num_gpus` GPUs in sequence groups of `sp`, before any process
+        exists (train.plan)."""
+        return ParallelLayout(num_gpus, 0, 0, torch.device("cuda"), dp_size=num_gpus // sp, dp_rank=0, sp_size=sp)
 
     @staticmethod
     def of_process_group(device: torch.device) -> ParallelLayout:

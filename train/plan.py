@@ -1,6 +1,6 @@
 """Will a config fit? Per-GPU memory of every bucket the config's data options can produce.
 
-    python -m train.plan --cfg configs/14b_zero3.toml --gpus 8 --gpu_memory 80GB [--section.key=value ...]
+    python -m train.plan --cfg configs/14b_zero3.toml --gpus 8 --gpu_memory 80GB [--sp=2] [--section.key=value ...]
 
 Per GPU, for each (kind, size, frames) the data options can draw (its largest aspect bucket, which
 binds), as a micro-batch of train_batch_size x the token-length repeats:
@@ -14,7 +14,10 @@ binds), as a micro-batch of train_batch_size x the token-length repeats:
                  checkpointed blocks under the configured mode, the others under "none" (a compiled
                  selective block keeps the same: tests/unit/test_selective_compile.py); plus the
                  embeddings and head. bf16 weight copies of autocast count under ddp (fp32 weights);
-                 the sharded / bf16 engines hold no such copies.
+                 the sharded / bf16 engines hold no such copies. With [parallel] sp (sequence
+                 parallel) a GPU holds 1/sp of each sample's tokens: the blocks are measured at that
+                 many (cross-attention's text keys and values stay whole on every GPU); the
+                 embeddings and head are counted whole.
   buffers        DeepSpeed's reduce / all-gather buckets, FSDP's all-gathered blocks and one block's
                  unsharded gradient, the recompute's one-block peak (a checkpointed block's "none"
                  activations during its backward), and the activation gradients in flight (2 x the
@@ -40,6 +43,7 @@ cost (one per micro-batch x token count).
 """
 
 import argparse
+import dataclasses
 import functools
 import json
 import sys
@@ -48,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from train.config import ConfigError, RunConfig, load_config
+from train.config import RunConfig, load_config
 from train.data.buckets import (
     MIN_VIDEO_FRAMES,
     bucket_table,
@@ -217,7 +221,7 @@ def model_state_bytes(cfg: RunConfig, counts: dict, gpus: int) -> dict[str, floa
     """Per-GPU bytes of the DiT's params, grads, master weights and AdamW state on the GPU, and what
     offloading puts in host memory ("host"): the engine's own formula (its traits' memory)."""
     states = ModelStates(
-        total=counts["total"], trainable=counts["trainable"], fp32=cfg.train.mixed_precision == "fp32", layout=ParallelLayout.planned(gpus),
+        total=counts["total"], trainable=counts["trainable"], fp32=cfg.train.mixed_precision == "fp32", layout=ParallelLayout.planned(gpus, cfg.parallel.sp),
         parallel=cfg.parallel,
     )  # fmt: skip
     return engine_traits(cfg.parallel.engine).memory(states)
@@ -282,7 +286,8 @@ def activation_bytes(
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision, torch.float32)
     key = json.dumps(config, sort_keys=True)
     pt, ph, pw = config.get("patch_size", (1, 2, 2))
-    tokens = (latent[0] // pt) * (latent[1] // ph) * (latent[2] // pw)
+    sample_tokens = (latent[0] // pt) * (latent[1] // ph) * (latent[2] // pw)
+    tokens = -(-sample_tokens // cfg.parallel.sp)  # this GPU's share (wan/modules/ulysses.py pads to sp)
     layers = config["num_layers"]
     checkpointed = policy.count(layers)
     # autocast's bf16 weight copies exist only with fp32 weights (an engine without low_precision_params);
@@ -309,7 +314,7 @@ def activation_bytes(
     return Activations(
         saved=saved, recompute_peak=none if checkpointed else 0, in_flight=2 * residual,
         detail={"per_block_none": none, "per_block_checkpointed": ckpt, "outside_blocks": outside, "shared": shared,
-                "tokens": tokens},
+                "tokens": sample_tokens},
     )  # fmt: skip
 
 
@@ -467,6 +472,9 @@ def step_peak(states: float, training: float, encoders: dict[str, int], low_vram
 
 def plan(cfg: RunConfig, gpus: int, gpu_memory: int, headroom: float = 0.1) -> tuple[list[Row], dict]:
     config, source = dit_config(cfg)
+    sp = cfg.parallel.sp
+    if gpus % sp or config["num_heads"] % sp:
+        raise ValueError(f"[parallel] sp = {sp} must divide the {gpus} GPUs and the DiT's {config['num_heads']} heads")
     counts = param_counts(cfg, config)
     states = model_state_bytes(cfg, counts, gpus)
     debug = not cfg.model.pretrained_model_name_or_path and cfg.model.preset.startswith("debug")
@@ -516,6 +524,10 @@ def advice(cfg: RunConfig, rows: list[Row], info: dict) -> list[str]:
     if any(r.bucket.repeats > 1 and not r.fits for r in rows):
         out.append("training_with_video_token_length repeats small batches 2x/4x: a larger token_sample_size "
                    "budget or a smaller video_sample_n_frames changes it")  # fmt: skip
+    sp = next((n for n in sequence_parallel_choices(info) if n > p.sp and all(plan_at_sp(cfg, info, n))), None)
+    if sp is not None:
+        out.append(f"[parallel] sp = {sp} (sequence parallel: each sample's activations over {sp} GPUs; "
+                   f"every bucket fits)")  # fmt: skip
     worst = max((r for r in rows if not r.fits and r.bucket.kind == "video"), key=lambda r: r.peak, default=None)
     if worst is not None:
         frames = fewest_fitting_frames(cfg, worst, info)
@@ -523,6 +535,18 @@ def advice(cfg: RunConfig, rows: list[Row], info: dict) -> list[str]:
         out.append(f"at size {worst.bucket.size:.4g} ({worst.bucket.height}x{worst.bucket.width}): {what} "
                    "(video_sample_n_frames, or a token budget)")  # fmt: skip
     return out
+
+
+def sequence_parallel_choices(info: dict) -> list[int]:
+    """The sp values the planned run allows: dividing both the GPUs and the DiT's heads."""
+    heads = info["config"]["num_heads"]
+    return [n for n in range(1, info["gpus"] + 1) if info["gpus"] % n == 0 and heads % n == 0]
+
+
+def plan_at_sp(cfg: RunConfig, info: dict, sp: int) -> list[bool]:
+    """Whether each bucket fits with [parallel] sp = `sp` (the rest of the config as it is)."""
+    other = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, sp=sp))
+    return [r.fits for r in plan(other, info["gpus"], info["gpu_memory"], 1 - info["limit"] / info["gpu_memory"])[0]]
 
 
 def fewest_fitting_frames(cfg: RunConfig, row: Row, info: dict) -> int:
@@ -546,7 +570,8 @@ def report(cfg: RunConfig, rows: list[Row], info: dict) -> str:
         f"{counts['trainable'] / 1e9:.2f} B trainable",
         f"engine {p.engine} on {info['gpus']} GPUs of {info['gpu_memory'] / GB:.0f} GB "
         f"(limit {info['limit'] / GB:.1f} GB with headroom), {cfg.train.mixed_precision}, checkpointing "
-        f"{m.checkpoint_policy.describe()}, micro-batch {cfg.train.train_batch_size}",
+        f"{m.checkpoint_policy.describe()}, micro-batch {cfg.train.train_batch_size}"
+        + (f", sequence parallel over {p.sp} GPUs (activations per GPU: 1/{p.sp} of the tokens)" if p.sp > 1 else ""),
         "model states per GPU: " + ", ".join(f"{k} {v / GB:.2f} GB" for k, v in states.items() if k != "host")
         + (f" (+ {states['host'] / GB:.1f} GB in host memory)" if states["host"] else ""),
         "frozen encoders: " + ", ".join(f"{k} {v / GB:.2f} GB" for k, v in info["encoders"].items())
@@ -583,9 +608,9 @@ def main(argv: list[str] | None = None) -> None:
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(rest)
-    except ConfigError as err:
+        rows, info = plan(cfg, args.gpus, parse_bytes(args.gpu_memory), args.headroom)
+    except ValueError as err:  # ConfigError too
         sys.exit(str(err))
-    rows, info = plan(cfg, args.gpus, parse_bytes(args.gpu_memory), args.headroom)
     print(report(cfg, rows, info))
 
 
