@@ -170,7 +170,7 @@ def test_every_shipped_config_parses():
         engines[path.name] = cfg.parallel.engine
     assert engines == {
         "debug.toml": "ddp", "1.3b_ddp.toml": "ddp", "1.3b_zero2.toml": "zero2", "14b_zero2.toml": "zero2",
-        "14b_zero3.toml": "zero3", "14b_fsdp.toml": "fsdp", "14b_i2v_zero3.toml": "zero3",
+        "14b_zero3.toml": "zero3", "14b_fsdp.toml": "fsdp", "14b_i2v_zero3.toml": "zero3", "14b_720p_sp.toml": "fsdp",
     }  # fmt: skip
 
 
@@ -190,12 +190,15 @@ def test_videox_fun_use_deepspeed_resolves_with_the_seed_values(name, engine):
 @pytest.mark.slow
 @pytest.mark.parametrize("path", [p for p in SHIPPED if p.name != "debug.toml"], ids=lambda p: p.name)
 def test_each_shipped_config_trains_on_the_debug_preset(data, tmp_path, path):
-    """The config as shipped, with only the model, data and sizes made tiny: 2 steps on 2 ranks."""
-    i2v = load_config(["--cfg", str(path), *DATA_ARGS]).model.train_mode == "i2v"
+    """The config as shipped, with only the model, data and sizes made tiny: 2 steps on 2 ranks (sequence
+    parallel over both where the config has sp > 1)."""
+    shipped = load_config(["--cfg", str(path), *DATA_ARGS])
+    i2v = shipped.model.train_mode == "i2v"
     extra = [
         "--cfg", str(path), "--pretrained_model_name_or_path=", f"--preset={'debug-i2v' if i2v else 'debug'}",
         "--max_train_steps=2", "--token_sample_size=64", "--video_sample_size=64", "--image_sample_size=64",
         "--video_sample_n_frames=9", "--video_sample_stride=2", "--checkpointing_steps=2", "--low_vram=false",
+        *(["--sp=2"] if shipped.parallel.sp > 1 else []),
     ]  # fmt: skip
     io = [f"--train_data_dir={data}", f"--train_data_meta={data / 'metadata.json'}", f"--output_dir={tmp_path}",
           "--progress_bar=false", "--dataloader_num_workers=0"]  # fmt: skip
