@@ -736,10 +736,8 @@ def _sequence_parallel_problems(cfg: RunConfig, world_size: int | None) -> list[
     if heads % sp:
         valid = ", ".join(str(n) for n in range(1, heads + 1) if heads % n == 0)
         out.append(f"[parallel] sp = {sp}: the DiT's {heads} heads ({source}) do not divide by it; sp can be {valid}")
-    v = cfg.validation
-    for what, enabled in (("validation sampling", v.sampling_enabled()), ("the eval loss", v.eval_enabled())):
-        if enabled:
-            out.append(f"[parallel] sp = {sp} with {what} ([validation]): not supported yet; use sp = 1 for it")
+    if cfg.validation.eval_enabled():
+        out.append(f"[parallel] sp = {sp} with the eval loss ([validation]): not supported yet; use sp = 1 for it")
     if cfg.model.compile:
         out.append(f"[parallel] sp = {sp} with [model] compile: not supported yet; set compile = false")
     return out

@@ -124,6 +124,7 @@ def build_validation(
         return None
     return ValidationSampler(
         v, sampling_options(v, d.video_sample_size, d.video_sample_n_frames, cfg.train.shift), models=models,
-        engine=engine, collective=engine_traits(cfg.parallel.engine).collective_inference, dit_config=dit_config,
+        engine=engine, collective=engine_traits(cfg.parallel.engine).collective_inference or layout.sp_size > 1,
+        dit_config=dit_config,
         layout=layout, output_dir=out, metrics=metrics, offload=cfg.model.low_vram,
     )  # fmt: skip

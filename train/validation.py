@@ -230,7 +230,11 @@ class ValidationSampler:
         self.options = options
         self.models, self.engine, self.dit_config = models, engine, dit_config
         self.collective = collective
+        # Prompts are split over the data-parallel ranks; a sequence group's ranks sample the same prompts
+        # together (its forward is a collective) and its first rank decodes and writes them.
+        self.layout = layout
         self.rank, self.world_size, self.device = layout.dp_rank, layout.dp_size, layout.device
+        self.writes = layout.sp_rank == 0
         self.output_dir, self.metrics, self.offload = Path(output_dir), metrics, offload
         self.i2v = models.clip is not None
         if self.i2v and len(self.images) not in (1, len(self.prompts)):
@@ -306,7 +310,7 @@ class ValidationSampler:
         outcomes = self._gather([o for o in outcomes if o is not None])
         seconds = time.perf_counter() - start
         report = ValidationReport(step, seconds, outcomes, self.output_dir / "samples" / f"step-{step}")
-        if self.rank == 0:
+        if self.layout.rank == 0:
             self._report(report)
         return report
 
@@ -331,13 +335,13 @@ class ValidationSampler:
         except Exception as err:
             if self.collective:  # the other ranks wait in the forward: stop rather than hang (docstring)
                 raise RuntimeError(
-                    f"validation at step {step}: the DiT forward failed on rank {self.rank} "
+                    f"validation at step {step}: the DiT forward failed on rank {self.layout.rank} "
                     f"({type(err).__name__}: {err}); under a sharded engine the run cannot go on"
                 ) from err
             if outcome is not None and not outcome.error:
                 outcome.error = f"{type(err).__name__}: {err}"
             return outcome
-        if outcome is None or outcome.error:
+        if outcome is None or outcome.error or not self.writes:
             return outcome
         try:
             video = decode(self.models.vae, latents, self.offload, out_device="cpu")[0]
@@ -352,12 +356,14 @@ class ValidationSampler:
         return outcome
 
     def _gather(self, mine: list[SampleOutcome]) -> list[SampleOutcome]:
-        """Every rank's outcomes on rank 0, in prompt order (small: shrunk uint8 sheets)."""
-        if self.world_size == 1 or not dist.is_initialized():
+        """Every data-parallel rank's outcomes on rank 0 (a sequence group's first rank speaks for it), in
+        prompt order (small: shrunk uint8 sheets)."""
+        world, rank = self.layout.world_size, self.layout.rank
+        if world == 1 or not dist.is_initialized():
             return sorted(mine, key=lambda o: o.index)
-        gathered: list | None = [None] * self.world_size if self.rank == 0 else None
-        dist.gather_object(mine, gathered, dst=0)
-        if self.rank != 0:
+        gathered: list | None = [None] * world if rank == 0 else None
+        dist.gather_object(mine if self.writes else [], gathered, dst=0)
+        if rank != 0:
             return mine
         return sorted((o for part in gathered for o in part), key=lambda o: o.index)
 

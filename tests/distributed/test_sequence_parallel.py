@@ -1,11 +1,14 @@
 """Sequence parallel training ([parallel] sp, wan/modules/ulysses.py) through train.main: sp = 2 on 2
 ranks trains what sp = 1 on 1 rank trains with the same global batch (losses and the merged weights
 within 1e-6) on ddp, zero3 and fsdp, with a token count that needs padding and an i2v run among them;
-4 ranks as 2 data x 2 sequence equal 2 ranks of sp 1. A DiT whose heads do not divide by sp, or a
-world size that does not, is refused before any model is built."""
+4 ranks as 2 data x 2 sequence equal 2 ranks of sp 1; a checkpoint resumes at another sp; validation
+samples what sp 1 samples. A DiT whose heads do not divide by sp, or a world size that does not, is
+refused before any model is built."""
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from train_runs import base_args, data, engine_run_args, losses, torchrun
 
 from tools.zero_to_bf16 import merge
@@ -79,3 +82,29 @@ def test_a_checkpoint_resumes_at_another_sp(data, tmp_path, engine, sp_before, s
     assert sorted(lb) == [4, 5, 6]
     for step in lb:
         assert lb[step] == pytest.approx(la[step], rel=1e-6, abs=0), step
+
+
+VALIDATION = ["--validation_steps=3", "--validation_inference_steps=3", "--validation_num_frames=9",
+              "--validation_height=48", "--validation_width=80", "--validation_seed=7",
+              "--validation_prompts", "a red circle moves left to right", "a blue square moves down"]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_validation_at_sp_2_samples_what_sp_1_samples(data, tmp_path, engine):
+    """Both prompts on the one data-parallel rank, sampled by the sequence group together (9 frames of
+    48 x 80: 45 tokens, padded); the group's first rank writes them. The float videos are compared in
+    tests/distributed/test_ulysses.py; here the files a user gets, after 3 and 6 steps of training."""
+    args = [*engine_run_args(engine), *VALIDATION]
+    torchrun(data, tmp_path / "sp1", *args, nproc=1)
+    proc = torchrun(data, tmp_path / "sp2", *args, "--sp=2", nproc=2)
+    for step in (3, 6):
+        assert f"validation at step {step}: 2 of 2 videos" in proc.stdout
+        one, two = tmp_path / "sp1" / "samples" / f"step-{step}", tmp_path / "sp2" / "samples" / f"step-{step}"
+        names = sorted(p.name for p in one.iterdir())
+        assert names == sorted(p.name for p in two.iterdir()) and len(names) == 4  # 2 x (mp4, png)
+        for name in names:
+            if name.endswith(".png"):
+                a = np.asarray(Image.open(one / name), dtype=int)
+                b = np.asarray(Image.open(two / name), dtype=int)
+                assert np.abs(a - b).max() <= 1, name

@@ -47,6 +47,17 @@ def test_each_rank_saves_about_half_the_activations(results, mode):
         assert 0.45 <= split / whole <= 0.55, (whole, split)
 
 
+@pytest.mark.slow
+def test_sampling_split_over_two_ranks_gives_the_whole_models_videos(results):
+    """What validation runs (wan.pipeline.generate: UniPC, batched guidance, the VAE decode), t2v and
+    i2v; 9 frames of 48 x 80 are 3 latent frames of 3 x 5 tokens: 45, padded to 46."""
+    for rank in (0, 1):
+        found = results[rank]["sampling"]
+        print(rank, found)
+        assert found["normal"] <= 1e-5 and found["i2v"] <= 1e-5, found
+        assert found["normal_exchanged"] > 0 and found["i2v_exchanged"] > 0  # split indeed
+
+
 class FakeGroupOfThree(SequenceParallel):
     def __init__(self):  # no process group: only check_heads is used
         self.size, self.rank, self.num_tokens = 3, 0, 0

@@ -96,7 +96,32 @@ def run(out, rank: int) -> dict:
         split = saved_activation_bytes(block, (x_local, e0, context, None, rope_local), mode)
         block.self_attn.sequence_parallel = None
         results[f"memory_{mode}"] = {"saved_bytes": [whole, split]}
+    results["sampling"] = sampling_difference(group)
     return results
+
+
+def sampling_difference(group) -> dict:
+    """wan.pipeline.generate (validation's sampler: UniPC, batched guidance) with the DiT whole and split
+    over the two ranks: the largest difference of the decoded videos (values in [-1, 1]), t2v and i2v."""
+    from train.config import ModelConfig
+    from train.models import build_models
+    from wan.pipeline import SamplingOptions, generate
+
+    out = {}
+    for preset, mode in (("debug", "normal"), ("debug-i2v", "i2v")):
+        models = build_models(ModelConfig(preset=preset, train_mode=mode), torch.device("cpu"), seed=0)
+        dit = random_model(dit_preset(preset))
+        options = SamplingOptions(num_frames=9, height=48, width=80, num_inference_steps=4, seed=7)  # 45 tokens
+        image = torch.rand(3, 40, 96) * 2 - 1 if models.clip is not None else None
+        kwargs = {"clip": models.clip, "images": [image]} if image is not None else {}
+        prompts = ["a red circle moves left to right", "a blue square"]
+        whole = generate(dit, models.text, models.vae, prompts, options, **kwargs)
+        sp = SequenceParallel(group)
+        dit.set_sequence_parallel(sp)
+        split = generate(dit, models.text, models.vae, prompts, options, **kwargs)
+        out[mode] = (split - whole).abs().max().item()
+        out[f"{mode}_exchanged"] = sp.traffic.sent_bytes
+    return out
 
 
 if __name__ == "__main__":
