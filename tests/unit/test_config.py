@@ -246,7 +246,7 @@ NON_DEFAULT = {
     "parallel": dict(engine="zero3", backend="gloo", use_deepspeed=True, deepspeed_config="ds.json",
                      offload_optimizer=True, offload_param=True, reduce_bucket_size=1, allgather_bucket_size=2,
                      overlap_comm=False, stage3_prefetch_bucket_size=3, stage3_param_persistence_threshold=0,
-                     stage3_max_live_parameters=5, reshard_after_forward=False, reduce_every_micro_step=False),
+                     stage3_max_live_parameters=5, reshard_after_forward=False, reduce_every_micro_step=False, sp=4),
     "validation": dict(validation_prompts=["a \"dog\", running", "🎬"], validation_images=["ü.png", "b.png"],
                        validation_steps=7, validation_epochs=2, validation_height=32, validation_width=48,
                        validation_num_frames=5, validation_inference_steps=3, validation_guidance_scale=1.0 / 3,
