@@ -167,6 +167,9 @@ class EvalLoss:
         self.sigmas = [flow.sigma_quantile(q) for q in self.quantiles]
         self.seed, self.every, self.batch_size = seed, every, batch_size
         self.encode, self.engine, self.collective, self.device = encode, engine, collective, layout.device
+        # Clips are split over the data-parallel ranks; a sequence group's ranks evaluate the same clips
+        # together (its forward is a collective) and its first rank fills the table.
+        self.layout = layout
         self.rank, self.world_size, self.metrics = layout.dp_rank, layout.dp_size, metrics
         self.start_step, self.out = start_step, None if output_dir is None else Path(output_dir)
         self.cache: dict[int, dict[str, torch.Tensor]] = {}  # clip -> its encoded inputs [1, ...] on the CPU
@@ -244,7 +247,7 @@ class EvalLoss:
             first = self.loaded.index(True)
             box = [self.cache.get(first)]
             if dist.is_initialized():
-                dist.broadcast_object_list(box, src=first % self.world_size)
+                dist.broadcast_object_list(box, src=first % self.world_size * self.layout.sp_size)  # its owner
             self.dummy = box[0]
         n, q, b = sum(self.loaded), len(self.quantiles), self.batch_size
         self._log(
@@ -301,8 +304,11 @@ class EvalLoss:
         table = torch.zeros(len(self.samples), len(self.quantiles), dtype=torch.float64)
         mine = self.chunks()
         pad = self.forwards_per_rank() - len(mine) if self.collective else 0
+        fills = self.layout.sp_rank == 0  # summed over every rank next: one rank of a sequence group counts
         for clip, qs in mine:
-            table[clip, qs] = self.forward(self.cache[clip], clip, qs).double().cpu()
+            losses = self.forward(self.cache[clip], clip, qs).double().cpu()
+            if fills:
+                table[clip, qs] = losses
         for _ in range(pad):  # collective engines: as many forwards as the busiest rank, results discarded
             clip, qs = mine[0] if mine else (0, [0])
             self.forward(self.cache[clip] if mine else self.dummy, clip, qs)
@@ -343,7 +349,7 @@ class EvalLoss:
         return result
 
     def report(self, r: EvalResult) -> None:
-        if self.rank == 0 and self.out is not None:  # the exact numbers, per clip too (TensorBoard keeps float32)
+        if self.layout.rank == 0 and self.out is not None:  # the exact numbers, per clip too (TensorBoard: float32)
             line = {"step": r.step, "loss": r.loss, "per_quantile": r.per_quantile, "per_clip": r.per_clip.tolist(),
                     "seconds": r.seconds}  # fmt: skip
             with open(self.out / EVAL_LOSS_FILE, "a") as f:
@@ -363,7 +369,7 @@ class EvalLoss:
 
     def write_listing(self) -> None:
         """output_dir/eval_clips.json (rank 0): the clips in evaluation order with their shapes and seed."""
-        if self.rank != 0 or self.out is None:
+        if self.layout.rank != 0 or self.out is None:
             return
         clips = [
             {"index": i, "file_path": str(s.path), "text": s.text, "type": s.kind,
@@ -398,8 +404,8 @@ def build_eval_loss(trainer, held_out: list[Sample]) -> EvalLoss | None:
     evaluator = EvalLoss(
         samples, data=cfg.data, flow=trainer.flow, quantiles=v.eval_quantiles, seed=v.validation_seed,
         every=v.eval_steps, batch_size=cfg.train.train_batch_size, encode=trainer.inputs.encode, engine=trainer.engine,
-        collective=engine_traits(cfg.parallel.engine).collective_inference, layout=trainer.layout,
-        metrics=trainer.metrics, start_step=trainer.state.step, output_dir=trainer.out,
+        collective=engine_traits(cfg.parallel.engine).collective_inference or trainer.layout.sp_size > 1,
+        layout=trainer.layout, metrics=trainer.metrics, start_step=trainer.state.step, output_dir=trainer.out,
     )  # fmt: skip
     evaluator.write_listing()
     return evaluator

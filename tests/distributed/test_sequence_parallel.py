@@ -2,8 +2,10 @@
 ranks trains what sp = 1 on 1 rank trains with the same global batch (losses and the merged weights
 within 1e-6) on ddp, zero3 and fsdp, with a token count that needs padding and an i2v run among them;
 4 ranks as 2 data x 2 sequence equal 2 ranks of sp 1; a checkpoint resumes at another sp; validation
-samples what sp 1 samples. A DiT whose heads do not divide by sp, or a world size that does not, is
+samples, and the eval loss measures, what sp 1 does. A DiT whose heads do not divide by sp, or a world size that does not, is
 refused before any model is built."""
+
+import json
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from train_runs import base_args, data, engine_run_args, losses, torchrun
 from tools.zero_to_bf16 import merge
 from train.checkpoint_verify import find_latest
 from train.config import check_run, load_config
+from train.eval_loss import EVAL_LOSS_FILE
 from wan import WanModel
 
 __all__ = ["data"]  # a fixture
@@ -108,3 +111,19 @@ def test_validation_at_sp_2_samples_what_sp_1_samples(data, tmp_path, engine):
                 a = np.asarray(Image.open(one / name), dtype=int)
                 b = np.asarray(Image.open(two / name), dtype=int)
                 assert np.abs(a - b).max() <= 1, name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_the_eval_loss_at_sp_2_is_sp_1s(data, tmp_path, engine):
+    """3 held-out clips, evaluated at steps 0, 3 and 6 by the one data-parallel rank's sequence group:
+    eval_loss.jsonl holds sp 1's numbers (one rank of the group fills the table: not counted twice)."""
+    args = [*engine_run_args(engine), "--eval_holdout=3", "--eval_steps=3"]
+    torchrun(data, tmp_path / "sp1", *args, nproc=1)
+    torchrun(data, tmp_path / "sp2", *args, "--sp=2", nproc=2)
+    one, two = ([json.loads(line) for line in (tmp_path / run / EVAL_LOSS_FILE).read_text().splitlines()]
+                for run in ("sp1", "sp2"))  # fmt: skip
+    assert [e["step"] for e in one] == [e["step"] for e in two] == [0, 3, 6]
+    for a, b in zip(one, two, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=0), (a, b)
+        torch.testing.assert_close(torch.tensor(b["per_clip"]), torch.tensor(a["per_clip"]), rtol=1e-6, atol=0)
