@@ -108,9 +108,9 @@ class SequenceParallel:
         if pad:
             x = F.pad(x, (0, 0, 0, pad))
             rope = tuple(F.pad(t, (0, 0, 0, 0, 0, pad)) for t in rope)
-        # Copies, not views: a view would keep the whole [B, S, D] alive as long as the first block's
-        # saved input (1.5 GB a sample at 720p on the 14B).
-        return x[:, rows].contiguous(), (rope[0][rows].contiguous(), rope[1][rows].contiguous())
+        # Copies, not views (contiguous() would not copy a batch of one): a view would keep the whole
+        # [B, S, D] alive as long as the first block's saved input (1.5 GB a sample at 720p on the 14B).
+        return x[:, rows].clone(), (rope[0][rows].clone(), rope[1][rows].clone())
 
     def to_heads(self, t: torch.Tensor) -> torch.Tensor:
         """[B, S_pad/N, H, d] -> [B, S, H/N, d]: every real token, this rank's heads."""
