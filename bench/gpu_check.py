@@ -16,7 +16,8 @@ Sections:
                         flash, efficient, math, fa3 when importable) at the 1.3B 480p81 shapes, forward
                         and backward, self-attention and cross-attention with 512 and 257 keys, and
                         CLIP's head_dim of 80, against the math kernel in float32; validation sampling
-                        on the device with its outcomes gathered over nccl
+                        on the device with its outcomes gathered over nccl; sequence parallel's
+                        exchanges (wan/modules/ulysses.py) over a 1-rank nccl group
     train-*             train.main under torchrun, world size 1, the debug DiT, 2 steps: ddp bf16
                         (full checkpointing, validation sampling), ddp fp16 (loss scaler), zero2
                         (selective), zero3 (selective, eval loss at step 0, validation), fsdp

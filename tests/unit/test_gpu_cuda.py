@@ -1,6 +1,6 @@
 """CUDA checks (`pytest -m gpu`; bench/gpu_check.py runs them as its pytest-gpu section): every attention
-kernel at the model's shapes against the math kernel in float32, and validation sampling on the device
-with its outcomes gathered over nccl. They skip without CUDA, except under the gpu check's CPU dry run
+kernel at the model's shapes against the math kernel in float32, validation sampling on the device
+with its outcomes gathered over nccl, and sequence parallel's exchanges over a 1-rank nccl group. They skip without CUDA, except under the gpu check's CPU dry run
 (WAN_GPU_TESTS_ON_CPU=1), which runs them on the CPU at tiny shapes.
 
 Each attention case prints a line `GPU_CHECK {json}` with its errors (the check's table shows the worst).
@@ -199,3 +199,36 @@ def test_validation_samples_on_the_device_and_gathers_over_nccl(tmp_path, proces
         (o.index, o.prompt, o.seed, o.video) for o in report.outcomes
     ]
     assert all(np.array_equal(a.sheet, b.sheet) for a, b in zip(gathered[0], report.outcomes, strict=True))
+
+
+def test_sequence_parallel_exchanges_run_on_the_device(process_group):
+    """wan/modules/ulysses.py on the device's backend (nccl on CUDA), over a 1-rank sequence group: one GPU
+    cannot hold the 2-rank groups the CPU suite tests (gloo), so this is its code path (the all-to-alls,
+    the gather and their backwards through autograd) at world size 1, bf16 autocast as training runs it.
+    At one rank every exchange is a copy: the output and gradients equal the model's without it."""
+    from wan import WanModel, dit_preset
+    from wan.modules.ulysses import SequenceParallel
+
+    torch.manual_seed(0)
+    model = WanModel(**dit_preset("debug")).to(DEVICE)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 16, 3, 6, 10, generator=g).to(DEVICE)
+    t, context = torch.tensor([300.0], device=DEVICE), torch.randn(1, 7, 64, generator=g).to(DEVICE)
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            out = model(x, t, context)
+        out.float().square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    whole, whole_grads = run()
+    sp = SequenceParallel(dist.new_group([0]))
+    model.set_sequence_parallel(sp)
+    split, split_grads = run()
+    assert sp.traffic.sent_bytes > 0
+    assert torch.equal(split, whole)
+    assert all(torch.equal(a, b) for a, b in zip(split_grads, whole_grads, strict=True))
