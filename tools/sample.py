@@ -4,6 +4,7 @@
     python -m tools.sample --checkpoint output/run/checkpoint-1000 --prompt_file prompts.txt --out samples
     python -m tools.sample --transformer merged/ --model /models/Wan2.1-T2V-14B --prompt "..." --low_memory
     python -m tools.sample --model /models/Wan2.1-I2V-14B-480P --image first.jpg --prompt "..."
+    torchrun --nproc_per_node 4 -m tools.sample --sp 4 --model /models/Wan2.1-T2V-14B --prompt "..."
     python tools/sample.py --help
 
 Weights (one source):
@@ -32,11 +33,16 @@ i2v: the image is resized as the release does: its aspect ratio kept for an area
 width, each side rounded down to a multiple of 16 (e.g. a 4:3 image at the 832x480 area gives
 720x544), bicubic on [-1, 1] values for the VAE; CLIP sees the image as given (it resizes to 224
 itself). Videos of different sizes are never batched together.
+
+--sp N (under torchrun, N processes): every process loads the models and samples every video with the
+others, each on 1/N of its tokens (wan/modules/ulysses.py: the same videos as one process, faster on
+N GPUs for long videos); rank 0 writes the files.
 """
 
 import argparse
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -47,11 +53,13 @@ if __package__ in (None, ""):  # run as a script: python tools/sample.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 from wan import WanModel  # noqa: E402
 from wan.media import DEFAULT_FPS, contact_sheet, prompt_slug, video_to_frames, write_mp4, write_png  # noqa: E402
 from wan.modules.dit_weights import read_dit_folder  # noqa: E402
 from wan.modules.state_dict_io import assign_tensor, prepare_tensor  # noqa: E402
+from wan.modules.ulysses import SequenceParallel  # noqa: E402
 from wan.pipeline import DEFAULT_NEGATIVE_PROMPT, SamplingOptions, generate  # noqa: E402
 from wan.samplers import SAMPLERS  # noqa: E402
 
@@ -160,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep every model on the CPU except while it works (the DiT, umT5, CLIP and VAE take turns on "
         "the device): less device memory, more transfers",
+    )
+    r.add_argument(
+        "--sp",
+        type=int,
+        default=1,
+        help="sequence parallel over N processes: run under `torchrun --nproc_per_node N`; each video's tokens "
+        "are split over them (the DiT's heads must divide by N), rank 0 writes the files (default 1)",
     )
     r.add_argument("--out", default="samples", metavar="DIR", help="output folder (default samples)")
     r.add_argument(
@@ -428,6 +443,7 @@ class Plan:
     low_memory: bool
     out: Path
     fps: float
+    sp: int = 1
 
 
 # SamplingOptions field -> the option that sets it, for its problems.
@@ -479,9 +495,15 @@ def plan(args: argparse.Namespace) -> Plan:
     if not args.fps > 0:
         problems.append(f"--fps must be > 0, got {args.fps}")
 
+    world_size, local_rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    if args.sp < 1 or args.sp != world_size and args.sp > 1:
+        problems.append(
+            f"--sp {args.sp} runs under `torchrun --nproc_per_node {args.sp}`; this is {world_size} process(es)"
+        )
+    cuda = f"cuda:{local_rank}" if args.sp > 1 else "cuda"
     device = None
     try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(args.device or (cuda if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and not torch.cuda.is_available():
             problems.append(f"--device {args.device}: CUDA is not available here")
     except RuntimeError as err:
@@ -500,7 +522,17 @@ def plan(args: argparse.Namespace) -> Plan:
     if problems:
         raise UsageError(problems)
     return Plan(
-        source, prompts, images, options, dtype, device, args.batch_size, args.low_memory, Path(args.out), args.fps
+        source,
+        prompts,
+        images,
+        options,
+        dtype,
+        device,
+        args.batch_size,
+        args.low_memory,
+        Path(args.out),
+        args.fps,
+        args.sp,
     )
 
 
@@ -518,6 +550,11 @@ def batches(sizes: list[tuple[int, int]], batch_size: int) -> list[list[int]]:
 def run(plan_: Plan, log=print) -> list[dict]:
     """Load the models, sample every prompt, write the files; returns prompts.json's entries."""
     p, o = plan_, plan_.options
+    main_rank = True
+    if p.sp > 1:  # every rank samples every video together; rank 0 writes and speaks
+        dist.init_process_group("nccl" if p.device.type == "cuda" else "gloo")
+        main_rank = dist.get_rank() == 0
+        log = log if main_rank else lambda line: None
     first_frames = [None if img is None else load_first_frame(img) for img in p.images]
     area = o.width * o.height
     sizes = [(o.height, o.width) if img is None else i2v_size(img.shape[1], img.shape[2], area) for img in first_frames]
@@ -526,6 +563,9 @@ def run(plan_: Plan, log=print) -> list[dict]:
     dit, models = load_models(p.source, DTYPES[p.dtype], p.device, p.low_memory)
     where = "on the CPU until used (low memory)" if p.low_memory else f"on {p.device}"
     log(f"models loaded in {time.monotonic() - t0:.1f} s (DiT {p.dtype}, {where})")
+    if p.sp > 1:
+        dit.set_sequence_parallel(SequenceParallel(dist.group.WORLD))
+        log(f"sequence parallel: each video's tokens over {p.sp} processes")
 
     p.out.mkdir(parents=True, exist_ok=True)
     digits = max(3, len(str(len(p.prompts) - 1)))
@@ -539,9 +579,9 @@ def run(plan_: Plan, log=print) -> list[dict]:
         label = f"video {first}/{total}" if first == last else f"videos {first}-{last}/{total}"
         videos = generate(
             dit, models.text, models.vae, [p.prompts[i] for i in group], options, clip=models.clip if images else None,
-            images=images, device=p.device, offload=p.low_memory, progress=ProgressBar(label),
+            images=images, device=p.device, offload=p.low_memory, progress=ProgressBar(label) if main_rank else None,
         )  # fmt: skip
-        for k, i in enumerate(group):
+        for k, i in enumerate(group if main_rank else []):
             stem = p.out / f"{i:0{digits}d}-{prompt_slug(p.prompts[i])}"
             frames = video_to_frames(videos[k])
             mp4 = write_mp4(stem.with_name(stem.name + ".mp4"), frames, fps=p.fps)
@@ -554,9 +594,12 @@ def run(plan_: Plan, log=print) -> list[dict]:
                                                   "fps": p.fps},
                 "weights": p.source.describe,
             })  # fmt: skip
-    index = p.out / "prompts.json"
-    index.write_text(json.dumps(entries, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    log(f"wrote {index}")
+    if main_rank:
+        index = p.out / "prompts.json"
+        index.write_text(json.dumps(entries, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        log(f"wrote {index}")
+    if p.sp > 1:
+        dist.destroy_process_group()
     return entries
 
 

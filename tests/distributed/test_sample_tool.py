@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from train_runs import REPO, base_args, data, write_release_folder
+from train_runs import REPO, base_args, data, one_thread, write_release_folder
 
 from tools.sample import build_parser, i2v_size, load_checkpoint_dit, main, plan
 from tools.zero_to_bf16 import merge
@@ -30,7 +30,7 @@ from wan import WanModel, dit_preset
 from wan.media import contact_sheet, prompt_slug, sheet_layout, video_to_frames, write_mp4, write_png
 from wan.pipeline import SamplingOptions, generate
 
-__all__ = ["data"]  # a fixture
+__all__ = ["data", "one_thread"]  # fixtures
 
 PROMPT = "a red circle moves left to right over a blue background"
 FAST = ["--steps", "3", "--seed", "7"]
@@ -260,3 +260,26 @@ def test_a_deepspeed_checkpoint_loads_as_zero_to_bf16_merges_it(tmp_path):
     assert sample("--checkpoint", ckpt, "--prompt", PROMPT, "--size", "32x32", "--frames", "5", "--out", tmp_path / "o",
                   *FAST) == 0  # fmt: skip
     assert decode(tmp_path / "o" / f"000-{prompt_slug(PROMPT)}.mp4").shape == (5, 32, 32, 3)
+
+
+@pytest.mark.slow
+def test_sp_2_under_torchrun_writes_the_videos_of_one_process(t2v_checkpoint, tmp_path, one_thread):
+    """Two processes, each video's tokens over both (9 frames of 80 x 48: 45 tokens, padded): the same
+    mp4 frames and contact sheets as one process (on one thread, as each of the two runs); one set of
+    files, written by rank 0."""
+    args = ["--checkpoint", str(t2v_checkpoint), "--prompt", PROMPT, "--prompt", "dots", "--size", "80x48",
+            "--frames", "9", *FAST]  # fmt: skip
+    assert sample(*args, "--out", tmp_path / "one") == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tools.sample",
+           *args, "--sp", "2", "--out", str(tmp_path / "two")]  # fmt: skip
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("sequence parallel: each video's tokens over 2 processes") == 1  # rank 0 speaks
+    one, two = sorted((tmp_path / "one").iterdir()), sorted((tmp_path / "two").iterdir())
+    assert [p.name for p in one] == [p.name for p in two]
+    for a, b in zip(one, two, strict=True):
+        if a.suffix == ".mp4":
+            assert np.array_equal(decode(a), decode(b)), a.name
+        elif a.suffix == ".png":
+            assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b))), a.name
