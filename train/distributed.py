@@ -47,6 +47,8 @@ class ParallelLayout:
     sp_rank: int = 0
     sp_group: dist.ProcessGroup | None = None
     """This rank's sequence group (None when sp_size is 1)."""
+    sp_host_group: dist.ProcessGroup | None = None
+    """The same ranks over gloo, for what the host sends (tensor shapes): no GPU synchronisation."""
 
     @property
     def distributed(self) -> bool:
@@ -105,14 +107,16 @@ def apply_sequence_parallel(layout: ParallelLayout, sp: int) -> ParallelLayout:
     if sp == 1:
         return layout
     assert layout.world_size % sp == 0, (layout.world_size, sp)
-    mine = None
+    mine = host = None
     for first in range(0, layout.world_size, sp):
-        group = dist.new_group(list(range(first, first + sp)))
+        ranks = list(range(first, first + sp))
+        group = dist.new_group(ranks)
+        host_group = dist.new_group(ranks, backend="gloo") if layout.host_group is not None else group
         if first <= layout.rank < first + sp:
-            mine = group
+            mine, host = group, host_group
     return dataclasses.replace(
         layout, dp_size=layout.world_size // sp, dp_rank=layout.rank // sp, sp_size=sp, sp_rank=layout.rank % sp,
-        sp_group=mine,
+        sp_group=mine, sp_host_group=host,
     )  # fmt: skip
 
 

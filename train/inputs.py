@@ -36,7 +36,27 @@ class InputBuilder:
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor, text: list[str]) -> dict:
         """The DiT's inputs for a micro-batch of pixels [B, 3, F, H, W]: x0 latents, context, and for
-        i2v clip_fea and y."""
+        i2v clip_fea and y. A sequence group's ranks hold the same micro-batch: its first rank encodes
+        and sends the results to the others (collective within the group)."""
+        if self.layout.sp_size == 1:
+            return self.run_encoders(pixels, text)
+        return self.share_in_group(self.run_encoders(pixels, text) if self.layout.sp_rank == 0 else None)
+
+    def share_in_group(self, inputs: dict | None) -> dict:
+        """The group's first rank's `inputs` on every rank of the group: the shapes over the host group
+        (read from tensor metadata: no GPU synchronisation), then each tensor in one broadcast."""
+        lay = self.layout
+        first = lay.rank - lay.sp_rank
+        header = [None if inputs is None else {k: (tuple(v.shape), v.dtype) for k, v in inputs.items()}]
+        torch.distributed.broadcast_object_list(header, src=first, group=lay.sp_host_group)
+        out = {}
+        for name, (shape, dtype) in header[0].items():
+            t = inputs[name].contiguous() if inputs is not None else torch.empty(shape, dtype=dtype, device=lay.device)
+            torch.distributed.broadcast(t, src=first, group=lay.sp_group)
+            out[name] = t
+        return out
+
+    def run_encoders(self, pixels: torch.Tensor, text: list[str]) -> dict:
         m, low_vram = self.models, self.cfg.model.low_vram
         x0 = encode_latents(m.vae, pixels, self.cfg.model.vae_mini_batch, offload=low_vram)
         inputs = {"x0": x0.float(), "context": m.text(text, device=self.layout.device)}
