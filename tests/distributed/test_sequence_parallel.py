@@ -1,6 +1,7 @@
 """Sequence parallel training ([parallel] sp, wan/modules/ulysses.py) through train.main: sp = 2 on 2
 ranks trains what sp = 1 on 1 rank trains with the same global batch (losses and the merged weights
-within 1e-6) on ddp, zero3 and fsdp, with a token count that needs padding and an i2v run among them;
+within 1e-6) on every engine, with a token count that needs padding, an i2v run and VideoX-Fun's
+token-length sizes among them;
 4 ranks as 2 data x 2 sequence equal 2 ranks of sp 1; a checkpoint resumes at another sp; validation
 samples, and the eval loss measures, what sp 1 does. A DiT whose heads do not divide by sp, or a world size that does not, is
 refused before any model is built."""
@@ -24,7 +25,9 @@ __all__ = ["data"]  # a fixture
 # 48 x 48 frames are 3 x 3 tokens a latent frame: 27 tokens, padded to 28 for sp 2.
 ODD_TOKENS = ["--video_sample_size=48", "--image_sample_size=48"]
 I2V = ["--train_mode=i2v", "--preset=debug-i2v"]
-CASES = {"ddp": [], "zero3": [], "fsdp": ODD_TOKENS, "ddp_i2v": I2V}
+# VideoX-Fun's token-length sizes: grids of many shapes, small batches repeated x2 / x4 (micro-batches of 2+).
+TOKEN_LENGTH = ["--random_hw_adapt=true", "--training_with_video_token_length=true", "--token_sample_size=64"]
+CASES = {"ddp": [], "zero2": [], "zero3": [], "fsdp": ODD_TOKENS, "ddp_i2v": I2V, "ddp_token_length": TOKEN_LENGTH}
 
 
 def merged(out, tmp_path, name: str) -> dict[str, torch.Tensor]:
@@ -46,7 +49,7 @@ def assert_same_training(a, b, tmp_path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_two_sequence_ranks_train_what_one_rank_trains(data, tmp_path, case):
-    engine = case.removesuffix("_i2v")
+    engine = case.split("_")[0]
     args = engine_run_args(engine, *CASES[case])
     torchrun(data, tmp_path / "sp1", *args, nproc=1)
     proc = torchrun(data, tmp_path / "sp2", *args, "--sp=2", nproc=2)
