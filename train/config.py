@@ -736,11 +736,6 @@ def _sequence_parallel_problems(cfg: RunConfig, world_size: int | None) -> list[
     if heads % sp:
         valid = ", ".join(str(n) for n in range(1, heads + 1) if heads % n == 0)
         out.append(f"[parallel] sp = {sp}: the DiT's {heads} heads ({source}) do not divide by it; sp can be {valid}")
-    if cfg.model.compile:
-        # Measured (debug DiT, 6 steps): it trains right, but each all-to-all breaks the compiled block and
-        # the padding's token count specialises it: 115 graphs in 6 steps, a new set for every token count.
-        out.append(f"[parallel] sp = {sp} with [model] compile: not supported yet (the exchanges break each "
-                   "compiled block into pieces recompiled for every token count); set compile = false")  # fmt: skip
     return out
 
 

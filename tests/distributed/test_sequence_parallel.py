@@ -1,12 +1,13 @@
 """Sequence parallel training ([parallel] sp, wan/modules/ulysses.py) through train.main: sp = 2 on 2
 ranks trains what sp = 1 on 1 rank trains with the same global batch (losses and the merged weights
-within 1e-6) on every engine, with a token count that needs padding, an i2v run and VideoX-Fun's
-token-length sizes among them;
+within 1e-6) on every engine, with a token count that needs padding, an i2v run, VideoX-Fun's
+token-length sizes and compile among them;
 4 ranks as 2 data x 2 sequence equal 2 ranks of sp 1; a checkpoint resumes at another sp; validation
 samples, and the eval loss measures, what sp 1 does. A DiT whose heads do not divide by sp, or a world size that does not, is
 refused before any model is built."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -27,7 +28,8 @@ ODD_TOKENS = ["--video_sample_size=48", "--image_sample_size=48"]
 I2V = ["--train_mode=i2v", "--preset=debug-i2v"]
 # VideoX-Fun's token-length sizes: grids of many shapes, small batches repeated x2 / x4 (micro-batches of 2+).
 TOKEN_LENGTH = ["--random_hw_adapt=true", "--training_with_video_token_length=true", "--token_sample_size=64"]
-CASES = {"ddp": [], "zero2": [], "zero3": [], "fsdp": ODD_TOKENS, "ddp_i2v": I2V, "ddp_token_length": TOKEN_LENGTH}
+CASES = {"ddp": [], "zero2": [], "zero3": [], "fsdp": ODD_TOKENS, "ddp_i2v": I2V, "ddp_token_length": TOKEN_LENGTH,
+         "ddp_compile": ["--compile"]}  # fmt: skip
 
 
 def merged(out, tmp_path, name: str) -> dict[str, torch.Tensor]:
@@ -55,6 +57,9 @@ def test_two_sequence_ranks_train_what_one_rank_trains(data, tmp_path, case):
     proc = torchrun(data, tmp_path / "sp2", *args, "--sp=2", nproc=2)
     assert "1 data-parallel rank(s) x batch 1 x 1 micro-steps on cpu, each sample on 2 ranks" in proc.stdout
     assert_same_training(tmp_path / "sp1", tmp_path / "sp2", tmp_path)
+    if "--compile" in args:  # the exchanges inside the compiled blocks: a graph or two, not one per token count
+        graphs = [int(n) for n in re.findall(r"graph\(s\) of the DiT blocks .*?, (\d+) so far", proc.stdout)]
+        assert graphs and graphs[-1] <= 3, proc.stdout
 
 
 @pytest.mark.slow

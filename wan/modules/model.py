@@ -161,16 +161,18 @@ class WanSelfAttention(nn.Module):
     def heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads, -1))  # [B, S, D] -> [B, S, H, D/H]
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, ...]) -> torch.Tensor:
         # Projections, the full-width q/k norms and RoPE act on each token alone: local under Ulysses.
-        q = apply_rope(self.heads(self.norm_q(self.q(x))), *rope)
-        k = apply_rope(self.heads(self.norm_k(self.k(x))), *rope)
+        q = apply_rope(self.heads(self.norm_q(self.q(x))), rope[0], rope[1])
+        k = apply_rope(self.heads(self.norm_k(self.k(x))), rope[0], rope[1])
         v = self.heads(self.v(x))
         sp = self.sequence_parallel
         if sp is None:
             return self.o(attention(q, k, v))
-        # [B, S/N, H, d] -> [B, S, H/N, d]: every real token for this rank's heads, then back.
-        out = attention(sp.to_heads(q), sp.to_heads(k), sp.to_heads(v))  # [B, S, H/N * d]
+        # [B, S/N, H, d] -> [B, S, H/N, d]: every real token (rope[2] is [S, 0]: see shard) for this
+        # rank's heads, then back.
+        n = rope[2].shape[0]
+        out = attention(sp.to_heads(q, n), sp.to_heads(k, n), sp.to_heads(v, n))  # [B, S, H/N * d]
         return self.o(sp.to_tokens(out.unflatten(-1, (q.shape[2] // sp.size, -1))).flatten(2))
 
 
@@ -216,7 +218,7 @@ class WanAttentionBlock(nn.Module):
         e0: torch.Tensor,  # [B, 6, D] float32 time projection
         context: torch.Tensor,  # [B, L, D]
         image_context: torch.Tensor | None,  # [B, 257, D] for i2v
-        rope: tuple[torch.Tensor, torch.Tensor],
+        rope: tuple[torch.Tensor, ...],  # cos, sin [S, 1, d/2] (and under sequence parallel [S, 0])
     ) -> torch.Tensor:
         if self.selective_checkpoint and torch.is_grad_enabled():
             # Inside the module call, so the policy sees this block's ops only: not an engine's hooks
@@ -462,7 +464,7 @@ class WanModel(nn.Module):
 
         x = self.head(x, e)  # [B, S, pt*ph*pw*out_dim], float32
         if sp is not None:
-            x = sp.gather(x)
+            x = sp.gather(x, math.prod(grid))
         return self.unpatchify(x, grid)
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
@@ -522,7 +524,7 @@ def _mark_dynamic_tokens(compiled, x, e0, context, image_context, rope):
     """Call a compiled block with its batch and token dimensions marked dynamic. maybe_mark_dynamic:
     a dimension the compiler must specialise (a kernel's shape check) costs a graph per value, as
     without the marks, rather than an error."""
-    for tensor, dims in ((x, [0, 1]), (e0, 0), (context, 0), (image_context, 0), (rope[0], 0), (rope[1], 0)):
+    for tensor, dims in ((x, [0, 1]), (e0, 0), (context, 0), (image_context, 0), *((t, 0) for t in rope)):
         if tensor is not None:
             torch._dynamo.maybe_mark_dynamic(tensor, dims)
     return compiled(x, e0, context, image_context, rope)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
 
@@ -41,25 +42,28 @@ def all_to_all(
 ) -> torch.Tensor:
     """Split `x` into N chunks along split_dim, send chunk j to rank j of `group`, concatenate what
     arrives (in rank order) along cat_dim. Differentiable: the backward is the reverse exchange."""
-    return _AllToAll.apply(x, group, split_dim, cat_dim, traffic)
+    return _AllToAll.apply(x, group, dist.get_world_size(group), split_dim, cat_dim, traffic)
+
+
+def _exchange(x: torch.Tensor, group, n: int, split_dim: int, cat_dim: int, traffic: Traffic | None) -> torch.Tensor:
+    send = torch.stack(x.chunk(n, dim=split_dim))  # [N, ...]: chunk j for rank j, contiguous
+    # The functional collective: torch.compile traces it into the block's graph (c10d's in-place one breaks it).
+    received = funcol.wait_tensor(funcol.all_to_all_single(send, None, None, group))
+    if traffic is not None and not torch.compiler.is_compiling():
+        traffic.sent_bytes += send.numel() * send.element_size()
+    return torch.cat(received.unbind(0), dim=cat_dim)
 
 
 class _AllToAll(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group: dist.ProcessGroup, split_dim: int, cat_dim: int, traffic: Traffic | None):
-        ctx.group, ctx.split_dim, ctx.cat_dim, ctx.traffic = group, split_dim, cat_dim, traffic
-        n = dist.get_world_size(group)
-        send = torch.stack(x.chunk(n, dim=split_dim))  # [N, ...]: chunk j for rank j, contiguous
-        received = torch.empty_like(send)
-        dist.all_to_all_single(received, send, group=group)
-        if traffic is not None:
-            traffic.sent_bytes += send.numel() * send.element_size()
-        return torch.cat(received.unbind(0), dim=cat_dim)
+    def forward(ctx, x, group: dist.ProcessGroup, n: int, split_dim: int, cat_dim: int, traffic: Traffic | None):
+        ctx.group, ctx.n, ctx.split_dim, ctx.cat_dim, ctx.traffic = group, n, split_dim, cat_dim, traffic
+        return _exchange(x, group, n, split_dim, cat_dim, traffic)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        back = all_to_all(grad.contiguous(), ctx.group, ctx.cat_dim, ctx.split_dim, ctx.traffic)
-        return back, None, None, None, None
+        back = _exchange(grad.contiguous(), ctx.group, ctx.n, ctx.cat_dim, ctx.split_dim, ctx.traffic)
+        return back, None, None, None, None, None
 
 
 class _GatherTokens(torch.autograd.Function):
@@ -80,17 +84,14 @@ class _GatherTokens(torch.autograd.Function):
 
 
 class SequenceParallel:
-    """One rank's place in its sequence group, and the exchanges WanModel makes through it.
-
-    `shard` is called once per forward with the sample's token count; the self-attention calls in that
-    forward (and a checkpointed block's recompute in its backward, which runs before the next forward)
-    use that count to drop and restore the padding."""
+    """One rank's place in its sequence group, and the exchanges WanModel makes through it. Stateless
+    between calls: the sample's token count travels with the RoPE tables (see shard), so a checkpointed
+    block's recompute, or a compiled block, finds it there (a tensor's size: dynamic under compile)."""
 
     def __init__(self, group: dist.ProcessGroup):
         self.group = group
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        self.num_tokens = 0  # the real tokens of the forward running now (set by shard)
         self.traffic = Traffic()
 
     def padded(self, num_tokens: int) -> int:
@@ -98,34 +99,36 @@ class SequenceParallel:
 
     def shard(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """x [B, S, D] and the RoPE tables [S, 1, d/2] -> this rank's rows of both, padded to S_pad first.
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """x [B, S, D] and the RoPE tables [S, 1, d/2] -> this rank's rows of both, padded to S_pad
+        first, and the tables followed by an empty [S, 0] tensor: the token count, for the exchanges.
         Plain slicing: in backward the rows of other ranks get a zero gradient here, theirs there."""
-        self.num_tokens = x.shape[1]
-        pad = self.padded(self.num_tokens) - self.num_tokens
-        local = self.padded(self.num_tokens) // self.size
+        num_tokens = x.shape[1]
+        pad = self.padded(num_tokens) - num_tokens
+        local = self.padded(num_tokens) // self.size
         rows = slice(self.rank * local, (self.rank + 1) * local)
+        count = x.new_empty(num_tokens, 0)
         if pad:
             x = F.pad(x, (0, 0, 0, pad))
             rope = tuple(F.pad(t, (0, 0, 0, 0, 0, pad)) for t in rope)
         # Copies, not views (contiguous() would not copy a batch of one): a view would keep the whole
         # [B, S, D] alive as long as the first block's saved input (1.5 GB a sample at 720p on the 14B).
-        return x[:, rows].clone(), (rope[0][rows].clone(), rope[1][rows].clone())
+        return x[:, rows].clone(), (rope[0][rows].clone(), rope[1][rows].clone(), count)
 
-    def to_heads(self, t: torch.Tensor) -> torch.Tensor:
+    def to_heads(self, t: torch.Tensor, num_tokens: int) -> torch.Tensor:
         """[B, S_pad/N, H, d] -> [B, S, H/N, d]: every real token, this rank's heads."""
-        return all_to_all(t, self.group, split_dim=2, cat_dim=1, traffic=self.traffic)[:, : self.num_tokens]
+        return all_to_all(t, self.group, split_dim=2, cat_dim=1, traffic=self.traffic)[:, :num_tokens]
 
     def to_tokens(self, t: torch.Tensor) -> torch.Tensor:
         """[B, S, H/N, d] -> [B, S_pad/N, H, d]: this rank's tokens, every head."""
-        pad = self.padded(self.num_tokens) - t.shape[1]
+        pad = self.padded(t.shape[1]) - t.shape[1]
         if pad:
             t = F.pad(t, (0, 0, 0, 0, 0, pad))
         return all_to_all(t, self.group, split_dim=1, cat_dim=2, traffic=self.traffic)
 
-    def gather(self, x: torch.Tensor) -> torch.Tensor:
+    def gather(self, x: torch.Tensor, num_tokens: int) -> torch.Tensor:
         """[B, S_pad/N, C] -> [B, S, C]: every rank's tokens, the padding dropped."""
-        return _GatherTokens.apply(x, self.group, self.rank)[:, : self.num_tokens]
+        return _GatherTokens.apply(x, self.group, self.rank)[:, :num_tokens]
 
     def check_heads(self, num_heads: int) -> None:
         if num_heads % self.size:
