@@ -102,11 +102,12 @@ VALIDATION = ["--validation_steps=3", "--validation_inference_steps=3", "--valid
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
-def test_validation_at_sp_2_samples_what_sp_1_samples(data, tmp_path, engine):
+def test_validation_and_the_eval_loss_at_sp_2_are_sp_1s(data, tmp_path, engine):
     """Both prompts on the one data-parallel rank, sampled by the sequence group together (9 frames of
-    48 x 80: 45 tokens, padded); the group's first rank writes them. The float videos are compared in
-    tests/distributed/test_ulysses.py; here the files a user gets, after 3 and 6 steps of training."""
-    args = [*engine_run_args(engine), *VALIDATION]
+    48 x 80: 45 tokens, padded), the group's first rank writing them; 3 held-out clips evaluated at steps
+    0, 3 and 6 by the group, one of its ranks filling the table. The float videos are compared in
+    tests/distributed/test_ulysses.py; here the files a user gets, and eval_loss.jsonl's numbers."""
+    args = [*engine_run_args(engine), *VALIDATION, "--eval_holdout=3", "--eval_steps=3"]
     torchrun(data, tmp_path / "sp1", *args, nproc=1)
     proc = torchrun(data, tmp_path / "sp2", *args, "--sp=2", nproc=2)
     for step in (3, 6):
@@ -119,16 +120,6 @@ def test_validation_at_sp_2_samples_what_sp_1_samples(data, tmp_path, engine):
                 a = np.asarray(Image.open(one / name), dtype=int)
                 b = np.asarray(Image.open(two / name), dtype=int)
                 assert np.abs(a - b).max() <= 1, name
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
-def test_the_eval_loss_at_sp_2_is_sp_1s(data, tmp_path, engine):
-    """3 held-out clips, evaluated at steps 0, 3 and 6 by the one data-parallel rank's sequence group:
-    eval_loss.jsonl holds sp 1's numbers (one rank of the group fills the table: not counted twice)."""
-    args = [*engine_run_args(engine), "--eval_holdout=3", "--eval_steps=3"]
-    torchrun(data, tmp_path / "sp1", *args, nproc=1)
-    torchrun(data, tmp_path / "sp2", *args, "--sp=2", nproc=2)
     one, two = ([json.loads(line) for line in (tmp_path / run / EVAL_LOSS_FILE).read_text().splitlines()]
                 for run in ("sp1", "sp2"))  # fmt: skip
     assert [e["step"] for e in one] == [e["step"] for e in two] == [0, 3, 6]
