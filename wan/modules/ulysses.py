@@ -3,9 +3,9 @@
 
     WanModel._forward        x [B, S, D] -> shard -> [B, S_pad/N, D] (this rank's tokens, RoPE at their
                              global grid positions), blocks, head, gather -> [B, S, C]
-    self-attention           q, k, v [B, S_pad/N, H, d] -> one all-to-all -> [B, S, H/N, d] (every real
-                             token, this rank's heads; the padding dropped, so no mask), attention,
-                             padded again -> one all-to-all back -> [B, S_pad/N, H, d] -> o
+    self-attention           q, k, v [B, S_pad/N, H, d] -> an all-to-all each -> [B, S, H/N, d] (every
+                             real token, this rank's heads; the padding dropped, so no mask),
+                             attention, padded again -> one all-to-all back -> [B, S_pad/N, H, d] -> o
     cross-attention, FFN,    local: they act on each token alone
     modulation, head
 
