@@ -504,6 +504,8 @@ def plan(args: argparse.Namespace) -> Plan:
     device = None
     try:
         device = torch.device(args.device or (cuda if torch.cuda.is_available() else "cpu"))
+        if args.sp > 1 and device.type == "cuda" and device.index is None:
+            device = torch.device(cuda)  # --device cuda under torchrun: each process its own GPU
         if device.type == "cuda" and not torch.cuda.is_available():
             problems.append(f"--device {args.device}: CUDA is not available here")
     except RuntimeError as err:
@@ -552,6 +554,8 @@ def run(plan_: Plan, log=print) -> list[dict]:
     p, o = plan_, plan_.options
     main_rank = True
     if p.sp > 1:  # every rank samples every video together; rank 0 writes and speaks
+        if p.device.type == "cuda":
+            torch.cuda.set_device(p.device)
         dist.init_process_group("nccl" if p.device.type == "cuda" else "gloo")
         main_rank = dist.get_rank() == 0
         log = log if main_rank else lambda line: None
