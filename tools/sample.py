@@ -496,7 +496,9 @@ def plan(args: argparse.Namespace) -> Plan:
         problems.append(f"--fps must be > 0, got {args.fps}")
 
     world_size, local_rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-    if args.sp < 1 or args.sp != world_size and args.sp > 1:
+    if args.sp < 1:
+        problems.append(f"--sp must be >= 1, got {args.sp}")
+    elif args.sp > 1 and args.sp != world_size:
         problems.append(
             f"--sp {args.sp} runs under `torchrun --nproc_per_node {args.sp}`; this is {world_size} process(es)"
         )
