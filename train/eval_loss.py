@@ -46,6 +46,7 @@ Failures never cost a checkpoint (the eval runs after the save) and do not stop 
   recovered safely.
 """
 
+import contextlib
 import json
 import math
 import time
@@ -159,7 +160,10 @@ class EvalLoss:
         metrics=None,
         start_step: int = 0,
         output_dir: Path | None = None,
+        encoders=contextlib.nullcontext,
     ):
+        """encoders: a context manager factory under which `encode` works (the trainer's, which loads the
+        encoders for the while when the run trains from a cache)."""
         if not samples:
             raise ValueError("the eval loss needs at least one held-out clip")
         self.samples, self.data, self.flow = samples, data, flow
@@ -167,6 +171,7 @@ class EvalLoss:
         self.sigmas = [flow.sigma_quantile(q) for q in self.quantiles]
         self.seed, self.every, self.batch_size = seed, every, batch_size
         self.encode, self.engine, self.collective, self.device = encode, engine, collective, layout.device
+        self.encoders = encoders
         # Clips are split over the data-parallel ranks; a sequence group's ranks evaluate the same clips
         # together (its forward is a collective) and its first rank fills the table.
         self.layout = layout
@@ -223,11 +228,12 @@ class EvalLoss:
         bad: dict[int, str] = {}
         error = None
         try:
-            for i in self.owned():
-                try:
-                    self.cache[i] = self._encode_one(self.samples[i])
-                except MediaError as err:
-                    bad[i] = f"{err.path}: {err.reason}"
+            with self.encoders():
+                for i in self.owned():
+                    try:
+                        self.cache[i] = self._encode_one(self.samples[i])
+                    except MediaError as err:
+                        bad[i] = f"{err.path}: {err.reason}"
         except Exception as err:  # noqa: BLE001 -- reported on every rank and turned into "eval off"
             error = f"{type(err).__name__}: {err}"
         parts = all_gather_objects({"bad": bad, "error": error})
@@ -406,6 +412,7 @@ def build_eval_loss(trainer, held_out: list[Sample]) -> EvalLoss | None:
         every=v.eval_steps, batch_size=cfg.train.train_batch_size, encode=trainer.inputs.encode, engine=trainer.engine,
         collective=engine_traits(cfg.parallel.engine).collective_inference or trainer.layout.sp_size > 1,
         layout=trainer.layout, metrics=trainer.metrics, start_step=trainer.state.step, output_dir=trainer.out,
+        encoders=trainer.inputs.encoders,
     )  # fmt: skip
     evaluator.write_listing()
     return evaluator

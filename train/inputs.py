@@ -3,6 +3,9 @@ encoders (under no_grad), the copies training_with_video_token_length asks for, 
 noise and timesteps, drawn from (seed, step, position in the global batch) so that a resumed run
 repeats an uninterrupted one whatever the split over ranks and micro-steps."""
 
+import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -12,7 +15,7 @@ from train.data.buckets import token_length_repeats
 from train.distributed import ParallelLayout
 from train.flow import FlowMatching, batch_positions
 from train.metrics import StepTimer
-from train.models import Models
+from train.models import Models, build_models
 from wan.encoders import encode_i2v_condition, encode_latents
 
 
@@ -30,8 +33,27 @@ class DiTInputs:
 
 
 class InputBuilder:
-    def __init__(self, cfg: RunConfig, layout: ParallelLayout, models: Models, flow: FlowMatching, timer: StepTimer):
+    def __init__(
+        self, cfg: RunConfig, layout: ParallelLayout, models: Models | None, flow: FlowMatching, timer: StepTimer
+    ):
+        """models: the frozen encoders, None when the batches come from a cache (they carry the latents)."""
         self.cfg, self.layout, self.models, self.flow, self.timer = cfg, layout, models, flow, timer
+
+    @contextmanager
+    def encoders(self) -> Iterator[Models]:
+        """The frozen encoders: the run's, or, training from a cache, built for the while (validation, the
+        eval loss's held-out clips) and freed after, so no training step holds them."""
+        if self.models is not None:
+            yield self.models
+            return
+        self.models = build_models(self.cfg.model, self.layout.device, self.cfg.train.seed)
+        try:
+            yield self.models
+        finally:
+            self.models = None
+            gc.collect()
+            if self.layout.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor, text: list[str]) -> dict:
@@ -78,9 +100,13 @@ class InputBuilder:
     def build(self, batch: dict, micro: int, step: int) -> DiTInputs:
         """Micro-step `micro` of optimizer step `step` (0-based: the steps done before it); the batch's
         pixels are on the device in the VAE's layout and leave the batch here."""
-        copies = self.copies(batch["pixels"].shape)
-        with self.timer.section("encode"):
-            inputs = self.encode(batch.pop("pixels"), batch["text"])
+        copies = self.copies(batch["pixels"].shape if "pixels" in batch else batch["pixel_shape"])
+        if "pixels" in batch:
+            with self.timer.section("encode"):
+                inputs = self.encode(batch.pop("pixels"), batch["text"])
+        else:  # from a cache (train/data/cached.py): what encode gives, read
+            inputs = {"x0": batch["latents"], "context": batch["context"]}
+            inputs.update({k: batch[k] for k in ("y", "clip_fea") if k in batch})
         b = inputs["x0"].shape[0]
         # Position of each sample in the global batch: (micro-step, rank, index), as the sampler lays it out;
         # copy c of a sample sits at its position + c x the global batch.

@@ -147,7 +147,9 @@ class Trainer:
         self.timer = StepTimer(self.device)
         self.inputs = InputBuilder(cfg, layout, self.models, self.flow, self.timer)
         self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # the log window's (timesteps, per-sample losses)
-        self.validation = build_validation(cfg, layout, self.models, self.engine, recipe.config, self.out, self.metrics)
+        self.validation = build_validation(
+            cfg, layout, self.models, self.engine, recipe.config, self.out, self.metrics, self.inputs.encoders
+        )
         self.last_validated = self.state.step  # a resumed run samples again only after a step of its own
         self.eval_loss = build_eval_loss(self, data.held_out)  # None unless [validation] asks for one
 
@@ -204,6 +206,9 @@ class Trainer:
         a batch slot no sample could fill (BadSampleTracker)."""
         self.tracker.update(batch, self.device, step=self.state.step + 1, group=self.layout.host_group)
         with self.timer.section("encode"):
+            if "pixels" not in batch:  # from a cache: the encoders' outputs
+                return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) and k != "index" else v
+                        for k, v in batch.items()}  # fmt: skip
             pixels = pixels_to_model(batch.pop("pixels").to(self.device, non_blocking=True))
         return {**batch, "pixels": pixels}  # the shared buffer went back to its worker with the pop
 

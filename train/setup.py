@@ -12,6 +12,7 @@ import torch
 
 from train.checkpoint import Checkpointer, remove_interrupted_saves
 from train.config import RunConfig, config_to_toml
+from train.data.cache import CacheReader, differences, fingerprint
 from train.data.loader import build_dataloader
 from train.distributed import ParallelLayout, barrier
 from train.engines import Engine, EngineSetup, build_engine, engine_traits
@@ -64,15 +65,30 @@ def build_data(cfg: RunConfig, layout: ParallelLayout, out: Path) -> Data:
     loader, sampler, tracker = build_dataloader(
         cfg.data, t.train_batch_size, layout.dp_rank, layout.dp_size, t.seed,
         pin_memory=layout.device.type == "cuda", accumulation_steps=t.gradient_accumulation_steps, cache_dir=out,
-        holdout=v.eval_holdout, holdout_seed=v.validation_seed, held_out=held_out,
+        holdout=v.eval_holdout, holdout_seed=v.validation_seed, held_out=held_out, cache=open_cache(cfg),
     )  # fmt: skip
     return Data(loader, sampler, tracker, count_steps(sampler, t.max_train_steps, t.num_train_epochs), held_out)
 
 
+def open_cache(cfg: RunConfig) -> CacheReader | None:
+    """[data] cache_dir's reader, refused unless its fingerprint is this run's (every difference named)."""
+    if not cfg.data.cache_dir:
+        return None
+    cache = CacheReader(cfg.data.cache_dir, cfg.data.train_data_dir)
+    problems = differences(cache.fingerprint, fingerprint(cfg.data, cfg.model, cfg.train.seed))
+    if problems:
+        raise ValueError(
+            f"[data] cache_dir {cfg.data.cache_dir} was written for other options:\n  "
+            + "\n  ".join(problems)
+            + "\nrerun python -m tools.precompute with this config and another cache_dir"
+        )
+    return cache
+
+
 def build_training(
     cfg: RunConfig, layout: ParallelLayout, total_steps: int, log: Callable[[str], None]
-) -> tuple[Engine, Models, DiTRecipe]:
-    """The frozen encoders and the engine with the DiT built from its recipe."""
+) -> tuple[Engine, Models | None, DiTRecipe]:
+    """The frozen encoders (None when the data come from a cache) and the engine with the DiT built from its recipe."""
     t, m, optim = cfg.train, cfg.model, cfg.optim
     if optim.scale_lr:  # VideoX-Fun's: the lr grows with the global batch (the config keeps the base lr)
         factor = t.train_batch_size * t.gradient_accumulation_steps * layout.dp_size
@@ -88,7 +104,8 @@ def build_training(
     recipe = build_dit_recipe(m, t.seed)
     if layout.sp_size > 1:
         recipe.sequence_parallel = SequenceParallel(layout.sp_group)
-    models = build_models(m, layout.device, t.seed)
+    # From a cache the encoders are not needed to train; validation and the eval loss borrow them (load_encoders).
+    models = build_models(m, layout.device, t.seed) if not cfg.data.cache_dir else None
     engine = build_engine(recipe, setup)
     trainable, total = recipe.parameter_counts()
     log(
@@ -117,8 +134,16 @@ def build_checkpointer(
 
 
 def build_validation(
-    cfg: RunConfig, layout: ParallelLayout, models: Models, engine: Engine, dit_config: dict, out: Path, metrics
+    cfg: RunConfig,
+    layout: ParallelLayout,
+    models: Models | None,
+    engine: Engine,
+    dit_config: dict,
+    out: Path,
+    metrics,
+    encoders=None,
 ) -> ValidationSampler | None:
+    """The validation sampler, or None; `encoders` lends the encoders when `models` is None (from a cache)."""
     v, d = cfg.validation, cfg.data
     if not v.sampling_enabled():  # prompts, and validation_steps or validation_epochs
         return None
@@ -126,5 +151,5 @@ def build_validation(
         v, sampling_options(v, d.video_sample_size, d.video_sample_n_frames, cfg.train.shift), models=models,
         engine=engine, collective=engine_traits(cfg.parallel.engine).collective_inference or layout.sp_size > 1,
         dit_config=dit_config,
-        layout=layout, output_dir=out, metrics=metrics, offload=cfg.model.low_vram,
+        layout=layout, output_dir=out, metrics=metrics, offload=cfg.model.low_vram, encoders=encoders,
     )  # fmt: skip

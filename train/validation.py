@@ -203,7 +203,8 @@ class ValidationSampler:
     """Samples the validation prompts with the DiT being trained; built once by the Trainer, `run(step)`
     on every rank together (a collective: see the module docstring).
 
-    models: the frozen encoders (train.models.Models: text, vae, clip for i2v); engine: the training
+    models: the frozen encoders (train.models.Models: text, vae, clip for i2v), or None with `encoders`, a
+    context manager factory that lends them while a pass samples (training from a cache); engine: the training
     engine (its inference_forward is the DiT); collective: whether that forward is a collective (the
     engine's traits: parameters gathered from every rank);
     dit_config: the DiT's WanModel keyword arguments (for the padding inputs); options: from
@@ -223,6 +224,7 @@ class ValidationSampler:
         output_dir: str | Path,
         metrics,
         offload: bool = False,
+        encoders=None,
     ):
         self.prompts = list(config.validation_prompts)
         self.images = list(config.validation_images)
@@ -236,7 +238,9 @@ class ValidationSampler:
         self.rank, self.world_size, self.device = layout.dp_rank, layout.dp_size, layout.device
         self.writes = layout.sp_rank == 0
         self.output_dir, self.metrics, self.offload = Path(output_dir), metrics, offload
-        self.i2v = models.clip is not None
+        # Training from a cache, models is None and `encoders()` (a context manager) lends them while sampling.
+        self.encoders = encoders
+        self.i2v = dit_config.get("model_type", "t2v") == "i2v"
         if self.i2v and len(self.images) not in (1, len(self.prompts)):
             raise ValueError(
                 f"i2v validation needs one validation image for all prompts or one per prompt "
@@ -306,7 +310,15 @@ class ValidationSampler:
         """Sample every prompt with the current weights; every rank calls it at the same point. Rank 0
         logs a line and the TensorBoard entries; its report holds every prompt's outcome."""
         start = time.perf_counter()
-        outcomes = [self._sample(step, index) for index in self.mine()]
+        if self.models is None:
+            with self.encoders() as models:
+                self.models = models
+                try:
+                    outcomes = [self._sample(step, index) for index in self.mine()]
+                finally:
+                    self.models = None
+        else:
+            outcomes = [self._sample(step, index) for index in self.mine()]
         outcomes = self._gather([o for o in outcomes if o is not None])
         seconds = time.perf_counter() - start
         report = ValidationReport(step, seconds, outcomes, self.output_dir / "samples" / f"step-{step}")

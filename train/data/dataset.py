@@ -279,8 +279,8 @@ class VideoDataset(Dataset):
         kind, ratio = self.keys[index]
         frames, height, width = shape[:3]
 
-        def long_enough(i: int) -> bool:  # a clip known too short for this step is not a bad file: not tried
-            return kind == "image" or (self.samples[i].num_frames or 0) >= frames
+        def long_enough(i: int) -> bool:
+            return self._can_fill(i, extras, shape)
 
         # The item itself always: the step's frame count was chosen for it.
         yield index
@@ -316,6 +316,11 @@ class VideoDataset(Dataset):
             if fits(i):
                 tried.add(i)
                 yield i
+
+    def _can_fill(self, index: int, extras: dict, shape: Sequence[int]) -> bool:
+        """Whether sample `index` is worth trying for a slot of [F, H, W, 3] `shape`: a clip known too
+        short for the step is not a bad file, it is passed over."""
+        return self.keys[index][0] == "image" or (self.samples[index].num_frames or 0) >= shape[0]
 
     def _load(self, sample: Sample, extras: dict, rng: random.Random, out: torch.Tensor) -> None:
         num_frames, height, width, _ = out.shape

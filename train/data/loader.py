@@ -14,6 +14,7 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 
 from train.data.buckets import batch_frame_count, clip_frame_count
+from train.data.cached import CachedDataset
 from train.data.dataset import BadSampleTracker, SizeOptions, VideoDataset, bucket_keys, collate, make_choose
 from train.data.metadata import Sample, load_metadata
 from train.data.probe import cached_sizes, fill_sizes
@@ -76,6 +77,9 @@ class DataConfig:
     kind is tried (see train/data/dataset.py)."""
     decode_timeout: float = 60.0
     """Seconds one sample may take to decode before it counts as bad (0: no limit)."""
+    cache_dir: str = ""
+    """Train from a cache written by `python -m tools.precompute` (latents and text embeddings): no VAE,
+    umT5 or CLIP is loaded to train; a cache that does not fit these options is refused."""
 
     def problems(self) -> list[str]:
         """Every invalid value, for a config check before any work starts."""
@@ -165,6 +169,7 @@ def build_dataloader(
     holdout: int = 0,
     holdout_seed: int = 0,
     held_out: list[Sample] | None = None,
+    cache=None,
 ) -> tuple[DataLoader, DistributedBucketBatchSampler, BadSampleTracker]:
     """The run's DataLoader (accumulation_steps micro-batches of batch_size per optimizer step), its
     sampler (set_epoch / state_dict for resume) and the tracker that counts bad samples; samples
@@ -178,28 +183,19 @@ def build_dataloader(
     holdout > 0 keeps that many usable samples out of training (the eval loss's held-out set, see
     `hold_out`; drawn with holdout_seed after max_train_samples and the refusals) and appends them to
     `held_out`: they are not in the dataset at all, so neither the sampler nor a bad file's
-    replacement can ever serve them."""
-    problems = config.problems()
-    if problems:
-        raise ValueError("invalid data config:\n  " + "\n  ".join(problems))
+    replacement can ever serve them.
+
+    `cache` (a train.data.cache.CacheReader, checked against the run by the caller) serves latents and
+    text embeddings instead of pixels (train/data/cached.py): the same sampler, draws and bad-sample
+    accounting, no media file opened."""
     skipped: list[tuple[str, str]] = []
-    samples = load_metadata(config.train_data_meta or None, config.train_data_dir or None, skipped)
-    if config.max_train_samples:
-        samples = samples[: config.max_train_samples]
-    samples = fill_sizes(
-        samples, config.train_data_meta or None, config.train_data_dir or None, cache_dir, skipped, rank=rank
-    )
-    kept = drop_implausible(samples, skipped, config.video_sample_stride)
-    if not kept:
-        raise ValueError(f"no usable samples in {config.train_data_meta or config.train_data_dir}")
+    kept = load_samples(config, skipped, cache_dir, rank, cache)
     if holdout:
         kept, held = hold_out(kept, holdout, holdout_seed)
         if held_out is not None:
             held_out.extend(held)
 
-    keys = bucket_keys(kept)
-    if not config.enable_bucket:
-        keys = [(kind, 1.0) for kind, _ in keys]  # one square bucket per kind: a centre crop
+    keys = training_keys(kept, config)
     options = SizeOptions.of(config)
     choose = make_choose(options, [(s.height, s.width) for s in kept], [s.num_frames for s in kept])
     sampler = DistributedBucketBatchSampler(
@@ -209,8 +205,9 @@ def build_dataloader(
     )  # fmt: skip
     workers = config.dataloader_num_workers
     # Slots per worker: its prefetched batches, one being pinned, one in the training step.
-    transfer = TransferPool(workers, config.prefetch_factor + 2) if workers else None
-    dataset = VideoDataset(
+    transfer = TransferPool(workers, config.prefetch_factor + 2) if workers and cache is None else None
+    dataset_type = VideoDataset if cache is None else functools.partial(CachedDataset, cache=cache)
+    dataset = dataset_type(
         kept, keys=keys, video_sample_stride=config.video_sample_stride, caption_dropout=config.caption_dropout,
         seed=seed, max_retries=config.max_retries, decode_timeout=config.decode_timeout, transfer=transfer,
     )  # fmt: skip
@@ -222,6 +219,38 @@ def build_dataloader(
     tracker = BadSampleTracker(max_bad_fraction=config.max_bad_fraction)
     tracker.record_refused(skipped)
     return loader, sampler, tracker
+
+
+def load_samples(
+    config: DataConfig, skipped: list[tuple[str, str]], cache_dir: Path | None = None, rank: int = 0, cache=None
+) -> list[Sample]:
+    """The usable samples of the metadata, in its order: the first max_train_samples, sizes filled in
+    (from the files' headers, spread over the ranks: a collective under torch.distributed; from
+    `cache`, a train.data.cache.CacheReader, when training from one: its files need not be here), absurd
+    ones refused into `skipped`. What training and tools/precompute both list."""
+    problems = config.problems()
+    if problems:
+        raise ValueError("invalid data config:\n  " + "\n  ".join(problems))
+    samples = load_metadata(config.train_data_meta or None, config.train_data_dir or None, skipped)
+    if config.max_train_samples:
+        samples = samples[: config.max_train_samples]
+    if cache is not None:
+        samples = cache.fill_sizes(samples)  # every listed sample found there (else a ValueError naming them)
+    samples = fill_sizes(
+        samples, config.train_data_meta or None, config.train_data_dir or None, cache_dir, skipped, rank=rank
+    )
+    kept = drop_implausible(samples, skipped, config.video_sample_stride)
+    if not kept:
+        raise ValueError(f"no usable samples in {config.train_data_meta or config.train_data_dir}")
+    return kept
+
+
+def training_keys(samples: list[Sample], config: DataConfig) -> list[tuple[str, float]]:
+    """Each sample's bucket (kind, aspect ratio); without enable_bucket one square bucket per kind."""
+    keys = bucket_keys(samples)
+    if not config.enable_bucket:
+        keys = [(kind, 1.0) for kind, _ in keys]  # one square bucket per kind: a centre crop
+    return keys
 
 
 def longest_step_frames(config: DataConfig, cache_dir: str | Path | None = None) -> tuple[int | None, str]:
