@@ -111,3 +111,23 @@ def gloo_worker_results(worker: Path, out: Path, timeout: float = 600) -> list[d
     if [p.returncode for p in procs] != [0, 0] or errors:
         pytest.fail("\n".join(errors) or outputs(procs))
     return results
+
+
+def descendants(root: int) -> dict[int, int]:
+    """Every process below `root`: pid -> its parent's pid (from /proc/*/stat; psutil is not installed)."""
+    parent = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parent[int(entry.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
+    below, todo = {}, [root]
+    while todo:
+        p = todo.pop()
+        for child, ppid in parent.items():
+            if ppid == p and child not in below:
+                below[child] = p
+                todo.append(child)
+    return below

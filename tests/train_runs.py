@@ -117,6 +117,20 @@ def torchrun(
     return proc
 
 
+def precompute(data: Path, cache: Path, *overrides: str, nproc: int = 1, check: bool = True, **popen):
+    """tools.precompute with the debug config (base_args) under torchrun; asserts exit 0 when check.
+    With popen options (stdout=...), the started process instead."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd += ["-m", "tools.precompute", *base_args(data, cache / "unused-output"), f"--cache_dir={cache}", *overrides]
+    environ = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    if popen:
+        return subprocess.Popen(cmd, cwd=REPO, env=environ, **popen)
+    proc = subprocess.run(cmd, cwd=REPO, env=environ, capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
 def losses(out: Path) -> dict[int, float]:
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()

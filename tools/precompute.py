@@ -11,6 +11,9 @@ finished shard. Bad media are skipped, named and counted, and training from the 
 online training does (replaced and counted).
 """
 
+# A rank ties itself to the torchrun agent before the heavy imports (as train.main does).
+# ruff: noqa: E402
+
 import argparse
 import logging
 import math
@@ -18,6 +21,10 @@ import os
 import sys
 import time
 from pathlib import Path
+
+from train import guard
+
+guard.tie_rank_to_launcher()  # a killed torchrun takes its ranks along, none goes on writing alone
 
 import torch
 import torch.distributed as dist

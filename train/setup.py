@@ -106,6 +106,11 @@ def build_training(
         recipe.sequence_parallel = SequenceParallel(layout.sp_group)
     # From a cache the encoders are not needed to train; validation and the eval loss borrow them (load_encoders).
     models = build_models(m, layout.device, t.seed) if not cfg.data.cache_dir else None
+    if models is None:
+        log(
+            f"encoders: none loaded to train: the latents and text embeddings come from {cfg.data.cache_dir} "
+            "(validation and the eval loss load them while they run)"
+        )
     engine = build_engine(recipe, setup)
     trainable, total = recipe.parameter_counts()
     log(

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ranks import descendants
 from train_runs import REPO, base_args, data, torchrun
 
 from train import guard
@@ -172,26 +173,6 @@ def test_a_child_dies_with_its_parent(how):
 
 
 # --- real runs -------------------------------------------------------------------------------------------
-
-
-def descendants(root: int) -> dict[int, int]:
-    """Every process below `root`: pid -> its parent's pid (from /proc/*/stat; psutil is not installed)."""
-    parent = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parent[int(entry.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
-    below, todo = {}, [root]
-    while todo:
-        p = todo.pop()
-        for child, ppid in parent.items():
-            if ppid == p and child not in below:
-                below[child] = p
-                todo.append(child)
-    return below
 
 
 def start_long_run(data: Path, out: Path, log: Path) -> subprocess.Popen:
