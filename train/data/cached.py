@@ -61,11 +61,11 @@ class CachedDataset(VideoDataset):
 
     def _load(self, sample: Sample, extras: dict, rng: random.Random, out: _Slot) -> None:
         entry = self.cache.entry(sample)
+        frames = out.shape[0]
+        if sample.kind == "video":  # the online draw (before its decode, which may fail): the later draws follow alike
+            self._frame_indices(sample, frames, rng)
         if entry["bad"]:
             raise MediaError(sample.path, entry["bad"])
-        frames = out.shape[0]
-        if sample.kind == "video":
-            self._frame_indices(sample, frames, rng)  # the online draw, so the caption dropout's follows alike
         k = (extras["epoch"] + derive_seed("cache variant", self.seed, entry["key"])) % self.cache.num_variants
         tensors = self.cache.variant(entry, extras["size"], k)
         latent_frames = (frames - 1) // self.temporal_stride + 1
