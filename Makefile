@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint bench-dit bench-t5 bench-vae bench-data bench-probe bench-train bench-sample bench-step bench-sp gpu-check gpu-wheels clean
+.PHONY: install demo test test-fast lint bench-dit bench-t5 bench-vae bench-data bench-probe bench-train bench-sample bench-step bench-sp bench-cache gpu-check gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -69,7 +69,10 @@ bench-step: $(STAMP)
 bench-sp: $(STAMP)
 	$(PY) bench/sequence_parallel.py
 
-# `make gpu-check` on a GPU machine (bench/gpu_check.py: every CUDA path in at most 7.5 minutes, one table).
+bench-cache: $(STAMP)
+	$(PY) bench/cache.py
+
+# `make gpu-check` on a GPU machine (bench/gpu_check.py: every CUDA path in at most 8.5 minutes, one table).
 # No venv there: the system python3 with its CUDA torch, plus the wheels it lacks carried in .whl (made
 # here by `make gpu-wheels`), installed into /tmp/site when that python cannot import them.
 # GPU_CHECK_ARGS: e.g. --out_dir $$OUT; here, the CPU dry run: GPU_PYTHON=.venv/bin/python GPU_CHECK_ARGS=--tiny

@@ -1,4 +1,4 @@
-"""`make gpu-check`: every CUDA path of the project in one run of at most 7.5 minutes on one H100 or H200.
+"""`make gpu-check`: every CUDA path of the project in one run of at most 8.5 minutes on one H100 or H200.
 
     python3 bench/gpu_check.py                     # on a GPU machine (make gpu-check does this)
     python3 bench/gpu_check.py --tiny              # the same sections on the CPU, tiny shapes (a dry run)
@@ -7,7 +7,7 @@
 Each section runs as its own subprocess under its own time limit, so a hang or a crash costs that
 section only. A section's limit is its share of the budget plus what the sections before it left
 unused (less what stopping a timed-out one took beyond its limit, a few seconds), so the whole run
-stays within the sum of the shares (450 s) whatever happens; the compiles at the end get the slack.
+stays within the sum of the shares (510 s) whatever happens; the compiles at the end get the slack.
 Sections:
 
     env                 torch, the device, the resolved "auto" attention kernel, the carried packages;
@@ -28,6 +28,9 @@ Sections:
     sample-low-memory   tools/sample.py --low_memory on the ddp run's checkpoint
     bench-*             bench/gpu_step.py rows: 1.3B 480p81 full / selective / none with compile off
                         and on, one diffusers row, 14B width (4 blocks) 720p81 selective + compile
+    bench-cache-*       bench/cache.py: the 1.3B at 480p81 trained online and from a precomputed cache
+                        (release-size VAE and umT5-xxl, random weights): s/step, peak GiB, the
+                        precompute's s/sample
 
 The table (printed last, and written to OUT_DIR/gpu-check.md with the rows in gpu-check.json and every
 section's output in gpu-check.log): section, status (ok, FAIL, skip, timeout), seconds, the limit it
@@ -58,8 +61,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# The whole run's budget on a GPU: 7.5 minutes, leaving the rest of the 8 for start-up and the table.
-GPU_BUDGET_S = 450.0
+# The whole run's budget on a GPU: 8.5 minutes (7.5 before the cache's section), leaving a session's 15
+# minutes of device time its machine's start-up and the table.
+GPU_BUDGET_S = 510.0
 STATUSES = ("ok", "FAIL", "skip", "timeout")
 MIN_LIMIT_S = 10.0  # a section's limit however little budget is left (a timed-out one's kill takes a few s)
 # Set for the gpu tests: run on the CPU at tiny shapes instead of skipping (the --tiny dry run only).
@@ -294,6 +298,27 @@ def summarize_bench(out: str) -> str:
     return "; ".join(parts)
 
 
+def cache_command(ctx: Context) -> list[str]:
+    """bench/cache.py: the 1.3B with the release-size VAE and umT5-xxl (random weights) on two 480 x 832 x 81
+    clips, online and from the cache, 3 steps each after 1."""
+    if ctx.tiny:
+        return [ctx.python, str(REPO / "bench" / "cache.py"), "--setups", "debug", "--steps", "4", "--warmup", "1"]
+    return [ctx.python, str(REPO / "bench" / "cache.py"), "--setups", "1.3B", "--size", "640", "--frames", "81",
+            "--clips", "2", "--steps", "4", "--warmup", "1", "--precision", "bf16", "--workers", "0"]  # fmt: skip
+
+
+def summarize_cache(out: str) -> str:
+    rows = [line for line in out.splitlines() if re.match(r"\|\s*(debug|mid|1\.3B)\s*\|", line)]
+    if not rows:
+        return ""
+    cells = [c.strip() for c in rows[-1].strip().strip("|").split("|")]
+    _, online, cached, speedup, _, _, _, peak_online, peak_cached, _, precompute = cells
+    return (
+        f"online {online} s/step, cached {cached} s/step ({speedup}); peak {peak_online} -> {peak_cached} GiB; "
+        f"precompute {precompute} s/sample"
+    )
+
+
 # ----------------------------------------------------------------------------------------------------
 # The sections, in order; their GPU shares add up to GPU_BUDGET_S. The quick ones go first: what they
 # leave unused goes to the compiles at the end.
@@ -346,6 +371,8 @@ SECTIONS = [
     bench_section("bench-14B-720p-selective-compile", 60, "14B:720p:ours:selective:on", tiny_note=COMPILED),
     bench_section("bench-1.3B-480p-full-compile", 40, "1.3B:480p:ours:full:on", tiny_note=COMPILED),
     bench_section("bench-1.3B-480p-none-compile", 30, "1.3B:480p:ours:none:on", tiny_note=COMPILED),
+    # Training from a precomputed cache against online training (bench/cache.py).
+    Section("bench-cache-1.3B-480p", 60, cache_command, summarize_cache, tiny_note="debug preset, demo data"),
 ]
 assert sum(s.gpu_share_s for s in SECTIONS) <= GPU_BUDGET_S
 

@@ -302,14 +302,17 @@ def build_models(model_cfg, device: torch.device, seed: int) -> Models:
     else:
         debug = m.preset.startswith("debug")
         torch.manual_seed(seed + 1)  # the same random encoders on every rank
-        if m.vae_path:
-            vae = WanVAE.from_pretrained(m.vae_path, dtype=torch.float32, device=home)
-        else:
-            vae = WanVAE(**vae_preset("debug" if debug else "wan2.1")).to(home)
-        t5 = UMT5Encoder(**T5_PRESETS["debug" if debug else "umt5-xxl"]).to(home)
+        with torch.device(home):  # drawn where they run: the release sizes' random init is minutes on a CPU
+            if m.vae_path:
+                vae = WanVAE.from_pretrained(m.vae_path, dtype=torch.float32, device=home)
+            else:
+                vae = WanVAE(**vae_preset("debug" if debug else "wan2.1"))
+            t5 = UMT5Encoder(**T5_PRESETS["debug" if debug else "umt5-xxl"])
+            if not debug:
+                t5 = t5.to(torch.bfloat16)  # as released (11 GB, not 23)
+            clip = CLIPVision(**CLIP_PRESETS["debug" if debug else "vit-h-14"]) if i2v else None
         # Random weights need no real vocabulary: the debug tokenizer's ids fit any umT5 vocabulary.
         tokenizer = WanTokenizer.debug(max_length=m.tokenizer_max_length)
-        clip = CLIPVision(**CLIP_PRESETS["debug" if debug else "vit-h-14"]).to(home) if i2v else None
     for frozen in (vae, t5, clip):
         if frozen is not None:
             frozen.eval().requires_grad_(False)
