@@ -8,7 +8,8 @@ binds), as a micro-batch of train_batch_size x the token-length repeats:
   model states   parameters, gradients, fp32 master weights and AdamW state of the DiT by the
                  engine's layout (the ZeRO / FSDP formulas below, trainable subset, offload flags),
                  plus the frozen encoders on the GPU: umT5 (bf16, replicated), VAE (fp32), CLIP
-                 (i2v); with low_vram they come to the GPU only while encoding (counted then).
+                 (i2v); with low_vram they come to the GPU only while encoding (counted then);
+                 from a precomputed cache ([data] cache_dir) none.
   activations    what autograd keeps for backward, measured exactly on fake tensors of the real shapes
                  (wan/modules/model.py: saved_bytes_per_block) for each block's mode: the
                  checkpointed blocks under the configured mode, the others under "none" (a compiled
@@ -461,6 +462,8 @@ def step_peak(states: float, training: float, encoders: dict[str, int], low_vram
     """(peak bytes, encoder bytes on the GPU at that peak, what drives it) for a step holding
     `training` bytes of activations and buffers over its model states. With low_vram the encoders
     reach the GPU one at a time while encoding, when the step's activations are gone."""
+    if not encoders:  # from a cache
+        return states + training + CUDA_CONTEXT, 0, "training"
     if not low_vram:
         on_gpu = sum(encoders.values())
         return states + on_gpu + training + CUDA_CONTEXT, on_gpu, "training"
@@ -478,7 +481,8 @@ def plan(cfg: RunConfig, gpus: int, gpu_memory: int, headroom: float = 0.1) -> t
     counts = param_counts(cfg, config)
     states = model_state_bytes(cfg, counts, gpus)
     debug = not cfg.model.pretrained_model_name_or_path and cfg.model.preset.startswith("debug")
-    encoders = encoder_bytes(debug, cfg.model.train_mode == "i2v")
+    # Training from a precomputed cache ([data] cache_dir) loads no encoder to train.
+    encoders = {} if cfg.data.cache_dir else encoder_bytes(debug, cfg.model.train_mode == "i2v")
     state_total = sum(v for k, v in states.items() if k != "host")
     limit = gpu_memory * (1 - headroom)
     # The clips' known frame counts (metadata, or the probe cache of an earlier start) cap the frames.

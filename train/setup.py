@@ -104,7 +104,8 @@ def build_training(
     recipe = build_dit_recipe(m, t.seed)
     if layout.sp_size > 1:
         recipe.sequence_parallel = SequenceParallel(layout.sp_group)
-    # From a cache the encoders are not needed to train; validation and the eval loss borrow them (load_encoders).
+    # From a cache the encoders are not needed to train; validation and the eval loss borrow them
+    # (InputBuilder.encoders).
     models = build_models(m, layout.device, t.seed) if not cfg.data.cache_dir else None
     if models is None:
         log(

@@ -21,6 +21,7 @@ the forward is a collective, and the ranks that did not fail would wait in it fo
 the error is raised and stops the run (its checkpoint of this step is already written).
 """
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -310,15 +311,14 @@ class ValidationSampler:
         """Sample every prompt with the current weights; every rank calls it at the same point. Rank 0
         logs a line and the TensorBoard entries; its report holds every prompt's outcome."""
         start = time.perf_counter()
-        if self.models is None:
-            with self.encoders() as models:
-                self.models = models
-                try:
-                    outcomes = [self._sample(step, index) for index in self.mine()]
-                finally:
+        borrowed = self.models is None  # training from a cache: the encoders for this pass only
+        with self.encoders() if borrowed else contextlib.nullcontext(self.models) as models:
+            self.models = models
+            try:
+                outcomes = [self._sample(step, index) for index in self.mine()]
+            finally:
+                if borrowed:
                     self.models = None
-        else:
-            outcomes = [self._sample(step, index) for index in self.mine()]
         outcomes = self._gather([o for o in outcomes if o is not None])
         seconds = time.perf_counter() - start
         report = ValidationReport(step, seconds, outcomes, self.output_dir / "samples" / f"step-{step}")

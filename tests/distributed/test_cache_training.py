@@ -2,7 +2,8 @@
 ranks: with a cache of K = 1 and data options that leave no choice (fixed sizes; each clip's frame window
 fits once, so there is no start to draw) the per-step losses and the final weights are the online run's
 bit for bit, on ddp and fsdp and for i2v, caption dropout and the demo's broken files included (skipped,
-replaced and counted alike); a cached run resumes as an uninterrupted one; a stale cache is refused
+replaced and counted alike), with validation videos and eval losses equal too (the encoders lent for
+them); a cached run resumes as an uninterrupted one; a stale cache is refused
 naming the difference; a precompute killed with SIGKILL keeps its finished shards and ends with the
 files of an uninterrupted one, and 1 and 2 ranks write the same cache."""
 
@@ -23,12 +24,16 @@ from tools.zero_to_bf16 import merge
 from train.checkpoint_verify import find_latest
 from train.config import load_config
 from train.data.cache import INDEX_FILE
+from train.eval_loss import EVAL_LOSS_FILE
 from train.setup import open_cache
 from wan import WanModel, WanVAE, vae_preset
 
 __all__ = ["data"]  # a fixture
 
 I2V = ["--train_mode=i2v", "--preset=debug-i2v"]
+VALIDATION = ["--validation_steps=6", "--validation_inference_steps=2", "--validation_num_frames=5",
+              "--validation_height=32", "--validation_width=48", "--eval_holdout=2", "--eval_steps=3",
+              "--validation_prompts", "a red circle moves left to right", "a blue square moves down"]  # fmt: skip
 # Every clip's metadata says 9 frames: at stride 1 the 9-frame window starts at frame 0, nothing is drawn.
 FIXED = ["--video_sample_stride=1"]
 
@@ -59,7 +64,9 @@ def bad_file_summary(stdout: str) -> str:
 def test_a_cache_of_one_variant_trains_what_online_training_does(data, tmp_path, case):
     engine = case.split("_")[0]
     options = [fixed_window_meta(data, tmp_path), *FIXED, *(I2V if case.endswith("i2v") else [])]
-    args = engine_run_args(engine, *options)
+    # ddp also samples validation videos and measures the eval loss: the cached run lends itself the
+    # encoders for them (and holds 2 clips out of training, as the online run does).
+    args = engine_run_args(engine, *options, *(VALIDATION if case == "ddp" else []))
     precompute(data, tmp_path / "cache", *options)
     online = torchrun(data, tmp_path / "online", *args, nproc=2)
     cached = torchrun(data, tmp_path / "cached", *args, f"--cache_dir={tmp_path / 'cache'}", nproc=2)
@@ -74,6 +81,14 @@ def test_a_cache_of_one_variant_trains_what_online_training_does(data, tmp_path,
     # The broken demo files met, replaced and counted as online (the summary line of each run).
     assert bad_file_summary(cached.stdout) == bad_file_summary(online.stdout)
     assert re.search(r"; [1-9]\d* failed loads", bad_file_summary(cached.stdout))  # some were met
+    if case == "ddp":
+        assert "validation at step 6: 2 of 2 videos" in cached.stdout
+        sheets = sorted((tmp_path / "online" / "samples" / "step-6").glob("*.png"))
+        assert len(sheets) == 2
+        for sheet in sheets:
+            assert sheet.read_bytes() == (tmp_path / "cached" / "samples" / "step-6" / sheet.name).read_bytes()
+        evals = [(tmp_path / run / EVAL_LOSS_FILE).read_text() for run in ("online", "cached")]
+        assert evals[0] == evals[1] and len(evals[0].splitlines()) == 3  # steps 0, 3 and 6, equal numbers
     if case == "ddp":  # from the cached run's checkpoint at step 3: the uninterrupted run's steps 4-6
         resumed = tmp_path / "resumed"
         resumed.mkdir()

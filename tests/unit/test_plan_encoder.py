@@ -46,3 +46,16 @@ def test_without_low_vram_the_encoders_always_count():
     for r in rows:
         assert r.encoders == on_gpu
         assert r.peak == pytest.approx(r.states + on_gpu + r.activations + r.buffers + CUDA_CONTEXT)
+
+
+def test_a_run_from_a_precomputed_cache_holds_no_encoder():
+    cfg = load_config(["--cfg", str(REPO / "configs/14b_zero3.toml"), "--low_vram=false"])
+    online, _ = plan(cfg, gpus=8, gpu_memory=80 * GB)
+    cfg.data.cache_dir = "/data/cache"
+    cached, info = plan(cfg, gpus=8, gpu_memory=80 * GB)
+    assert info["encoders"] == {}
+    with torch.device("meta"):
+        umt5 = 2 * sum(p.numel() for p in UMT5Encoder(**T5_PRESETS["umt5-xxl"]).parameters())
+    for o, c in zip(online, cached, strict=True):
+        assert c.encoders == 0 and o.encoders > umt5  # umT5 + VAE on every GPU, online
+        assert c.peak == pytest.approx(o.peak - o.encoders)
