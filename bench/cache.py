@@ -1,4 +1,4 @@
-"""Training from a precomputed cache (`[data] cache_dir`, tools/precompute.py) against online training:
+"""Training from a precomputed cache (`[data] latent_cache_dir`, tools/precompute.py) against online training:
 step time and peak memory, each run in its own process, on the demo data (1 rank, CPU or one GPU).
 
     python bench/cache.py                       # the debug preset, then a mid-size DiT (CPU sizes)
@@ -71,7 +71,7 @@ def options(setup: str, data: Path, tmp: Path, args) -> list[str]:
         f"--train_data_meta={data / 'metadata.json'}", f"--video_sample_size={args.size}",
         f"--image_sample_size={args.size}", f"--video_sample_n_frames={args.frames}", "--video_sample_stride=1",
         f"--mixed_precision={args.precision}", "--max_bad_fraction=1.0", "--validation_prompts=[]",
-        "--eval_holdout=0", f"--dataloader_num_workers={args.workers}", f"--cache_dir={tmp / ('cache-' + setup)}",
+        "--eval_holdout=0", f"--dataloader_num_workers={args.workers}", f"--latent_cache_dir={tmp / ('cache-' + setup)}",
     ]  # fmt: skip
 
 
@@ -86,7 +86,7 @@ def worker(argv: list[str]) -> None:
     steps, warmup, cached = int(argv[0]), int(argv[1]), argv[2] == "cached"
     rest = argv[3:]
     if not cached:
-        rest = [a for a in rest if not a.startswith("--cache_dir=")]
+        rest = [a for a in rest if not a.startswith("--latent_cache_dir=")]
     cfg = load_config([*rest, f"--max_train_steps={steps}", "--checkpointing_steps=0", "--resume_from_checkpoint=",
                        "--progress_bar=false", f"--log_every={steps}"])  # fmt: skip
     trainer = Trainer(cfg)

@@ -121,7 +121,13 @@ def precompute(data: Path, cache: Path, *overrides: str, nproc: int = 1, check: 
     """tools.precompute with the debug config (base_args) under torchrun; asserts exit 0 when check.
     With popen options (stdout=...), the started process instead."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd += ["-m", "tools.precompute", *base_args(data, cache / "unused-output"), f"--cache_dir={cache}", *overrides]
+    cmd += [
+        "-m",
+        "tools.precompute",
+        *base_args(data, cache / "unused-output"),
+        f"--latent_cache_dir={cache}",
+        *overrides,
+    ]
     environ = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     if popen:
         return subprocess.Popen(cmd, cwd=REPO, env=environ, **popen)

@@ -1,6 +1,6 @@
 """Precompute the DiT's inputs once: `python -m tools.precompute --cfg X.toml [--variants K] [--key=value ...]`,
 alone or under `torchrun --nproc_per_node N -m tools.precompute ...`; then train with the same config
-and `[data] cache_dir` set (the folder written here): no VAE, umT5 or CLIP is loaded to train.
+and `[data] latent_cache_dir` set (the folder written here): no VAE, umT5 or CLIP is loaded to train.
 
 For every sample of the metadata (the samples training would use, in its order): the VAE latents of K
 variants at every size the run's options may train it at (train/data/cache.py), the umT5 embedding
@@ -217,14 +217,15 @@ def check_existing(folder: Path, plan: Plan) -> bool:
     problems = differences(index.get("fingerprint", {}), plan.fingerprint)
     if index.get("variants") != plan.num_variants:
         problems.append(f"variants: the cache has {index.get('variants')}, this precompute {plan.num_variants}")
-    listing = [row for j in range(plan.num_shards) for row in plan.listing(j)]
-    if index.get("listing") != listing:
+    if index.get("shards") != list(range(plan.num_shards)) or not all(
+        plan.finished(folder, j) for j in range(plan.num_shards)
+    ):
         problems.append("the samples: the metadata lists other samples or captions than the cache holds")
     if problems:
         raise ValueError(
             f"{folder} holds a finished cache of other options ({folder / INDEX_FILE}):\n  "
             + "\n  ".join(problems)
-            + "\ngive another cache_dir, or delete it to write this one"
+            + "\ngive another latent_cache_dir, or delete it to write this one"
         )
     return True
 
@@ -239,8 +240,8 @@ def write_index(folder: Path, plan: Plan, shapes: dict) -> dict:
     index = {
         "format": CACHE_FORMAT, "fingerprint": plan.fingerprint, "variants": plan.num_variants,
         "seed": plan.cfg.train.seed, "shards": list(range(plan.num_shards)), "samples": len(plan.samples),
-        "listing": [row for j in range(plan.num_shards) for row in plan.listing(j)], "bad": len(bad),
-        "bytes": total_bytes, "shapes": shapes,
+        "bad": len(bad), "bytes": total_bytes, "shapes": shapes,
+        "refused": [[sample_key(Path(path), plan.cfg.data.train_data_dir), reason] for path, reason in plan.skipped],
     }  # fmt: skip
     write_json(folder / INDEX_FILE, index)
     return {"bad": bad, "bytes": total_bytes}
@@ -260,9 +261,9 @@ def shapes_of(models: Models, cfg: RunConfig, encoder: Encoder) -> dict:
 
 
 def precompute(cfg: RunConfig, num_variants: int, shard_size: int, device: torch.device, rank: int, world: int) -> None:
-    if not cfg.data.cache_dir:
-        raise ValueError("set [data] cache_dir (or --cache_dir=DIR): the folder the cache is written to")
-    folder = Path(cfg.data.cache_dir)
+    if not cfg.data.latent_cache_dir:
+        raise ValueError("set [data] latent_cache_dir (or --latent_cache_dir=DIR): the folder the cache is written to")
+    folder = Path(cfg.data.latent_cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
     skipped: list = []
     samples = load_samples(cfg.data, skipped, folder, rank)  # sizes probed once and kept in the folder
@@ -309,7 +310,7 @@ def precompute(cfg: RunConfig, num_variants: int, shard_size: int, device: torch
             print(f"  bad: {key}: {reason}", flush=True)
         print(
             f"precompute: wrote {folder / INDEX_FILE}: {len(samples)} samples, {len(summary['bad'])} bad, "
-            f"{len(skipped)} refused up front, {summary['bytes'] / 2**30:.3f} GiB; train with --cache_dir={folder}",
+            f"{len(skipped)} refused up front, {summary['bytes'] / 2**30:.3f} GiB; train with --latent_cache_dir={folder}",
             flush=True,
         )
 

@@ -632,7 +632,8 @@ def _load(argv: list[str], notes: list[str]) -> tuple[RunConfig, list[str]]:
 
 def check_paths(cfg: RunConfig) -> list[str]:
     """Every file or folder the run reads that is missing, one line each: the release folder's files,
-    transformer_path, vae_path, deepspeed_config and the data. Run before any data or model is read."""
+    transformer_path, vae_path, deepspeed_config, the data and its precomputed cache. Run before any data or
+    model is read."""
     from train.models import check_mode, release_files  # the release layout is the model loader's
     from wan.modules.dit_weights import read_dit_folder
 
@@ -671,6 +672,8 @@ def check_paths(cfg: RunConfig) -> list[str]:
         need(d.train_data_meta, "train_data_meta", "file or folder")
     if d.train_data_dir:
         need(d.train_data_dir, "train_data_dir", "folder")
+    if d.latent_cache_dir:
+        need(d.latent_cache_dir, "latent_cache_dir", "folder")
     v = cfg.validation
     for image in v.validation_images:
         need(image, "validation_images", "file")

@@ -9,7 +9,7 @@ binds), as a micro-batch of train_batch_size x the token-length repeats:
                  engine's layout (the ZeRO / FSDP formulas below, trainable subset, offload flags),
                  plus the frozen encoders on the GPU: umT5 (bf16, replicated), VAE (fp32), CLIP
                  (i2v); with low_vram they come to the GPU only while encoding (counted then);
-                 from a precomputed cache ([data] cache_dir) none.
+                 from a precomputed cache ([data] latent_cache_dir) none.
   activations    what autograd keeps for backward, measured exactly on fake tensors of the real shapes
                  (wan/modules/model.py: saved_bytes_per_block) for each block's mode: the
                  checkpointed blocks under the configured mode, the others under "none" (a compiled
@@ -481,8 +481,8 @@ def plan(cfg: RunConfig, gpus: int, gpu_memory: int, headroom: float = 0.1) -> t
     counts = param_counts(cfg, config)
     states = model_state_bytes(cfg, counts, gpus)
     debug = not cfg.model.pretrained_model_name_or_path and cfg.model.preset.startswith("debug")
-    # Training from a precomputed cache ([data] cache_dir) loads no encoder to train.
-    encoders = {} if cfg.data.cache_dir else encoder_bytes(debug, cfg.model.train_mode == "i2v")
+    # Training from a precomputed cache ([data] latent_cache_dir) loads no encoder to train.
+    encoders = {} if cfg.data.latent_cache_dir else encoder_bytes(debug, cfg.model.train_mode == "i2v")
     state_total = sum(v for k, v in states.items() if k != "host")
     limit = gpu_memory * (1 - headroom)
     # The clips' known frame counts (metadata, or the probe cache of an earlier start) cap the frames.

@@ -71,16 +71,16 @@ def build_data(cfg: RunConfig, layout: ParallelLayout, out: Path) -> Data:
 
 
 def open_cache(cfg: RunConfig) -> CacheReader | None:
-    """[data] cache_dir's reader, refused unless its fingerprint is this run's (every difference named)."""
-    if not cfg.data.cache_dir:
+    """[data] latent_cache_dir's reader, refused unless its fingerprint is this run's (every difference named)."""
+    if not cfg.data.latent_cache_dir:
         return None
-    cache = CacheReader(cfg.data.cache_dir, cfg.data.train_data_dir)
+    cache = CacheReader(cfg.data.latent_cache_dir, cfg.data.train_data_dir)
     problems = differences(cache.fingerprint, fingerprint(cfg.data, cfg.model, cfg.train.seed))
     if problems:
         raise ValueError(
-            f"[data] cache_dir {cfg.data.cache_dir} was written for other options:\n  "
+            f"[data] latent_cache_dir {cfg.data.latent_cache_dir} was written for other options:\n  "
             + "\n  ".join(problems)
-            + "\nrerun python -m tools.precompute with this config and another cache_dir"
+            + "\nrerun python -m tools.precompute with this config and another latent_cache_dir"
         )
     return cache
 
@@ -106,10 +106,10 @@ def build_training(
         recipe.sequence_parallel = SequenceParallel(layout.sp_group)
     # From a cache the encoders are not needed to train; validation and the eval loss borrow them
     # (InputBuilder.encoders).
-    models = build_models(m, layout.device, t.seed) if not cfg.data.cache_dir else None
+    models = build_models(m, layout.device, t.seed) if not cfg.data.latent_cache_dir else None
     if models is None:
         log(
-            f"encoders: none loaded to train: the latents and text embeddings come from {cfg.data.cache_dir} "
+            f"encoders: none loaded to train: the latents and text embeddings come from {cfg.data.latent_cache_dir} "
             "(validation and the eval loss load them while they run)"
         )
     engine = build_engine(recipe, setup)

@@ -5,6 +5,7 @@ documented part (train/data/cached.py): a step's latents are the first frames of
 stored windows, equal to encoding those pixel frames, and a sample trains another window each epoch."""
 
 import ast
+import json
 
 import pytest
 import torch
@@ -27,32 +28,39 @@ RANDOM = ["--random_hw_adapt=true", "--training_with_video_token_length=true", "
           "--video_sample_stride=1"]  # fmt: skip
 
 
-def config(data, cache, *extra):
+def config(data, meta, cache, *extra):
     return load_config([
-        "--cfg", str(REPO / "configs" / "debug.toml"), f"--train_data_dir={data}",
-        f"--train_data_meta={data / 'metadata.json'}", f"--cache_dir={cache}", "--dataloader_num_workers=0",
-        "--mixed_precision=fp32", *RANDOM, *extra,
+        "--cfg", str(REPO / "configs" / "debug.toml"), f"--train_data_dir={data}", f"--train_data_meta={meta}",
+        f"--latent_cache_dir={cache}", "--dataloader_num_workers=0", "--mixed_precision=fp32", *RANDOM, *extra,
     ])  # fmt: skip
 
 
-def batches(cfg, cache=None) -> list[dict]:
-    """Every batch of the first K epochs, one rank, batch 2."""
+def batches(cfg, cache=None) -> tuple[list[dict], int]:
+    """Every batch of the first K epochs (one rank, batch 2), and the samples refused up front."""
     d = cfg.data
-    loader, sampler, _ = build_dataloader(d, 2, seed=cfg.train.seed, cache=cache)
+    loader, sampler, tracker = build_dataloader(d, 2, seed=cfg.train.seed, cache=cache)
     out = []
     for epoch in range(K):
         sampler.set_epoch(epoch)
         out += [{**b, "epoch": epoch} for b in loader]
-    return out
+    return out, tracker.refused
 
 
 @pytest.fixture(scope="module")
 def runs(data, tmp_path_factory):
-    cache_dir = tmp_path_factory.mktemp("cache")
-    cfg = config(data, cache_dir)
+    """The demo metadata plus a file listed again with another caption, and an entry of absurd size."""
+    folder = tmp_path_factory.mktemp("cache")
+    entries = json.loads((data / "metadata.json").read_text())
+    video = next(e for e in entries if e["type"] == "video")
+    entries += [{**video, "text": "the same clip, told otherwise"},
+                {**video, "file_path": "videos/absurd.mp4", "width": 99999}]  # fmt: skip
+    (folder / "meta.json").write_text(json.dumps(entries))
+    cfg = config(data, folder / "meta.json", folder / "cache")
     precompute(cfg, K, 8, torch.device("cpu"), 0, 1)
-    cache = CacheReader(cache_dir, cfg.data.train_data_dir)
-    return cfg, cache, batches(cfg), batches(cfg, cache)
+    cache = CacheReader(folder / "cache", cfg.data.train_data_dir)
+    (online, refused_online), (cached, refused_cached) = batches(cfg), batches(cfg, cache)
+    assert refused_online == refused_cached == 1  # the absurd entry, refused alike
+    return cfg, cache, online, cached
 
 
 def test_the_cached_steps_draw_what_the_online_steps_draw(runs):

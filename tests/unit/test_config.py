@@ -230,7 +230,7 @@ NON_DEFAULT = {
     "data": dict(train_data_dir="/data/ü", train_data_meta="meta.jsonl", video_sample_n_frames=81,
                  video_sample_stride=3, video_sample_size=768, image_sample_size=1024, token_sample_size=256,
                  enable_bucket=False, random_hw_adapt=True, training_with_video_token_length=True, random_frame_crop=True,
-                 video_repeat=2,
+                 video_repeat=2, latent_cache_dir="/cache/480p",
                  caption_dropout=0.1 + 0.2, dataloader_num_workers=0, prefetch_factor=4, max_bad_fraction=0.5,
                  max_retries=1, decode_timeout=1e16, max_train_samples=7),
     "train": dict(output_dir="out dir", max_train_steps=100, num_train_epochs=3, train_batch_size=2,

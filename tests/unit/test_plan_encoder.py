@@ -51,7 +51,7 @@ def test_without_low_vram_the_encoders_always_count():
 def test_a_run_from_a_precomputed_cache_holds_no_encoder():
     cfg = load_config(["--cfg", str(REPO / "configs/14b_zero3.toml"), "--low_vram=false"])
     online, _ = plan(cfg, gpus=8, gpu_memory=80 * GB)
-    cfg.data.cache_dir = "/data/cache"
+    cfg.data.latent_cache_dir = "/data/cache"
     cached, info = plan(cfg, gpus=8, gpu_memory=80 * GB)
     assert info["encoders"] == {}
     with torch.device("meta"):

@@ -26,13 +26,14 @@ def test_python_m_train_config_lists_every_missing_path(data, tmp_path):
         f"--pretrained_model_name_or_path={release}", f"--vae_path={tmp_path / 'nope.pth'}",
         f"--train_data_meta={tmp_path / 'meta.json'}", f"--transformer_path={tmp_path / 'merged'}",
         "--cache_dir=c", f"--validation_data_meta={tmp_path / 'held.json'}", "--eval_holdout=0",
+        f"--latent_cache_dir={tmp_path / 'latents'}",
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     err = proc.stderr
     assert "--cache_dir: no effect here" in err
     for missing in ("models_t5_umt5-xxl-enc-bf16.pth", "google/umt5-xxl", "vae_path", "nope.pth",
-                    "train_data_meta", "meta.json", "transformer_path", "merged", "held.json"):  # fmt: skip
+                    "train_data_meta", "meta.json", "transformer_path", "merged", "held.json", "latent_cache_dir"):  # fmt: skip
         assert missing in err, missing
     assert "Wan2.1_VAE.pth" not in err.split("lacks:")[1].split("\n")[0]  # present, so not listed
     good = [*cmd[:5], f"--train_data_dir={data}", f"--train_data_meta={data / 'metadata.json'}"]

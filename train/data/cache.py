@@ -1,4 +1,4 @@
-"""The precomputed cache on disk: what `python -m tools.precompute` writes and `[data] cache_dir` trains from.
+"""The precomputed cache on disk: what `python -m tools.precompute` writes and `[data] latent_cache_dir` trains from.
 
 A cache folder holds
   index.json                written last (rank 0): the fingerprint, K, the shards, the tensor shapes
@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import random
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,7 @@ FINGERPRINT_DATA_FIELDS = (
     "random_hw_adapt", "training_with_video_token_length", "enable_bucket",
 )  # fmt: skip
 _IDENTITY_CHUNK = 2**20
+OPEN_SHARDS = 64  # per process: a cache of a million clips has tens of thousands of shards
 
 
 def shard_name(j: int) -> str:
@@ -257,10 +259,10 @@ class CacheReader:
         if index is None:
             hint = " (a precompute is unfinished: rerun it)" if any(self.folder.glob("shard-*.json")) else ""
             raise ValueError(
-                f"[data] cache_dir {self.folder}: no {INDEX_FILE}{hint}; write one with python -m tools.precompute"
+                f"[data] latent_cache_dir {self.folder}: no {INDEX_FILE}{hint}; write one with python -m tools.precompute"
             )
         problems = [f"{index_path}: field {name!r} missing" for name in ("format", "fingerprint", "variants", "shards",
-                    "shapes", "samples") if name not in index]  # fmt: skip
+                    "shapes", "samples", "refused") if name not in index]  # fmt: skip
         if not problems and index["format"] != CACHE_FORMAT:
             problems.append(f"{index_path}: format {index['format']!r}, this code reads {CACHE_FORMAT}")
         if problems:
@@ -268,14 +270,18 @@ class CacheReader:
         self.index = index
         self.num_variants = int(index["variants"])
         self.shapes = index["shapes"]
-        self.entries: dict[str, dict] = {}
+        # By (file, caption digest): a file listed twice with two captions is two samples.
+        self.entries: dict[tuple[str, str], dict] = {}
         for j in index["shards"]:
             manifest = read_json(self.folder / f"{shard_name(j)}.json")
             if manifest is None or not (self.folder / f"{shard_name(j)}.safetensors").exists():
                 raise ValueError(f"{self.folder}: shard {shard_name(j)} listed in {INDEX_FILE} is missing")
             for n, entry in enumerate(manifest["samples"]):
-                self.entries[entry["key"]] = {**entry, "shard": j, "slot": n}
-        self._files: dict[int, object] = {}
+                self.entries[entry["key"], entry["text"]] = {**entry, "shard": j, "slot": n}
+        self.files = {key for key, _ in self.entries}
+        # Samples the precompute refused up front (absurd sizes, unreadable headers): counted, not missing.
+        self.refused: dict[str, str] = dict(index.get("refused", []))
+        self._files: OrderedDict[int, object] = OrderedDict()  # the open shards, least recently used first
         self._empty: torch.Tensor | None = None
 
     @property
@@ -283,23 +289,25 @@ class CacheReader:
         return self.index["fingerprint"]
 
     def __getstate__(self) -> dict:  # to DataLoader workers: no open handles
-        return {**self.__dict__, "_files": {}, "_empty": None}
+        return {**self.__dict__, "_files": OrderedDict(), "_empty": None}
 
     def entry(self, sample: Sample) -> dict:
-        return self.entries[sample_key(sample.path, self.data_dir)]
+        return self.entries[sample_key(sample.path, self.data_dir), text_digest(sample.text)]
 
-    def fill_sizes(self, samples: list[Sample]) -> list[Sample]:
-        """The samples with the sizes the precompute read (their files need not be here); a sample the
-        cache lacks, or whose caption changed since, is refused with the others like it."""
+    def fill_sizes(self, samples: list[Sample], skipped: list[tuple[str, str]]) -> list[Sample]:
+        """The samples with the sizes the precompute read (their files need not be here); those it refused
+        up front go to `skipped` with its reason, as online; a sample the cache lacks, or whose caption
+        changed since, is refused with the others like it in one ValueError."""
         missing, changed, out = [], [], []
         for s in samples:
-            entry = self.entries.get(sample_key(s.path, self.data_dir))
-            if entry is None:
-                missing.append(str(s.path))
-                continue
-            if entry["text"] != text_digest(s.text):
-                changed.append(str(s.path))
-            out.append(Sample(s.path, s.text, s.kind, entry["width"], entry["height"], entry["num_frames"], s.fps))
+            key = sample_key(s.path, self.data_dir)
+            entry = self.entries.get((key, text_digest(s.text)))
+            if entry is not None:
+                out.append(Sample(s.path, s.text, s.kind, entry["width"], entry["height"], entry["num_frames"], s.fps))
+            elif key in self.refused:
+                skipped.append((str(s.path), self.refused[key]))
+            else:
+                (changed if key in self.files else missing).append(str(s.path))
         problems = []
         for what, paths in (("are not in it", missing), ("have another caption than when it was written", changed)):
             if paths:
@@ -307,14 +315,19 @@ class CacheReader:
                 problems.append(f"{len(paths)} samples of the metadata {what} ({shown})")
         if problems:
             raise ValueError(
-                f"[data] cache_dir {self.folder} does not fit the metadata: "
+                f"[data] latent_cache_dir {self.folder} does not fit the metadata: "
                 + "; ".join(problems)
                 + ". Rerun python -m tools.precompute with this config: it keeps the shards that still fit"
             )
         return out
 
     def _file(self, shard: int):
-        if shard not in self._files:
+        """Shard `shard` opened (memory mapped); at most OPEN_SHARDS stay open per process."""
+        if shard in self._files:
+            self._files.move_to_end(shard)
+        else:
+            if len(self._files) >= OPEN_SHARDS:
+                self._files.popitem(last=False)
             self._files[shard] = safe_open(str(self.folder / f"{shard_name(shard)}.safetensors"), framework="pt")
         return self._files[shard]
 

@@ -77,9 +77,10 @@ class DataConfig:
     kind is tried (see train/data/dataset.py)."""
     decode_timeout: float = 60.0
     """Seconds one sample may take to decode before it counts as bad (0: no limit)."""
-    cache_dir: str = ""
+    latent_cache_dir: str = ""
     """Train from a cache written by `python -m tools.precompute` (latents and text embeddings): no VAE,
-    umT5 or CLIP is loaded to train; a cache that does not fit these options is refused."""
+    umT5 or CLIP is loaded to train; a cache that does not fit these options is refused. (Not VideoX-Fun's
+    --cache_dir, its Hugging Face download folder, which means nothing here.)"""
 
     def problems(self) -> list[str]:
         """Every invalid value, for a config check before any work starts."""
@@ -235,7 +236,7 @@ def load_samples(
     if config.max_train_samples:
         samples = samples[: config.max_train_samples]
     if cache is not None:
-        samples = cache.fill_sizes(samples)  # every listed sample found there (else a ValueError naming them)
+        samples = cache.fill_sizes(samples, skipped)  # every listed sample there (else a ValueError naming them)
     samples = fill_sizes(
         samples, config.train_data_meta or None, config.train_data_dir or None, cache_dir, skipped, rank=rank
     )
