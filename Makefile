@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint bench-dit bench-t5 bench-vae bench-data bench-probe bench-train bench-sample bench-step bench-sp bench-cache gpu-check gpu-wheels clean
+.PHONY: install demo test test-heavy test-fast lint bench-dit bench-t5 bench-vae bench-data bench-probe bench-train bench-sample bench-step bench-sp bench-cache gpu-check gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -31,8 +31,13 @@ demo: $(STAMP)
 	$(PY) -m tools.sample --checkpoint output/debug/checkpoint-100 --frames 9 --size 64x64 --steps 10 \
 		--prompt "a blue square moves top to bottom over a green background" --out output/debug/demo-sample
 
+# Everything but the `heavy` tier (inductor compiles, memory measurements, the GPU check's dry run: about
+# 10 minutes more), which `make test-heavy` and CI (.ci/run) run.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not heavy"
+
+test-heavy: $(STAMP)
+	$(PY) -m pytest -q -m heavy
 
 # In-process tests only; WAN_TESTS_CHECK_SLOW fails a test not marked slow that starts a process.
 test-fast: $(STAMP)

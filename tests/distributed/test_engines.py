@@ -208,6 +208,7 @@ def test_each_shipped_config_trains_on_the_debug_preset(data, tmp_path, path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # ~100-200 s: peak host memory of three engines loading a release folder
 def test_sharded_engines_load_a_release_folder_without_a_whole_copy(tmp_path):
     """bench/engines.py on a mid-size DiT (width 1024, 8 blocks, 148 M parameters) saved as a release
     folder, bf16, 2 ranks. While a rank builds the DiT and reads the weights its resident memory peaks at

@@ -31,6 +31,7 @@ TOKEN_LENGTH = ["--random_hw_adapt=true", "--training_with_video_token_length=tr
 # zero2 shares zero3's DeepSpeed path (sp touches no engine code); the suite's time goes to what differs.
 CASES = {"ddp": [], "zero3": [], "fsdp": ODD_TOKENS, "ddp_i2v_token_length": [*I2V, *TOKEN_LENGTH],
          "ddp_compile": ["--compile"]}  # fmt: skip
+HEAVY = {"ddp_compile"}  # ~80 s of inductor compiles: CI's heavy tier
 
 
 def merged(out, tmp_path, name: str) -> dict[str, torch.Tensor]:
@@ -50,7 +51,7 @@ def assert_same_training(a, b, tmp_path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", [pytest.param(c, marks=[pytest.mark.heavy] if c in HEAVY else []) for c in CASES])
 def test_two_sequence_ranks_train_what_one_rank_trains(data, tmp_path, case):
     engine = case.split("_")[0]
     args = engine_run_args(engine, *CASES[case])

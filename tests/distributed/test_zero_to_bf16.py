@@ -417,6 +417,7 @@ def test_diffusers_names_invert_the_loader_map():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # ~60 s: a memory measurement
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 def test_merge_peak_memory_is_far_below_the_fp32_model(tmp_path):
     """A mid-size DiT (dim 1024, ffn 4096, 16 heads, 4 blocks, text_dim 4096: 80 M parameters, 321 MB

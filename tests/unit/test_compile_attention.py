@@ -89,6 +89,7 @@ def loss_and_grads(model: WanModel, shape: tuple[int, ...], checkpointing: str) 
 
 
 @pytest.mark.slow  # two inductor compiles, forward and backward: ~50 s with a cold cache; inductor spawns processes
+@pytest.mark.heavy
 def test_compiled_blocks_match_eager_and_compile_once_per_micro_batch_class():
     torch.manual_seed(0)
     eager = WanModel(**dit_preset("debug"))

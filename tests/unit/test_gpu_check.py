@@ -119,7 +119,8 @@ def test_gpu_step_refuses_a_bad_row_and_a_kernel_the_device_lacks(capsys):
     assert "cuDNN attention runs on CUDA GPUs only" in capsys.readouterr().err
 
 
-@pytest.mark.slow  # ~100 s on 2 cores (~4 min when they are busy): 13 processes (torchrun, DeepSpeed, the bench)
+@pytest.mark.slow  # ~100 s on 2 cores (~4 min when they are busy): 14 processes (torchrun, DeepSpeed, the benches)
+@pytest.mark.heavy
 def test_tiny_dry_run_runs_every_section_without_a_failure(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(

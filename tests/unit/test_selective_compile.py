@@ -79,6 +79,7 @@ def one_thread():
 
 
 @pytest.mark.slow  # inductor compiles (in worker processes)
+@pytest.mark.heavy  # ~20 s each
 @pytest.mark.parametrize("save_matmuls", [False, True], ids=["selective", "selective+matmuls"])
 def test_a_compiled_selective_block_keeps_and_recomputes_what_is_counted(save_matmuls):
     cfg = dit_preset("debug")
