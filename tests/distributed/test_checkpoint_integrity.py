@@ -375,7 +375,10 @@ ENGINE_DAMAGE = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", list(ENGINE_DAMAGE))
+# The DeepSpeed engines' repeats run in the heavy tier (CI): make test keeps ddp's and fsdp's formats.
+@pytest.mark.parametrize(
+    "engine", [pytest.param(e, marks=[pytest.mark.heavy] if e.startswith("zero") else []) for e in ENGINE_DAMAGE]
+)
 def test_every_engine_falls_back_past_a_damaged_checkpoint(data, engine_runs, tmp_path, engine):
     """Checkpoints 3 and 6 of a 6-step run, 6 damaged: the rerun skips it naming the file, resumes from
     3, and steps 4 to 6 repeat the uninterrupted run's losses bit for bit (fp32 on CPU)."""

@@ -31,7 +31,7 @@ TOKEN_LENGTH = ["--random_hw_adapt=true", "--training_with_video_token_length=tr
 # zero2 shares zero3's DeepSpeed path (sp touches no engine code); the suite's time goes to what differs.
 CASES = {"ddp": [], "zero3": [], "fsdp": ODD_TOKENS, "ddp_i2v_token_length": [*I2V, *TOKEN_LENGTH],
          "ddp_compile": ["--compile"]}  # fmt: skip
-HEAVY = {"ddp_compile"}  # ~80 s of inductor compiles: CI's heavy tier
+HEAVY = {"ddp_compile", "zero3"}  # inductor compiles (~80 s), and zero3 (~25 s): CI's heavy tier, for time
 
 
 def merged(out, tmp_path, name: str) -> dict[str, torch.Tensor]:

@@ -102,7 +102,9 @@ def resume_and_compare(data: Path, tmp_path: Path, out: Path, engine: str, step:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("engine", "target"), [("ddp", 1), ("zero3", 0), ("fsdp", "agent")])
+@pytest.mark.parametrize(
+    ("engine", "target"), [("ddp", 1), pytest.param("zero3", 0, marks=pytest.mark.heavy), ("fsdp", "agent")]
+)
 def test_sigterm_saves_and_the_resumed_run_repeats_an_uninterrupted_one(data, tmp_path, engine, target):
     out, log = tmp_path / "out", tmp_path / "log"
     if target == "agent":  # the launcher users run; exec keeps its pid for the agent
