@@ -60,7 +60,8 @@ def bad_file_summary(stdout: str) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["ddp", "fsdp", pytest.param("ddp_i2v", marks=pytest.mark.heavy)])
+# fsdp and i2v in the heavy tier (CI), for time: make test keeps ddp with validation, eval loss and resume.
+@pytest.mark.parametrize("case", ["ddp", *(pytest.param(c, marks=pytest.mark.heavy) for c in ("fsdp", "ddp_i2v"))])
 def test_a_cache_of_one_variant_trains_what_online_training_does(data, tmp_path, case):
     engine = case.split("_")[0]
     options = [fixed_window_meta(data, tmp_path), *FIXED, *(I2V if case.endswith("i2v") else [])]

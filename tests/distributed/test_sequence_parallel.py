@@ -31,7 +31,7 @@ TOKEN_LENGTH = ["--random_hw_adapt=true", "--training_with_video_token_length=tr
 # zero2 shares zero3's DeepSpeed path (sp touches no engine code); the suite's time goes to what differs.
 CASES = {"ddp": [], "zero3": [], "fsdp": ODD_TOKENS, "ddp_i2v_token_length": [*I2V, *TOKEN_LENGTH],
          "ddp_compile": ["--compile"]}  # fmt: skip
-HEAVY = {"ddp_compile", "zero3"}  # inductor compiles (~80 s), and zero3 (~25 s): CI's heavy tier, for time
+HEAVY = {"ddp_compile", "zero3", "ddp_i2v_token_length"}  # compiles (~80 s), ~20 s each: CI's heavy tier, for time
 
 
 def merged(out, tmp_path, name: str) -> dict[str, torch.Tensor]:
@@ -65,6 +65,7 @@ def test_two_sequence_ranks_train_what_one_rank_trains(data, tmp_path, case):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # CI's heavy tier, for time
 def test_two_data_by_two_sequence_ranks_equal_two_ranks(data, tmp_path):
     args = engine_run_args("ddp")
     torchrun(data, tmp_path / "dp2", *args, nproc=2)

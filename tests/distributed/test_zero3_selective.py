@@ -35,6 +35,7 @@ def evaluations(out: Path) -> dict[int, float]:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # CI's heavy tier, for time
 def test_zero3_selective_trains_after_the_eval_baseline_as_without_checkpointing(data, tmp_path):
     """2 gloo ranks through train.main: the eval loss's no_grad baseline at step 0, then training steps
     with selective checkpointing (which crashed at the first backward: "... encountered during backward
