@@ -292,8 +292,8 @@ def precompute(cfg: RunConfig, num_variants: int, shard_size: int, device: torch
             f"latents; {world} rank(s); {kept} of this rank's shards already done",
             flush=True,
         )
-        if not (folder / EMPTY_PROMPT_FILE).exists():
-            write_tensors(folder / EMPTY_PROMPT_FILE, {"context": encoder.caption("")})
+        # Always (a few ms): one left by a killed precompute of other encoders must not stay.
+        write_tensors(folder / EMPTY_PROMPT_FILE, {"context": encoder.caption("")})
     started, samples_done = time.perf_counter(), 0
     for done, j in enumerate(todo, 1):
         tensors, manifest = encoder.shard(j)
