@@ -217,8 +217,9 @@ def check_existing(folder: Path, plan: Plan) -> bool:
     problems = differences(index.get("fingerprint", {}), plan.fingerprint)
     if index.get("variants") != plan.num_variants:
         problems.append(f"variants: the cache has {index.get('variants')}, this precompute {plan.num_variants}")
-    if index.get("shards") != list(range(plan.num_shards)) or not all(
-        plan.finished(folder, j) for j in range(plan.num_shards)
+    if not problems and (  # same options: the samples' listing then tells
+        index.get("shards") != list(range(plan.num_shards))
+        or not all(plan.finished(folder, j) for j in range(plan.num_shards))
     ):
         problems.append("the samples: the metadata lists other samples or captions than the cache holds")
     if problems:

@@ -130,6 +130,14 @@ def test_a_stale_cache_is_refused_naming_what_differs(data, tmp_path):
     assert proc.returncode != 0
     assert "2 samples of the metadata are not in it" in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.count("are not in it") == 1  # said once
+    # The precompute itself never overwrites a finished cache: the same options find nothing to do,
+    # others are refused naming the difference.
+    vae_a = f"--vae_path={tmp_path / 'vae_a.pth'}"
+    assert "nothing to do" in precompute(data, cache, vae_a, "--max_train_samples=4").stdout
+    other = precompute(data, cache, vae_a, "--max_train_samples=4", "--video_sample_size=48", check=False)
+    assert other.returncode != 0 and "holds a finished cache of other options" in other.stderr, other.stderr[-2000:]
+    assert "video_sample_size: the cache has 64, this run 48" in other.stderr
+    assert "the samples" not in other.stderr
 
 
 def shard_files(cache: Path) -> dict[str, tuple[int, int]]:
