@@ -85,13 +85,9 @@ class CachedDataset(VideoDataset):
         shape = self._shape(*items[0])
         slots = [_Slot(shape) for _ in items]
         filled = [self._fill(item, slot) for item, slot in zip(items, slots, strict=True)]
-        out = {name: torch.stack([self._tensor(name, slot, f, shape) for slot, f in zip(slots, filled, strict=True)])
+        # float32, as the online encoders hand them to the DiT (captions are stored in the umT5's dtype).
+        out = {name: torch.stack([self._tensor(name, slot, f, shape) for slot, f in zip(slots, filled, strict=True)]).float()
                for name in (*self.cache.shapes["variant"], "context")}  # fmt: skip
-        out["latents"] = out["latents"].float()
-        out["context"] = out["context"].float()
-        for name in ("y", "clip_fea"):
-            if name in out:
-                out[name] = out[name].float()
         return {
             **out, "pixel_shape": (len(items), 3, *shape[:3]), "text": [f["text"] for f in filled],
             "index": torch.tensor([f["index"] for f in filled]), "skipped": [s for f in filled for s in f["skipped"]],
