@@ -19,6 +19,9 @@ Weights (one source):
                         the path in config.toml is not valid on this machine).
   --transformer FOLDER  a DiT folder (official or diffusers layout, e.g. tools/zero_to_bf16.py output)
                         with --model FOLDER for the encoders.
+  --lora FILE           a LoRA .safetensors (tools/export_lora.py, or a ComfyUI-layout Wan LoRA) merged
+                        into the DiT's weights with strength --lora_scale (default 1.0). A LoRA run's
+                        --checkpoint needs none: its adapter is merged already.
 
 Output: OUT/NNN-<prompt slug>.mp4 (h264, --fps), OUT/NNN-<prompt slug>.png (a contact sheet of up to 16
 evenly spaced frames) and OUT/prompts.json (per file: prompt, seed, image and every option). Sample i
@@ -58,6 +61,7 @@ import torch.distributed as dist  # noqa: E402
 from wan import WanModel  # noqa: E402
 from wan.media import DEFAULT_FPS, contact_sheet, prompt_slug, video_to_frames, write_mp4, write_png  # noqa: E402
 from wan.modules.dit_weights import read_dit_folder  # noqa: E402
+from wan.modules.lora import merge_lora_file  # noqa: E402
 from wan.modules.state_dict_io import assign_tensor, prepare_tensor  # noqa: E402
 from wan.modules.ulysses import SequenceParallel  # noqa: E402
 from wan.pipeline import DEFAULT_NEGATIVE_PROMPT, SamplingOptions, generate  # noqa: E402
@@ -108,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument(
         "--transformer", metavar="FOLDER", help="a DiT folder (e.g. tools/zero_to_bf16.py output); needs --model"
     )
+    w.add_argument(
+        "--lora", metavar="FILE", default="",
+        help="a LoRA .safetensors (tools/export_lora.py or a ComfyUI Wan LoRA) merged into the DiT's weights",
+    )  # fmt: skip
+    w.add_argument("--lora_scale", type=float, default=1.0, metavar="S", help="strength of --lora (default 1.0)")
 
     p = parser.add_argument_group("prompts")
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
@@ -333,29 +342,12 @@ def load_checkpoint_dit(
     """The DiT of training checkpoint `path` (any engine), read one tensor at a time as
     tools/zero_to_bf16.py merges it (tensors the checkpoint lacks come from the run's base model),
     cast to `dtype` and placed on `device`: no merged copy on disk, one copy in memory."""
-    from tools.zero_to_bf16 import Base, checkpoint_sources, fitting_model, open_checkpoint
+    from tools.zero_to_bf16 import CheckpointDiT
 
-    path = Path(path)
-    ckpt = open_checkpoint(path)
-    base_model = Base(ckpt, base)
-    sources = checkpoint_sources(ckpt, None)
-    model = fitting_model(path, base_model, sources)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
-    if any(name not in sources for name in expected):
-        base_model.check(model)
-    for name in expected:
-        source = sources.get(name)
-        if source is None:
-            tensor = base_model.read(name)
-        else:
-            tensor = source.read()
-            if tensor.is_floating_point() and tensor.dtype.itemsize < dtype.itemsize:
-                # Kept only in the training dtype (a frozen weight under DeepSpeed bf16): the base holds
-                # it exactly when it is the same weight (zero_to_bf16's rule).
-                exact = base_model.read(name)
-                if torch.equal(exact.to(tensor.dtype), tensor):
-                    tensor = exact
-        assign_tensor(model, name, prepare_tensor(tensor, dtype, device))
+    dit = CheckpointDiT(Path(path), base)
+    model = dit.model
+    for name in dit.expected:
+        assign_tensor(model, name, prepare_tensor(dit.read(name, dtype), dtype, device))
     model.rope.reset_tables(device)
     return model.eval().requires_grad_(False)
 
@@ -444,6 +436,9 @@ class Plan:
     out: Path
     fps: float
     sp: int = 1
+    lora: str = ""
+    """A LoRA .safetensors file (tools/export_lora.py, ComfyUI layout) merged into the DiT's weights."""
+    lora_scale: float = 1.0
 
 
 # SamplingOptions field -> the option that sets it, for its problems.
@@ -492,6 +487,8 @@ def plan(args: argparse.Namespace) -> Plan:
         shift = RELEASE_I2V_480P_SHIFT if release_480p else RELEASE_SHIFT
     if args.batch_size < 1:
         problems.append(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.lora and not Path(args.lora).is_file():
+        problems.append(f"--lora {args.lora}: no such file")
     if not args.fps > 0:
         problems.append(f"--fps must be > 0, got {args.fps}")
 
@@ -537,6 +534,8 @@ def plan(args: argparse.Namespace) -> Plan:
         Path(args.out),
         args.fps,
         args.sp,
+        args.lora,
+        args.lora_scale,
     )
 
 
@@ -567,6 +566,9 @@ def run(plan_: Plan, log=print) -> list[dict]:
     log(f"weights: {p.source.describe}")
     t0 = time.monotonic()
     dit, models = load_models(p.source, DTYPES[p.dtype], p.device, p.low_memory)
+    if p.lora:
+        layers = merge_lora_file(dit, p.lora, p.lora_scale)
+        log(f"LoRA {p.lora}: merged into {layers} layers (strength {p.lora_scale:g})")
     where = "on the CPU until used (low memory)" if p.low_memory else f"on {p.device}"
     log(f"models loaded in {time.monotonic() - t0:.1f} s (DiT {p.dtype}, {where})")
     if p.sp > 1:

@@ -29,6 +29,10 @@ transformer_path or pretrained_model_name_or_path, or the seeded random init of 
 (frozen ones under DeepSpeed bf16) are taken from the base when it holds the same values, so they stay
 exact; otherwise they are upcast, with a warning.
 
+A LoRA run's checkpoint holds its adapters only: the output is the base DiT with each adapter merged
+into the weight it adapts (W + lora_scale x network_alpha / rank x B @ A, in float32), i.e. the model
+the run validated. tools/export_lora.py writes the adapter alone instead.
+
 Memory: the shards are planned from shapes alone, then each file is written tensor by tensor, each
 tensor read with plain file reads of exactly its bytes (the rest of a DeepSpeed partition, and the
 optimizer moments, are never read), so host memory peaks at about one tensor in fp32 plus its cast,
@@ -73,6 +77,7 @@ from wan.modules.dit_weights import (  # noqa: E402
     official_to_diffusers_key,
     read_dit_folder,
 )
+from wan.modules.lora import is_adapter_name, lora_delta  # noqa: E402
 from wan.modules.safetensors_io import (  # noqa: E402
     ShardItem,
     index_name,
@@ -208,6 +213,69 @@ def fitting_model(ckpt_dir: Path, base_model: Base, sources: dict[str, TensorSou
     return model
 
 
+class CheckpointDiT:
+    """The whole DiT a checkpoint stands for, one full tensor at a time by official name: the checkpoint's
+    tensors, the base model's where it holds none, and a LoRA run's adapters folded into the weights
+    they adapt (W + lora_scale x alpha / r x B @ A, in float32). Everything is checked up front."""
+
+    def __init__(self, ckpt_dir: Path, base: str | None, tag: str | None = None, lora_scale: float = 1.0):
+        self.ckpt = open_checkpoint(ckpt_dir)
+        self.base = Base(self.ckpt, base)
+        sources = checkpoint_sources(self.ckpt, tag)
+        self.adapters = {name: s for name, s in sources.items() if is_adapter_name(name)}
+        self.sources = {name: s for name, s in sources.items() if name not in self.adapters}
+        self.model = fitting_model(ckpt_dir, self.base, self.sources)
+        self.expected = {name: tuple(t.shape) for name, t in self.model.state_dict().items()}
+        self.adapted: dict[str, float] = {}  # weight name -> its adapter's scale
+        if self.adapters:
+            lora = self.ckpt.run_config.get("lora", {})
+            if not lora.get("network_alpha"):
+                raise ValueError(
+                    f"{ckpt_dir / CONFIG_FILE}: the checkpoint holds a LoRA adapter but no [lora] network_alpha"
+                )
+            for name, source in self.adapters.items():
+                module = name.rsplit(".", 2)[0]
+                if name.endswith(".lora_A.weight"):
+                    weight = f"{module}.weight"
+                    if weight not in self.expected or f"{module}.lora_B.weight" not in self.adapters:
+                        raise ValueError(f"{ckpt_dir}: adapter {name} has no {weight} or lora_B to go with it")
+                    self.adapted[weight] = lora_scale * float(lora["network_alpha"]) / source.shape[0]
+        self.from_base = [name for name in self.expected if name not in self.sources]
+        if self.from_base:
+            self.base.check(self.model)
+        self.upcast: list[str] = []
+
+    def read(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """The full tensor `name` for output in `dtype` (the caller casts)."""
+        source = self.sources.get(name)
+        if source is None:
+            tensor = self.base.read(name)
+        else:
+            tensor = source.read()
+            if tensor.is_floating_point() and tensor.dtype.itemsize < dtype.itemsize:
+                # Stored only in the training dtype (a frozen weight under bf16): the base holds it exactly
+                # when it is the same weight, which a frozen weight is; otherwise the upcast is all there is.
+                try:
+                    exact = self.base.read(name)
+                except (ValueError, OSError, KeyError):
+                    exact = None
+                if exact is not None and torch.equal(exact.to(tensor.dtype), tensor):
+                    tensor = exact
+                else:
+                    self.upcast.append(name)
+        if name in self.adapted:
+            module = name.removesuffix(".weight")
+            down = self.adapters[f"{module}.lora_A.weight"].read()
+            up = self.adapters[f"{module}.lora_B.weight"].read()
+            tensor = tensor.float() + lora_delta(down, up, self.adapted[name])
+        return tensor
+
+    def where(self, name: str) -> str:
+        source = self.sources.get(name)
+        where = "base" if source is None else f"{source.where} ({source.dtype})"
+        return where + (" + LoRA adapter" if name in self.adapted else "")
+
+
 @dataclass
 class Summary:
     files: list[Path]
@@ -229,6 +297,8 @@ def merge(
     tag: str | None = None,
     debug: bool = False,
     log: Callable[[str], None] = print,
+    lora_scale: float = 1.0,
+    require_lora: bool = False,
 ) -> Summary:
     """Merge checkpoint `ckpt_dir` into a DiT folder `out_dir`; see the module docstring."""
     start = time.monotonic()
@@ -240,13 +310,11 @@ def merge(
     limit = parse_size(max_shard_size)
     if out_dir.resolve() == ckpt_dir.resolve():
         raise ValueError(f"{out_dir}: the output folder must not be the checkpoint folder")
-    ckpt = open_checkpoint(ckpt_dir)
-    base_model = Base(ckpt, base)
+    dit = CheckpointDiT(ckpt_dir, base, tag, lora_scale)
+    ckpt, model, expected = dit.ckpt, dit.model, dit.expected
+    if require_lora and not dit.adapted:
+        raise ValueError(f"{ckpt_dir}: --lora, but the checkpoint holds no LoRA adapter (a run without [lora])")
     log(f"{ckpt_dir}: step {ckpt.step}, engine {ckpt.engine}, world size {ckpt.world_size}")
-    sources = checkpoint_sources(ckpt, tag)
-
-    model = fitting_model(ckpt_dir, base_model, sources)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     out_dtype = OUT_DTYPES[dtype]
     rename = official_to_diffusers_key if fmt == "diffusers" else (lambda name: name)
     items = [ShardItem(rename(name), name, shape, out_dtype) for name, shape in expected.items()]
@@ -258,33 +326,16 @@ def merge(
     else:
         config = {"_class_name": "WanModel", **model.config}
     shards = plan_shards(items, limit, WEIGHTS_NAME)
-    from_base = [name for name in expected if name not in sources]
+    from_base, upcast = dit.from_base, dit.upcast
     if from_base:
-        base_model.check(model)
-        log(f"{len(from_base)} of {len(expected)} tensors are not in the checkpoint: taken from {base_model.describe}")
-
-    upcast: list[str] = []
+        log(f"{len(from_base)} of {len(expected)} tensors are not in the checkpoint: taken from {dit.base.describe}")
+    if dit.adapted:
+        log(f"the LoRA adapters of {len(dit.adapted)} layers merged into their weights (scale x{lora_scale:g})")
 
     def produce(item: ShardItem) -> torch.Tensor:
-        source = sources.get(item.name)
-        if source is None:
-            if debug:
-                log(f"  {item.key}: base")
-            return base_model.read(item.name)
-        tensor = source.read()
         if debug:
-            log(f"  {item.key}: {source.where} ({source.dtype})")
-        if tensor.is_floating_point() and tensor.dtype.itemsize < item.dtype.itemsize:
-            # Stored only in the training dtype (a frozen weight under bf16): the base holds it exactly
-            # when it is the same weight, which a frozen weight is; otherwise the upcast is all there is.
-            try:
-                exact = base_model.read(item.name)
-            except (ValueError, OSError, KeyError):
-                exact = None
-            if exact is not None and torch.equal(exact.to(tensor.dtype), tensor):
-                return exact
-            upcast.append(item.name)
-        return tensor
+            log(f"  {item.key}: {dit.where(item.name)}")
+        return dit.read(item.name, item.dtype)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     # Never mix two merges in one folder; config.json is written last, so an interrupted merge leaves a
@@ -346,6 +397,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--exclude_frozen_parameters", action="store_true", help="accepted for VideoX-Fun; the output is always whole"
     )
+    parser.add_argument(
+        "--lora", action="store_true",
+        help="the checkpoint is a LoRA run's: merge its adapter into the base weights (done for any LoRA "
+        "checkpoint; with the flag a checkpoint without one is an error)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--lora_scale", type=float, default=1.0, help="multiply the adapter's update by this (default 1.0)"
+    )
     parser.add_argument("-d", "--debug", action="store_true", help="print where each tensor comes from")
     args = parser.parse_args(argv)
     if args.exclude_frozen_parameters:
@@ -353,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         merge(
             args.checkpoint_dir, args.output_dir, args.max_shard_size, args.dtype, args.format, args.base,
-            args.tag, args.debug, log=lambda line: print(line, flush=True),
+            args.tag, args.debug, log=lambda line: print(line, flush=True), lora_scale=args.lora_scale,
+            require_lora=args.lora,
         )  # fmt: skip
     except (ValueError, OSError) as err:  # bad input, or the disk (full, permissions): the message says which
         print(f"zero_to_bf16: error: {err}", file=sys.stderr)

@@ -36,6 +36,7 @@ from train.videox_fun import FLAG, OPTIONS, VALUES, apply_model_yaml, settle, th
 from wan.configs import DIT_PRESETS
 from wan.modules.attention import ATTENTION_BACKENDS, resolve_attention_backend
 from wan.modules.checkpointing import CHECKPOINTING_MODES, ActivationCheckpointing
+from wan.modules.lora import LORA_INITS, LoRASpec
 
 TRAIN_MODES = ("normal", "i2v")
 # String keys that also take a boolean (their older spelling): true / false -> these values.
@@ -275,6 +276,48 @@ class LoggingConfig:
         return out
 
 
+@dataclass
+class LoRAConfig:
+    rank: int = 0
+    """LoRA rank (VideoX-Fun's --rank): train a low-rank adapter on the target_name layers instead of the
+    DiT's weights, which stay frozen (bf16 under bf16/fp16 mixed precision). 0: no LoRA."""
+    network_alpha: float = 64.0
+    """The adapter's update is scaled by network_alpha / rank (VideoX-Fun's --network_alpha)."""
+    target_name: str = "q,k,v,ffn.0,ffn.2"
+    """Comma list of module-name suffixes: each Linear of a DiT block whose name ends with one gets an
+    adapter ("q" adapts self_attn.q and cross_attn.q; VideoX-Fun's --target_name)."""
+    lora_skip_name: str = ""
+    """Comma list of substrings: a layer whose name holds one gets no adapter (VideoX-Fun's --lora_skip_name,
+    e.g. "blocks.0." leaves the first block alone)."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input while training (peft's lora_dropout)."""
+    init: str = "kaiming"
+    """How the adapter's A matrix starts (B starts at zero): "kaiming" (peft's default) or "gaussian"."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def spec(self) -> LoRASpec | None:
+        """The adapter's shape and scale, None without LoRA."""
+        if not self.enabled:
+            return None
+        targets = tuple(t.strip() for t in self.target_name.split(",") if t.strip())
+        skip = tuple(s.strip() for s in self.lora_skip_name.split(",") if s.strip())
+        return LoRASpec(self.rank, self.network_alpha, targets, self.dropout, self.init, skip)
+
+    def problems(self) -> list[str]:
+        out = _at_least(self, 0, "rank") + _choice("init", self.init, LORA_INITS)
+        if not self.network_alpha > 0:
+            out.append(f"network_alpha must be > 0, got {self.network_alpha}")
+        if not 0 <= self.dropout < 1:
+            out.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.enabled and not any(t.strip() for t in self.target_name.split(",")):
+            out.append('target_name is empty: name the layers to adapt, e.g. "q,k,v,o,ffn.0,ffn.2"')
+        return out
+
+
 def _one_of(names: list[str]) -> str:
     return " or ".join(names) if len(names) < 3 else ", ".join(names[:-1]) + " or " + names[-1]
 
@@ -361,6 +404,7 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def problems(self) -> list[str]:
         out = [f"[{f.name}] {p}" for f in fields(self) for p in getattr(self, f.name).problems()]
@@ -377,6 +421,13 @@ class RunConfig:
                 )
         if v.eval_holdout and self.data.train_data_meta == "" and self.data.train_data_dir == "":
             out.append("[validation] eval_holdout needs a training set to hold clips out of")
+        if self.lora.enabled and self.model.trainable_modules != ["."]:
+            out.append(
+                f"[model] trainable_modules {self.model.trainable_modules} with [lora] rank = {self.lora.rank}: "
+                "a LoRA run trains the adapter only (leave trainable_modules at its default)"
+            )
+        if self.lora.enabled and self.model.trainable_modules_low_learning_rate:
+            out.append("[model] trainable_modules_low_learning_rate with [lora]: a LoRA run trains the adapter only")
         traits = REGISTRY.get(self.parallel.engine)
         if self.model.compile and traits and traits.compiles:
             out.append(
@@ -605,10 +656,14 @@ def _load(argv: list[str], notes: list[str]) -> tuple[RunConfig, list[str]]:
         _apply_toml(cfg, path, problems, explicit)
     problems += cli_problems
     selective = None
+    lora_flag = False
     from_cli: set[str] = set()
     for flag, section, key, text in overrides:
         if section == "selective_ac":
             selective = float(text)
+            continue
+        if section == "use_peft_lora":
+            lora_flag = True
             continue
         typ = _types(SECTIONS[section])[key]
         try:
@@ -621,7 +676,7 @@ def _load(argv: list[str], notes: list[str]) -> tuple[RunConfig, list[str]]:
             from_cli.add(f"{section}.{key}")
         except ValueError:
             problems.append(f"{flag}: expected {_TYPE_NAMES[typ]}, got {text!r}")
-    settle(cfg, selective, from_cli, notes)
+    settle(cfg, selective, from_cli, notes, lora_flag)
     yaml_problems, yaml_notes = apply_model_yaml(cfg, explicit)
     problems += yaml_problems
     notes += yaml_notes
@@ -720,7 +775,28 @@ def check_run(cfg: RunConfig, device: torch.device, world_size: int | None) -> l
         out += traits.preflight(cfg, device, world_size)
     if p.sp > 1:
         out += _sequence_parallel_problems(cfg, world_size)
+    if cfg.lora.enabled and not cfg.lora.problems():
+        out += _lora_problems(cfg)
     return out
+
+
+def _lora_problems(cfg: RunConfig) -> list[str]:
+    """[lora] target_name against the DiT's layers (built on the meta device: no memory, no weights)."""
+    from train.models import dit_source
+    from wan import WanModel
+    from wan.modules.lora import apply_lora
+
+    try:
+        config = dit_source(cfg.model)[0]
+        with torch.device("meta"):
+            model = WanModel(**config)
+    except (ValueError, TypeError):
+        return []  # an unreadable DiT folder is check_paths' to report
+    try:
+        apply_lora(model, cfg.lora.spec)
+    except ValueError as err:
+        return [str(err)]
+    return []
 
 
 def _sequence_parallel_problems(cfg: RunConfig, world_size: int | None) -> list[str]:

@@ -26,6 +26,7 @@ from wan import (
 from wan.encoders import TextEncoder, park_on_host
 from wan.modules.checkpointing import ActivationCheckpointing
 from wan.modules.dit_weights import WEIGHTS_NAME, diffusers_to_official_key, read_dit_folder
+from wan.modules.lora import LoRASpec, adapter_names, apply_lora, lora_initial_tensor
 from wan.modules.safetensors_io import read_header, read_tensor, resolve_weight_files
 from wan.modules.state_dict_io import assign_tensor, check_entries
 from wan.modules.ulysses import SequenceParallel
@@ -61,6 +62,8 @@ class DiTWeights:
         self._entries: dict[str, tuple[Path, dict, int]] = {}
         self._random: dict[str, torch.Tensor] | None = None
         self._override: dict[str, tuple[Path, dict, int] | torch.Tensor] = {}
+        self._adapter: dict[str, tuple[int, ...]] = {}
+        self._lora: LoRASpec | None = None
         if folder:
             weights_folder, _, layout = read_dit_folder(folder)
             rename = diffusers_to_official_key if layout == "diffusers" else (lambda key: key)
@@ -86,8 +89,16 @@ class DiTWeights:
         entries = [(p.name, name, name, info["shape"]) for name, (p, info, _) in self._entries.items()]
         check_entries(model, entries, self.folder)
 
+    def add_adapter(self, model: torch.nn.Module, spec: LoRASpec) -> None:
+        """Serve the starting values of `model`'s LoRA adapter (lora_initial_tensor) by name too."""
+        shapes = dict(model.named_parameters())
+        self._adapter = {name: tuple(shapes[name].shape) for name in adapter_names(model)}
+        self._lora = spec
+
     def read(self, name: str) -> torch.Tensor:
         """The full tensor `name` in float32 on the CPU (a fresh tensor the caller may keep)."""
+        if name in self._adapter:
+            return lora_initial_tensor(name, self._adapter[name], self._lora, self.seed)
         if name in self._override:
             value = self._override[name]
             if isinstance(value, torch.Tensor):
@@ -157,6 +168,12 @@ class DiTRecipe:
     engine wraps the model): see compile_dit."""
     sequence_parallel: SequenceParallel | None = None
     """This rank's sequence group ([parallel] sp > 1): every forward runs on its share of the tokens."""
+    lora: LoRASpec | None = None
+    """A LoRA adapter on the blocks' target layers: it alone trains ([lora] section)."""
+    frozen_dtype: torch.dtype = torch.float32
+    """The dtype frozen weights are held in where the engine holds them apart from the trainable ones
+    (DDP, FSDP): bf16 for a LoRA run under bf16 / fp16 mixed precision (no float32 copy of a weight
+    that never changes), else float32."""
 
     def build(self) -> WanModel:
         """The DiT on the meta device, its folder's weights checked against it, trainable parameters
@@ -166,17 +183,33 @@ class DiTRecipe:
             model = WanModel(**self.config)
         self.weights.check(model)
         apply_trainable_modules(model, self.trainable_modules, self.trainable_modules_low_learning_rate)
+        if self.lora is not None:
+            self.apply_lora(model)
+            self.weights.add_adapter(model, self.lora)
+            for param in model.parameters():
+                if not param.requires_grad:
+                    param.data = param.data.to(self.frozen_dtype)
         model.set_gradient_checkpointing(self.checkpoint_policy)
         model.set_sequence_parallel(self.sequence_parallel)
         if self.compile:
             compile_dit(model)
         return model
 
+    def apply_lora(self, model: torch.nn.Module) -> None:
+        """Freeze the whole DiT and give the target layers their (trainable) adapters."""
+        model.requires_grad_(False)
+        apply_lora(model, self.lora)
+
     def parameter_counts(self) -> tuple[int, int]:
-        """(trainable, total) parameters, counted on a meta-device build."""
+        """(trainable, total) parameters, counted on a meta-device build (an adapter counts in both)."""
         with torch.device("meta"):
             model = WanModel(**self.config)
-        return apply_trainable_modules(model, self.trainable_modules, self.trainable_modules_low_learning_rate)
+        counts = apply_trainable_modules(model, self.trainable_modules, self.trainable_modules_low_learning_rate)
+        if self.lora is None:
+            return counts
+        self.apply_lora(model)
+        params = dict(model.named_parameters())
+        return sum(params[n].numel() for n in adapter_names(model)), sum(p.numel() for p in params.values())
 
     def is_low_lr(self, name: str) -> bool:
         """Whether the trainable parameter `name` trains at half the learning rate: it matches
@@ -189,10 +222,12 @@ class DiTRecipe:
             yield name, self.weights.read(name)
 
     def materialize(self, device: torch.device) -> WanModel:
-        """The whole DiT on `device` with its starting weights (DDP, ZeRO-2: every rank holds it)."""
+        """The whole DiT on `device` with its starting weights, each in the dtype build() gave it (DDP:
+        every rank holds it)."""
         model = self.build()
+        dtypes = {name: t.dtype for name, t in model.state_dict(keep_vars=True).items()}
         for name, tensor in self.named_tensors(model):
-            assign_tensor(model, name, tensor.to(device))
+            assign_tensor(model, name, tensor.to(device, dtype=dtypes[name] if tensor.is_floating_point() else None))
         model.rope.reset_tables(device)
         self.weights.release()
         return model
@@ -210,17 +245,19 @@ def dit_source(model_cfg) -> tuple[dict, str, str, str]:
     return dit_preset(m.preset), f"preset {m.preset}", "", override
 
 
-def build_dit_recipe(model_cfg, seed: int) -> DiTRecipe:
+def build_dit_recipe(model_cfg, seed: int, lora: LoRASpec | None = None, mixed_precision: str = "fp32") -> DiTRecipe:
     """From the [model] section: the DiT of dit_source, checked against train_mode before anything loads
     (a preset's with random weights). A transformer_path that is one file (VideoX-Fun's) replaces the
-    tensors it holds and keeps the rest."""
+    tensors it holds and keeps the rest. With a LoRA spec only the adapter trains, its frozen base held
+    in bf16 unless mixed_precision is fp32."""
     m = model_cfg
     config, source, folder, override = dit_source(m)
     check_mode(config.get("model_type", "t2v"), config.get("in_dim", 16), m.train_mode, source)
     return DiTRecipe(
         config=config, weights=DiTWeights(folder, config, seed, override), trainable_modules=m.trainable_modules,
         trainable_modules_low_learning_rate=m.trainable_modules_low_learning_rate,
-        checkpoint_policy=m.checkpoint_policy, compile=m.compile,
+        checkpoint_policy=m.checkpoint_policy, compile=m.compile, lora=lora,
+        frozen_dtype=torch.bfloat16 if lora is not None and mixed_precision != "fp32" else torch.float32,
     )  # fmt: skip
 
 

@@ -101,7 +101,7 @@ def build_training(
     # The attention kernel, chosen explicitly (check_run refused an unavailable one).
     kernel = set_attention_backend(m.attention_backend, layout.device)
     log(f"attention: {kernel if kernel != 'default' else 'torch default'} ({device_label(layout.device)})")
-    recipe = build_dit_recipe(m, t.seed)
+    recipe = build_dit_recipe(m, t.seed, cfg.lora.spec, t.mixed_precision)
     if layout.sp_size > 1:
         recipe.sequence_parallel = SequenceParallel(layout.sp_group)
     # From a cache the encoders are not needed to train; validation and the eval loss borrow them
@@ -132,7 +132,7 @@ def build_checkpointer(
     )  # fmt: skip
     checkpointer.register_files("engine", engine)
     if cfg.checkpoint.save_consolidated_weights:
-        checkpointer.register_files("consolidated", ConsolidatedWeights(engine, dit_config))
+        checkpointer.register_files("consolidated", ConsolidatedWeights(engine, dit_config, lora=cfg.lora.spec))
     checkpointer.register("trainer_state", state)
     checkpointer.register("sampler", SamplerState(sampler, state))
     checkpointer.register("rng", RNGState(), per_rank=True)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from train.engines import DEFAULT_ENGINE, engine_family
 from train.engines.deepspeed_config import STAGES
 
+VIDEOX_FUN_LORA_RANK = 128  # train_lora.py's --rank default
 FLAG, VALUE, VALUES = "flag", "value", "values"  # argparse store_true, one value, nargs="+"
 STATUSES = ("same", "mapped", "ignored", "refused")
 
@@ -99,6 +100,22 @@ OPTIONS: dict[str, Option] = {
         "engine zero2/zero3/fsdp (sharded AdamW) or offload_optimizer"
     ),
     "use_ema": _refused("EMA weights are not built yet; train without them (VideoX-Fun refuses them under ZeRO-3)"),
+    # --- scripts/wan2.1/train_lora.py's own options (rank, network_alpha, target_name, lora_skip_name: same) ---
+    "use_peft_lora": Option(
+        "mapped",
+        "LoRA on ([lora] rank = 128, VideoX-Fun's default, unless --rank gives one), with peft's math (A kaiming, "
+        "B zero, scale network_alpha / rank) in our own layer; the adapter exports for ComfyUI and diffusers",
+        FLAG,
+    ),
+    "train_text_encoder": _refused(
+        "a LoRA on the umT5 text encoder is not built; the adapter trains on the DiT only (VideoX-Fun's peft path "
+        "does the same)"
+    ),
+    "noise_share_in_frames": _ignored("VideoX-Fun's train_lora.py defines it but never uses it", FLAG),
+    "noise_share_in_frames_ratio": _ignored("VideoX-Fun's train_lora.py defines it but never uses it"),
+    "save_state": _ignored(
+        "every checkpoint holds the whole training state (adapter, optimizer, schedule, data position, RNG)", FLAG
+    ),
     "random_ratio_crop": _refused(
         "random aspect-ratio crops are not built yet; every sample trains in its own aspect bucket (enable_bucket)"
     ),
@@ -172,6 +189,8 @@ SAME: tuple[str, ...] = (
     "trainable_modules_low_learning_rate", "tokenizer_max_length", "use_deepspeed", "use_fsdp", "low_vram",
     "train_mode", "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "validation_prompts",
     "validation_steps", "validation_epochs",
+    # train_lora.py's own
+    "rank", "network_alpha", "target_name", "lora_skip_name",
 )  # fmt: skip
 
 THEIR_DEFAULTS: dict[str, str] = {
@@ -191,6 +210,8 @@ THEIR_DEFAULTS: dict[str, str] = {
     "video_repeat": "0 (= 1)",
     "weighting_scheme": "none",
     "validation_epochs": "5",
+    "rank": "128 (train_lora.py; 0 here: no LoRA unless set)",
+    "target_name": "none (train_lora.py's peft path then fails)",
 }
 
 _NOTES_OF_SAME: dict[str, str] = {
@@ -207,6 +228,9 @@ _NOTES_OF_SAME: dict[str, str] = {
     "lr_scheduler": "constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial",
     "validation_prompts": "sampled with the release's sampler (UniPC, guidance 5.0, its negative prompt), mp4 + TensorBoard",
     "validation_steps": "also once at the end of training",
+    "rank": "[lora] rank: the adapter's rank; every engine (ddp, zero2, zero3, fsdp)",
+    "target_name": "[lora]: module-name suffixes, as peft matches them (q: self_attn.q and cross_attn.q, not k_img)",
+    "lora_skip_name": "[lora]: comma list of substrings; a layer holding one gets no adapter",
 }
 
 
@@ -224,6 +248,8 @@ def their_option(name: str, text: str, flag: str, problems: list[str], notes: li
         if text.strip() != "1000":
             problems.append(f"{flag}={text}: {opt.note}")
         return []
+    if name == "use_peft_lora":
+        return [(flag, "use_peft_lora", "", "")] if text.strip().lower() in ("true", "1", "yes") else []
     if name == "selective_ac":
         try:
             fraction = float(text)
@@ -244,9 +270,13 @@ def their_option(name: str, text: str, flag: str, problems: list[str], notes: li
     return [(flag, section, key, value)]
 
 
-def settle(cfg, selective: float | None, from_cli: set[str], notes: list[str]) -> None:
-    """Values that follow from others: VideoX-Fun's spellings of our values, selective_ac, and the engine
-    a --deepspeed_config_file's zero stage asks for (unless the command line chose one)."""
+def settle(cfg, selective: float | None, from_cli: set[str], notes: list[str], lora_flag: bool = False) -> None:
+    """Values that follow from others: VideoX-Fun's spellings of our values, selective_ac, use_peft_lora
+    (LoRA at VideoX-Fun's default rank unless one is given), and the engine a --deepspeed_config_file's zero
+    stage asks for (unless the command line chose one)."""
+    if lora_flag and cfg.lora.rank == 0:
+        cfg.lora.rank = VIDEOX_FUN_LORA_RANK
+        notes.append(f"--use_peft_lora: LoRA of rank {VIDEOX_FUN_LORA_RANK} (VideoX-Fun's default; --rank sets another)")
     for (section, key), aliases in VALUE_ALIASES.items():
         value = getattr(getattr(cfg, section), key)
         if value in aliases:

@@ -11,6 +11,7 @@ from train.config import (
     ConfigError,
     DataConfig,
     LoggingConfig,
+    LoRAConfig,
     ModelConfig,
     OptimConfig,
     ParallelConfig,
@@ -65,7 +66,7 @@ def test_sections_are_the_public_ones():
     assert config.SECTIONS == {
         "model": ModelConfig, "data": DataConfig, "train": TrainConfig, "optim": OptimConfig,
         "checkpoint": CheckpointConfig, "logging": LoggingConfig, "parallel": ParallelConfig,
-        "validation": ValidationConfig,
+        "validation": ValidationConfig, "lora": LoRAConfig,
     }  # fmt: skip
 
 
@@ -253,10 +254,12 @@ NON_DEFAULT = {
                        validation_shift=2.5, validation_sampler="euler", validation_negative_prompt="",
                        validation_seed=2**40, validation_data_meta="held.json", validation_data_dir="/held",
                        eval_steps=9, eval_quantiles=[0.05, 0.5], eval_max_samples=3),
+    "lora": dict(network_alpha=8.0, target_name="q,o", lora_skip_name="blocks.0.", dropout=0.1, init="gaussian"),
 }  # fmt: skip
 # Fields left at their default: use_fsdp (not with use_deepspeed), report_to (one allowed value),
 # eval_holdout (not with validation_data_meta).
-LEFT_DEFAULT = {"use_fsdp", "report_to", "eval_holdout", "compile"}  # compile: refused with zero3
+# rank: a LoRA run refuses the trainable_modules set above.
+LEFT_DEFAULT = {"use_fsdp", "report_to", "eval_holdout", "compile", "rank"}  # compile: refused with zero3
 
 
 def test_round_trip(tmp_path, monkeypatch):

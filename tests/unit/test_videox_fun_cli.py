@@ -2,6 +2,7 @@
 values they mean, every option of its scripts/wan2.1/train.py has a status that behaves as the README's
 table says, and its model YAML (--config_path) is read."""
 
+import dataclasses
 import json
 import shlex
 from pathlib import Path
@@ -167,6 +168,79 @@ def test_documented_command_lines(launcher, paths):
         assert sum(n.startswith(f"--{name}: no effect here") for n in notes) == 1, (name, notes)
 
 
+# The flags of VideoX-Fun's README_TRAIN_LORA.md (Wan2.1 LoRA) after `scripts/wan2.1/train_lora.py`, the same
+# in its ZeRO-2 quick start and its FSDP line (whose launchers are LAUNCHERS' zero2 and fsdp).
+LORA_SCRIPT_FLAGS = """
+  --config_path="$CONFIG_PATH" \\
+  --pretrained_model_name_or_path=$MODEL_NAME \\
+  --train_data_dir=$DATASET_NAME \\
+  --train_data_meta=$DATASET_META_NAME \\
+  --image_sample_size=640 \\
+  --video_sample_size=640 \\
+  --token_sample_size=640 \\
+  --video_sample_stride=2 \\
+  --video_sample_n_frames=81 \\
+  --train_batch_size=1 \\
+  --video_repeat=1 \\
+  --gradient_accumulation_steps=1 \\
+  --dataloader_num_workers=8 \\
+  --num_train_epochs=100 \\
+  --checkpointing_steps=50 \\
+  --learning_rate=1e-04 \\
+  --seed=42 \\
+  --output_dir="output_dir_wan2.1_lora" \\
+  --gradient_checkpointing \\
+  --mixed_precision="bf16" \\
+  --adam_weight_decay=3e-2 \\
+  --adam_epsilon=1e-10 \\
+  --vae_mini_batch=1 \\
+  --max_grad_norm=0.05 \\
+  --random_hw_adapt \\
+  --training_with_video_token_length \\
+  --enable_bucket \\
+  --uniform_sampling \\
+  --rank=64 \\
+  --network_alpha=32 \\
+  --target_name="q,k,v,ffn.0,ffn.2" \\
+  --use_peft_lora \\
+  --low_vram \\
+  --train_mode="normal"
+"""
+
+
+@pytest.mark.parametrize("launcher", ["zero2", "fsdp"])
+def test_documented_lora_lines(launcher, paths):
+    """README_TRAIN_LORA.md's ZeRO-2 quick start and its FSDP line, as pasted: a rank-64 adapter, scale
+    32 / 64, on q, k, v (self and cross attention) and both FFN layers of every block, base frozen."""
+    text = f"{LAUNCHERS[launcher]} scripts/wan2.1/train_lora.py {LORA_SCRIPT_FLAGS}".replace("\\\n", " ")
+    for var, value in paths.items():
+        text = text.replace(f"${var}", value)
+    notes: list[str] = []
+    cfg = load_config(shlex.split(text), notes)
+    lora, o, p = cfg.lora, cfg.optim, cfg.parallel
+    assert (lora.rank, lora.network_alpha, lora.target_name, lora.dropout, lora.init) == (
+        64, 32.0, "q,k,v,ffn.0,ffn.2", 0.0, "kaiming"
+    )  # fmt: skip
+    assert lora.spec.scale == 0.5 and lora.spec.targets == ("q", "k", "v", "ffn.0", "ffn.2")
+    assert p.engine == launcher
+    assert (o.learning_rate, o.lr_scheduler, o.lr_warmup_steps, o.max_grad_norm) == (1e-4, "constant", 0, 0.05)
+    assert (cfg.train.output_dir, cfg.train.mixed_precision, cfg.model.trainable_modules) == (
+        "output_dir_wan2.1_lora", "bf16", ["."]
+    )  # fmt: skip
+    assert cfg.data.random_hw_adapt and cfg.data.training_with_video_token_length and cfg.model.low_vram
+    assert any("scripts/wan2.1/train_lora.py: no effect here" in n for n in notes)
+    assert not any("use_peft_lora" in n for n in notes)  # --rank given: nothing to say
+    # The adapter those options put on the 1.3B DiT: 8 layers in each of its 30 blocks.
+    from train.models import build_dit_recipe
+
+    recipe = build_dit_recipe(dataclasses.replace(cfg.model, pretrained_model_name_or_path="", preset="1.3B"), 0,
+                              lora.spec, "bf16")  # fmt: skip
+    trainable, total = recipe.parameter_counts()
+    dim, ffn = 1536, 8960
+    assert trainable == 30 * 64 * (6 * (dim + dim) + (dim + ffn) + (ffn + dim))
+    assert total > 1.4e9
+
+
 def test_the_documented_zero_lines_build_their_deepspeed_config(paths):
     """The DeepSpeed config the zero3 line stands for: the JSON's values over ours, 'auto' keeping ours."""
     import torch
@@ -215,6 +289,9 @@ THEIR_OPTIONS: dict[str, str | list[str] | None] = {
     "train_mode": "inpaint", "abnormal_norm_clip_start": "1000", "initial_grad_norm_ratio": "5",
     "weighting_scheme": "sigma_sqrt", "logit_mean": "0.1", "logit_std": "1.1", "mode_scale": "1.2",
     "validation_paths": ["asset/1.png"],
+    # scripts/wan2.1/train_lora.py's own
+    "rank": "64", "network_alpha": "32", "target_name": "q,k,v", "lora_skip_name": "blocks.0.", "use_peft_lora": None,
+    "train_text_encoder": None, "noise_share_in_frames": None, "noise_share_in_frames_ratio": "0.5", "save_state": None,
 }  # fmt: skip
 THEIR_LAUNCHER_OPTIONS: dict[str, str | None] = {
     "zero_stage": "3", "deepspeed_config_file": "ZERO3_JSON", "zero3_save_16bit_model": "true",
@@ -279,6 +356,9 @@ def test_every_videox_fun_option_has_a_working_status(name, paths, tmp_path):
         if target:
             section, key = target.split(".")
             assert getattr(getattr(cfg, section), key) != getattr(getattr(defaults, section), key), name
+        elif name == "use_peft_lora":  # LoRA on, at train_lora.py's default rank
+            assert (defaults.lora.rank, cfg.lora.rank) == (0, videox_fun.VIDEOX_FUN_LORA_RANK)
+            assert load_config([*argv, "--rank=16"]).lora.rank == 16
         else:  # train_sampling_steps: 1000 only
             assert cfg == defaults
             with pytest.raises(ConfigError, match="1000 only"):

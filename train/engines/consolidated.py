@@ -10,6 +10,7 @@ from train.checkpoint_io import fsync_tree, write_json
 from train.engines.base import Engine
 from wan import WanModel
 from wan.modules.dit_weights import CONFIG_NAME, WEIGHTS_NAME
+from wan.modules.lora import LoRASpec, merge_adapter_stream
 from wan.modules.safetensors_io import ShardItem, index_name, parse_size, plan_shards, write_safetensors_streaming
 
 
@@ -22,13 +23,16 @@ class ConsolidatedWeights:
 
     FOLDER = "consolidated"
 
-    def __init__(self, engine: Engine, dit_config: dict, max_shard_size: str = "10GB"):
+    def __init__(self, engine: Engine, dit_config: dict, max_shard_size: str = "10GB", lora: LoRASpec | None = None):
         self.engine, self.dit_config, self.max_shard_size = engine, dit_config, max_shard_size
+        self.lora = lora  # a LoRA run: its adapters are merged into the weights written
 
     def save(self, folder: Path) -> list[str]:
         with torch.device("meta"):
             shapes = {name: tuple(t.shape) for name, t in WanModel(**self.dit_config).state_dict().items()}
         stream = self.engine.full_state()
+        if self.lora is not None:
+            stream = iter(merge_adapter_stream(stream, self.lora.scale))
         if dist.is_initialized() and dist.get_rank() != 0:
             for _ in stream:  # collective: gather alongside rank 0, write nothing
                 pass

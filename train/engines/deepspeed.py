@@ -170,6 +170,8 @@ class DeepSpeedEngine:
 
         self.setup = setup
         self.stage = STAGES[setup.parallel.engine]
+        # A LoRA run saves its adapter only; the frozen base is rebuilt from the base model at resume.
+        self.adapter_only = recipe.lora is not None
         _init_distributed(setup.device)
         rank, world = self.setup.layout.rank, self.setup.layout.world_size
         self.config = deepspeed_config(
@@ -251,6 +253,8 @@ class DeepSpeedEngine:
         skip_init = _SkipInitWeights()
         with init, skip_init:
             model = WanModel(**recipe.config)
+            if recipe.lora is not None:  # the adapters built (and partitioned) like the rest
+                recipe.apply_lora(model)
         wrong = {str(p.dtype) for p in model.parameters() if p.dtype != self.dtype}
         if wrong:
             raise RuntimeError(
@@ -331,7 +335,9 @@ class DeepSpeedEngine:
         rank = self.setup.layout.rank
         # save_latest=False: no `latest` file (a tag pointer nobody would claim); the fixed tag is the
         # sub-folder. save_checkpoint ends with a barrier: every rank's files are complete on return.
-        self.engine.save_checkpoint(str(folder), tag=TAG, client_state={}, save_latest=False)
+        self.engine.save_checkpoint(
+            str(folder), tag=TAG, client_state={}, save_latest=False, exclude_frozen_parameters=self.adapter_only
+        )
         mine = [f"{TAG}/{name}" for name in sorted(os.listdir(folder / TAG)) if _file_owner(name) == rank]
         for name in mine:
             with open(folder / name, "rb") as f:  # DeepSpeed does not fsync what it writes
@@ -367,8 +373,9 @@ class DeepSpeedEngine:
         self.engine.checkpoint_engine.load = load_weights_only
         try:
             path, _ = self.engine.load_checkpoint(
-                str(folder), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
-            )
+                str(folder), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False,
+                load_module_strict=not self.adapter_only,
+            )  # fmt: skip
         except (AssertionError, FileNotFoundError, RuntimeError, ZeRORuntimeException, pickle.UnpicklingError) as err:
             raise ValueError(f"{folder / TAG}: DeepSpeed could not load this checkpoint: {err}") from err
         if path is None:

@@ -77,6 +77,9 @@ DCP_MODEL_PREFIX = "model."  # dcp.save({"model": get_model_state_dict(m), ...})
 # Per-parameter optimizer keys ("state.{name}.exp_avg"): independent of param-group order and of how
 # many ranks saved, which is what a merger or a different world size needs.
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+# A LoRA run saves its adapter only: the frozen base comes from the base model again at resume (as under
+# DDP), and check_dcp_folder has made sure the folder holds every adapter tensor before strict=False.
+_ADAPTER_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True, ignore_frozen_params=True, strict=False)
 
 
 class FSDPEngine:
@@ -91,6 +94,7 @@ class FSDPEngine:
             )
         self.setup = setup
         self.device = setup.device
+        self.options = _ADAPTER_OPTIONS if recipe.lora is not None else _OPTIONS
         self.owns_process_group = ensure_process_group(self.device)
         self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
         self.mesh = init_device_mesh(self.device.type, (self.world_size,), mesh_dim_names=("dp",))
@@ -218,8 +222,8 @@ class FSDPEngine:
         # Before the first update get_optimizer_state_dict initialises the AdamW state (a step with
         # lr 0 and zero gradients, leaving `step` at 1); fsdp.json records that, and load() drops it.
         state = {
-            "model": get_model_state_dict(self.model, options=_OPTIONS),
-            "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=_OPTIONS),
+            "model": get_model_state_dict(self.model, options=self.options),
+            "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=self.options),
         }
         dcp.save(state, checkpoint_id=folder / DCP_DIR)
         if not stepped:
@@ -245,8 +249,8 @@ class FSDPEngine:
         # The templates DCP loads into (this run's shards); on an optimizer that has not stepped this
         # initialises its state (see save), undone if the folder is refused.
         state = {
-            "model": get_model_state_dict(self.model, options=_OPTIONS),
-            "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=_OPTIONS),
+            "model": get_model_state_dict(self.model, options=self.options),
+            "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=self.options),
         }
         try:
             metadata = check_dcp_folder(folder / DCP_DIR, state)
@@ -255,8 +259,8 @@ class FSDPEngine:
                 self.optimizer.state.clear()
             raise
         load_dcp(state, folder / DCP_DIR, metadata)
-        set_model_state_dict(self.model, state["model"], options=_OPTIONS)
-        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=_OPTIONS)
+        set_model_state_dict(self.model, state["model"], options=self.options)
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=self.options)
         if not info.get("optimizer_stepped", True):
             self.optimizer.state.clear()  # saved before the first update: no AdamW state yet
         restore_schedule(self.optimizer, self.scheduler, scheduler_state, self.setup.optim)
