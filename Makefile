@@ -30,6 +30,14 @@ demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc_per_node 2 -m train.main --cfg configs/debug.toml
 	$(PY) -m tools.sample --checkpoint output/debug/checkpoint-100 --frames 9 --size 64x64 --steps 10 \
 		--prompt "a blue square moves top to bottom over a green background" --out output/debug/demo-sample
+	@# LoRA on the DiT just trained (merged into a folder as a released DiT would be), exported for ComfyUI.
+	$(PY) -m tools.zero_to_bf16 output/debug/checkpoint-100 output/debug/merged
+	rm -rf output/debug-lora
+	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc_per_node 2 -m train.main --cfg configs/debug_lora.toml
+	$(PY) -m tools.export_lora output/debug-lora/checkpoint-100 output/debug-lora/lora.safetensors
+	$(PY) -m tools.sample --checkpoint output/debug/checkpoint-100 --lora output/debug-lora/lora.safetensors \
+		--frames 9 --size 64x64 --steps 10 --prompt "a blue square moves top to bottom over a green background" \
+		--out output/debug-lora/demo-sample
 
 # Everything but the `heavy` tier (inductor compiles, memory measurements, the GPU check's dry run: about
 # 10 minutes more), which `make test-heavy` and CI (.ci/run) run.
