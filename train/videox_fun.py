@@ -276,7 +276,9 @@ def settle(cfg, selective: float | None, from_cli: set[str], notes: list[str], l
     stage asks for (unless the command line chose one)."""
     if lora_flag and cfg.lora.rank == 0:
         cfg.lora.rank = VIDEOX_FUN_LORA_RANK
-        notes.append(f"--use_peft_lora: LoRA of rank {VIDEOX_FUN_LORA_RANK} (VideoX-Fun's default; --rank sets another)")
+        notes.append(
+            f"--use_peft_lora: LoRA of rank {VIDEOX_FUN_LORA_RANK} (VideoX-Fun's default; --rank sets another)"
+        )
     for (section, key), aliases in VALUE_ALIASES.items():
         value = getattr(getattr(cfg, section), key)
         if value in aliases:
