@@ -24,33 +24,39 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: python tools/export_lora.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.zero_to_bf16 import OUT_DTYPES, CheckpointDiT  # noqa: E402
+from tools.zero_to_bf16 import OUT_DTYPES, checkpoint_sources, open_checkpoint  # noqa: E402
 from train.checkpoint_io import write_safetensors  # noqa: E402
-from wan.modules.lora import lora_file_tensors  # noqa: E402
+from wan.modules.lora import is_adapter_name, lora_file_tensors  # noqa: E402
 
 
-def export_lora(ckpt_dir: str | Path, out: str | Path, dtype: str = "bf16", base: str | None = None) -> dict:
+def export_lora(ckpt_dir: str | Path, out: str | Path, dtype: str = "bf16") -> dict:
     """Write checkpoint `ckpt_dir`'s adapter to `out` (see the module docstring); returns the tensors."""
     ckpt_dir, out = Path(ckpt_dir), Path(out)
     if dtype not in OUT_DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(OUT_DTYPES)}, got {dtype!r}")
     if out.suffix != ".safetensors":
         raise ValueError(f"{out}: the output is a .safetensors file")
-    dit = CheckpointDiT(ckpt_dir, base)
-    if not dit.adapted:
+    # The adapter alone: no base weights are read (nor need to be on this machine).
+    ckpt = open_checkpoint(ckpt_dir)
+    sources = {name: s for name, s in checkpoint_sources(ckpt, None).items() if is_adapter_name(name)}
+    lora = ckpt.run_config.get("lora", {})
+    if not sources:
         raise ValueError(f"{ckpt_dir}: holds no LoRA adapter (the run had no [lora] section); nothing to export")
-    lora = dit.ckpt.run_config["lora"]
+    if not lora.get("network_alpha"):
+        raise ValueError(f"{ckpt_dir}: holds a LoRA adapter but its config.toml has no [lora] network_alpha")
     alpha = float(lora["network_alpha"])
-    adapters = {name: source.read().to(OUT_DTYPES[dtype]) for name, source in dit.adapters.items()}
-    tensors = lora_file_tensors(adapters, alpha)
-    rank = next(iter(tensors.values())).shape[0]
+    tensors = lora_file_tensors({name: s.read().to(OUT_DTYPES[dtype]) for name, s in sources.items()}, alpha)
+    model = ckpt.run_config.get("model", {})
     metadata = {
         "format": "pt",
-        "lora_rank": str(rank),
+        "lora_rank": str(next(iter(sources.values())).shape[0]),
         "lora_alpha": f"{alpha:g}",
         "target_name": str(lora.get("target_name", "")),
-        "source": json.dumps({"checkpoint": str(ckpt_dir.resolve()), "step": dit.ckpt.step, "base": dit.base.describe}),
-    }
+        "source": json.dumps({
+            "checkpoint": str(ckpt_dir.resolve()), "step": ckpt.step,
+            "base": model.get("transformer_path") or model.get("pretrained_model_name_or_path") or model.get("preset", ""),
+        }),
+    }  # fmt: skip
     write_safetensors(out, tensors, metadata)
     return tensors
 
@@ -62,10 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint_dir", help="a complete checkpoint folder of a LoRA run, e.g. output/checkpoint-500")
     parser.add_argument("out", help="the .safetensors file to write")
     parser.add_argument("--dtype", default="bf16", choices=sorted(OUT_DTYPES), help="tensor dtype (default bf16)")
-    parser.add_argument("--base", default=None, help="the DiT folder the run started from (default: its config)")
     args = parser.parse_args(argv)
     try:
-        tensors = export_lora(args.checkpoint_dir, args.out, args.dtype, args.base)
+        tensors = export_lora(args.checkpoint_dir, args.out, args.dtype)
     except (ValueError, OSError) as err:
         print(f"export_lora: error: {err}", file=sys.stderr)
         return 1

@@ -234,12 +234,11 @@ class CheckpointDiT:
                     f"{ckpt_dir / CONFIG_FILE}: the checkpoint holds a LoRA adapter but no [lora] network_alpha"
                 )
             for name, source in self.adapters.items():
-                module = name.rsplit(".", 2)[0]
                 if name.endswith(".lora_A.weight"):
-                    weight = f"{module}.weight"
-                    if weight not in self.expected or f"{module}.lora_B.weight" not in self.adapters:
-                        raise ValueError(f"{ckpt_dir}: adapter {name} has no {weight} or lora_B to go with it")
-                    self.adapted[weight] = lora_scale * float(lora["network_alpha"]) / source.shape[0]
+                    layer = name.removesuffix(".lora_A.weight")
+                    if f"{layer}.weight" not in self.expected or f"{layer}.lora_B.weight" not in self.adapters:
+                        raise ValueError(f"{ckpt_dir}: adapter {name} has no {layer}.weight or lora_B to go with it")
+                    self.adapted[f"{layer}.weight"] = lora_scale * float(lora["network_alpha"]) / source.shape[0]
         self.from_base = [name for name in self.expected if name not in self.sources]
         if self.from_base:
             self.base.check(self.model)
