@@ -4,12 +4,15 @@ size, and the time and peak memory of merging the checkpoint with tools/zero_to_
 
     python bench/engines.py                                  # ddp, zero2, zero3, fsdp; dim 1024, 4 blocks
     python bench/engines.py --engines zero3,fsdp --layers 8 --json out.json
+    python bench/engines.py --engines zero3,fsdp --precision bf16 --lora_rank 64   # a LoRA run's bytes
 
 Each engine runs under its own torchrun (2 gloo processes on this CPU, nccl on GPUs). The load is
 measured as the peak resident set of a rank while the engine builds the DiT and reads the release
 weights (VmHWM above the level before), against the size of one full float32 copy: under zero3 and
 fsdp no rank may ever hold the whole model. Model-state bytes are the tensors each engine holds
-(parameters, gradients, optimizer state), measured, not computed from formulas.
+(parameters, gradients, optimizer state), measured, not computed from formulas; beside them, what
+train.plan's formula for the engine says (the same run's parameter counts). --lora_rank trains a LoRA
+adapter (targets q,k,v,o,ffn.0,ffn.2, alpha = rank) on the frozen DiT instead.
 """
 
 import argparse
@@ -42,6 +45,32 @@ def dit_config(args: argparse.Namespace) -> dict:
         dit_preset("debug"), dim=args.dim, ffn_dim=args.ffn, num_heads=args.heads, num_layers=args.layers,
         text_dim=args.text_dim,
     )  # fmt: skip
+
+
+LORA_TARGETS = "q,k,v,o,ffn.0,ffn.2"
+
+
+def lora_spec(args: argparse.Namespace):
+    from wan.modules.lora import LoRASpec
+
+    return LoRASpec(args.lora_rank, float(args.lora_rank), tuple(LORA_TARGETS.split(","))) if args.lora_rank else None
+
+
+def planned_state_bytes(engine: str, args: argparse.Namespace, config: dict) -> float:
+    """train.plan's per-rank model-state bytes for this run (the engine's memory formula), on the GPU."""
+    from train.config import ParallelConfig
+    from train.distributed import ParallelLayout
+    from train.engines import engine_traits
+    from train.engines.base import ModelStates
+    from train.models import DiTRecipe, DiTWeights
+
+    recipe = DiTRecipe(config=config, weights=DiTWeights("", config, 0), lora=lora_spec(args))
+    trainable, total = recipe.parameter_counts()
+    states = ModelStates(
+        total=total, trainable=trainable, fp32=args.precision == "fp32", layout=ParallelLayout.planned(2, 1),
+        parallel=ParallelConfig(engine=engine), low_precision_frozen=bool(args.lora_rank) and args.precision != "fp32",
+    )  # fmt: skip
+    return sum(v for k, v in engine_traits(engine).memory(states).items() if k != "host")
 
 
 def folder_bytes(folder: Path) -> int:
@@ -77,6 +106,8 @@ def worker(args: argparse.Namespace) -> None:
             config=config,
             weights=DiTWeights(args.release, config, 0),
             checkpoint_policy=ActivationCheckpointing(args.checkpointing),
+            lora=lora_spec(args),
+            frozen_dtype=torch.bfloat16 if args.lora_rank and args.precision != "fp32" else torch.float32,
         )
 
     parallel = ParallelConfig(engine=args.engine, reduce_bucket_size=args.bucket, allgather_bucket_size=args.bucket)
@@ -115,6 +146,7 @@ def worker(args: argparse.Namespace) -> None:
     out = Path(args.out)
     cfg = RunConfig()
     cfg.model.pretrained_model_name_or_path, cfg.parallel.engine = args.release, args.engine
+    cfg.lora.rank, cfg.lora.network_alpha, cfg.lora.target_name = args.lora_rank, max(args.lora_rank, 1), LORA_TARGETS
     checkpointer = Checkpointer(
         out, rank=rank, world_size=dist.get_world_size(), config_text=config_to_toml(cfg),
         marker_info={"engine": args.engine},
@@ -150,7 +182,7 @@ def run_engine(engine: str, args: argparse.Namespace, release: Path, out: Path) 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
            "--worker", engine, "--release", str(release), "--out", str(out)]  # fmt: skip
     cmd += [f"--{k}={v}" for k, v in vars(args).items() if k in ("dim", "ffn", "heads", "layers", "text_dim",
-                                                                  "checkpointing", "frames", "size", "steps", "warmup", "precision", "bucket")]  # fmt: skip
+                                                                  "checkpointing", "frames", "size", "steps", "warmup", "precision", "bucket", "lora_rank")]  # fmt: skip
     env = {**MEMORY_ENV, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
@@ -193,6 +225,7 @@ def main() -> None:
     parser.add_argument("--checkpointing", default="full", choices=("full", "selective", "none"),
                         help="the DiT's gradient checkpointing mode")  # fmt: skip
     parser.add_argument("--bucket", type=int, default=500_000_000, help="DeepSpeed reduce/allgather bucket elements")
+    parser.add_argument("--lora_rank", type=int, default=0, help="train a LoRA adapter of this rank instead (0: off)")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--no-merge", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -216,7 +249,8 @@ def main() -> None:
         del dit
         print(f"DiT: dim {args.dim}, ffn {args.ffn}, {args.layers} blocks, text_dim {args.text_dim}: "
               f"{full_bytes / 4 / 1e6:.1f} M parameters, {full_bytes / MIB:.0f} MiB in fp32; 2 ranks, "
-              f"{args.precision}, {args.frames}x{args.size}x{args.size} latents")  # fmt: skip
+              f"{args.precision}, {args.frames}x{args.size}x{args.size} latents"
+              + (f"; LoRA rank {args.lora_rank} on {LORA_TARGETS}, the DiT frozen" if args.lora_rank else ""))  # fmt: skip
         rows = []
         for engine in args.engines.split(","):
             ranks = run_engine(engine, args, release, work / engine)
@@ -229,6 +263,7 @@ def main() -> None:
                 "step_s": max(r["step_s"] for r in ranks),
                 # Parameters, gradients, master weights and optimizer state; DeepSpeed's reduce buckets apart.
                 "state_mib": max(sum(v for k, v in r["states"].items() if k != "buffers") for r in ranks) / MIB,
+                "planned_mib": planned_state_bytes(engine, args, dit_config(args)) / MIB,
                 "buffer_mib": max(r["states"].get("buffers", 0) for r in ranks) / MIB,
                 "optim_mib": max(r["states"]["optimizer"] for r in ranks) / MIB,
                 "save_s": max(r["save_s"] for r in ranks),
@@ -248,9 +283,11 @@ def main() -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    heads = ["engine", "load s", "load peak / fp32 copy", "of it transient", "step s", "model states MiB/rank", "buckets MiB/rank", "optim MiB/rank",
+    heads = ["engine", "load s", "load peak / fp32 copy", "of it transient", "step s", "model states MiB/rank",
+             "train.plan MiB/rank", "buckets MiB/rank", "optim MiB/rank",
              "save s", "load ckpt s", "ckpt MiB", "merge s", "merge process peak RSS MiB"]  # fmt: skip
-    keys = ["engine", "load_s", "load_peak_of_full", "load_transient_of_full", "step_s", "state_mib", "buffer_mib", "optim_mib", "save_s", "reload_s",
+    keys = ["engine", "load_s", "load_peak_of_full", "load_transient_of_full", "step_s", "state_mib", "planned_mib",
+            "buffer_mib", "optim_mib", "save_s", "reload_s",
             "ckpt_mib", "merge_s", "merge_peak_mib"]  # fmt: skip
     print("| " + " | ".join(heads) + " |")
     print("|" + "---|" * len(heads))

@@ -68,6 +68,7 @@ from train.data.loader import longest_step_frames
 from train.distributed import ParallelLayout
 from train.engines import REGISTRY, engine_traits
 from train.engines.base import ModelStates
+from wan.modules.lora import LoRASpec, apply_lora
 
 GB, GIB = 10**9, 2**30
 CUDA_CONTEXT = 1 * GIB
@@ -174,7 +175,7 @@ def dit_config(cfg: RunConfig) -> tuple[dict, str]:
 
 
 @functools.cache
-def _param_counts(config_json: str, trainable: tuple[str, ...], low: tuple[str, ...]) -> dict:
+def _param_counts(config_json: str, trainable: tuple[str, ...], low: tuple[str, ...], lora: LoRASpec | None) -> dict:
     from train.models import apply_trainable_modules
     from wan import WanModel
 
@@ -182,6 +183,9 @@ def _param_counts(config_json: str, trainable: tuple[str, ...], low: tuple[str, 
     with torch.device("meta"):
         model = WanModel(**config)
     apply_trainable_modules(model, list(trainable), list(low))
+    if lora is not None:  # the whole DiT frozen, the adapters (in the blocks) trainable
+        model.requires_grad_(False)
+        apply_lora(model, lora)
     blocks = [sum(p.numel() for p in b.parameters()) for b in model.blocks]
     return {
         "total": sum(p.numel() for p in model.parameters()),
@@ -196,7 +200,10 @@ def _param_counts(config_json: str, trainable: tuple[str, ...], low: tuple[str, 
 def param_counts(cfg: RunConfig, config: dict) -> dict:
     m = cfg.model
     return _param_counts(
-        json.dumps(config, sort_keys=True), tuple(m.trainable_modules), tuple(m.trainable_modules_low_learning_rate)
+        json.dumps(config, sort_keys=True),
+        tuple(m.trainable_modules),
+        tuple(m.trainable_modules_low_learning_rate),
+        cfg.lora.spec,
     )
 
 
@@ -223,7 +230,7 @@ def model_state_bytes(cfg: RunConfig, counts: dict, gpus: int) -> dict[str, floa
     offloading puts in host memory ("host"): the engine's own formula (its traits' memory)."""
     states = ModelStates(
         total=counts["total"], trainable=counts["trainable"], fp32=cfg.train.mixed_precision == "fp32", layout=ParallelLayout.planned(gpus, cfg.parallel.sp),
-        parallel=cfg.parallel,
+        parallel=cfg.parallel, low_precision_frozen=cfg.lora.enabled and cfg.train.mixed_precision != "fp32",
     )  # fmt: skip
     return engine_traits(cfg.parallel.engine).memory(states)
 
@@ -242,8 +249,12 @@ _fake_bytes = functools.lru_cache(maxsize=None)(_fake_bytes)
 
 
 @functools.cache
-def _outside_blocks_bytes(config_json: str, batch: int, latent: tuple[int, int, int], dtype: torch.dtype) -> int:
-    """What the embeddings and the head keep for backward (fake tensors), the loss's inputs included."""
+def _outside_blocks_bytes(
+    config_json: str, batch: int, latent: tuple[int, int, int], dtype: torch.dtype, frozen: bool = False
+) -> int:
+    """What the embeddings and the head keep for backward (fake tensors), the loss's inputs included.
+    frozen: a LoRA run, where the embeddings and the head do not train: only what the gradient flowing
+    from the blocks (their adapters) back through the head needs."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from wan import WanModel
@@ -263,6 +274,11 @@ def _outside_blocks_bytes(config_json: str, batch: int, latent: tuple[int, int, 
         def pack(t):
             counter.add(t)
             return t
+
+        if frozen:
+            model.requires_grad_(False)
+            # The blocks' output requires grad (their adapters train): stand it in at the patch embedding.
+            model.patch_embedding.register_forward_hook(lambda module, args, out: out.detach().requires_grad_())
 
         autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
@@ -300,7 +316,7 @@ def activation_bytes(
         ckpt = _fake_bytes(key, policy.mode, policy.save_matmuls, tokens, batch, dtype)
     else:
         ckpt = 0
-    outside = _outside_blocks_bytes(key, batch, latent, dtype)
+    outside = _outside_blocks_bytes(key, batch, latent, dtype, cfg.lora.enabled)
     # The inputs every block shares (text context in the compute dtype, e0 and the RoPE tables in fp32,
     # i2v's image context): saved_bytes_per_block leaves them out; one copy lives through the backward.
     d, text_len = config["dim"], config.get("text_len", 512)
@@ -571,7 +587,8 @@ def report(cfg: RunConfig, rows: list[Row], info: dict) -> str:
     m, p = cfg.model, cfg.parallel
     lines = [
         f"DiT {info['source']}: dim {c['dim']}, {c['num_layers']} blocks, {counts['total'] / 1e9:.2f} B parameters, "
-        f"{counts['trainable'] / 1e9:.2f} B trainable",
+        f"{counts['trainable'] / 1e9:.2f} B trainable"
+        + (f" (a LoRA adapter of rank {cfg.lora.rank}; the base frozen)" if cfg.lora.enabled else ""),
         f"engine {p.engine} on {info['gpus']} GPUs of {info['gpu_memory'] / GB:.0f} GB "
         f"(limit {info['limit'] / GB:.1f} GB with headroom), {cfg.train.mixed_precision}, checkpointing "
         f"{m.checkpoint_policy.describe()}, micro-batch {cfg.train.train_batch_size}"

@@ -98,7 +98,7 @@ def _measured_step(cfg, latent):
         parallel=cfg.parallel, optim=cfg.optim, mixed_precision=cfg.train.mixed_precision, micro_batch_size=1,
         accumulation_steps=1, total_steps=10, layout=ParallelLayout.single(torch.device("cpu")),
     )  # fmt: skip
-    engine = build_engine(build_dit_recipe(cfg.model, 0), setup)
+    engine = build_engine(build_dit_recipe(cfg.model, 0, cfg.lora.spec, cfg.train.mixed_precision), setup)
     module = engine.module
     params = {p.untyped_storage()._cdata for p in module.parameters()}
     storages = {}
@@ -141,13 +141,18 @@ def own_process_group():
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize(("engine", "mode"), [("ddp", "none"), ("ddp", "full"), ("fsdp", "full")])
+@pytest.mark.parametrize(
+    ("engine", "mode", "lora"),
+    [("ddp", "none", 0), ("ddp", "full", 0), ("fsdp", "full", 0), ("ddp", "full", 8), ("fsdp", "full", 8)],
+)
 @pytest.mark.usefixtures("own_process_group")
-def test_planner_matches_measured_states_and_activations_on_the_debug_preset(data, tmp_path, engine, mode):
+def test_planner_matches_measured_states_and_activations_on_the_debug_preset(data, tmp_path, engine, mode, lora):
+    """train.plan's formulas against what one step holds; with LoRA (rank 8), a bf16 frozen base and an
+    fp32 adapter with its gradients and AdamW state."""
     from train.plan import activation_bytes, data_buckets, dit_config, model_state_bytes, param_counts
 
     cfg = load_config([*base_args(data, tmp_path), "--mixed_precision=bf16", f"--engine={engine}",
-                       f"--gradient_checkpointing={mode}"])  # fmt: skip
+                       f"--gradient_checkpointing={mode}", f"--rank={lora}"])  # fmt: skip
     config, _ = dit_config(cfg)
     counts = param_counts(cfg, config)
     bucket = data_buckets(cfg)[0]  # the largest video bucket of the debug data options

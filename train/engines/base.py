@@ -132,6 +132,12 @@ class ModelStates:
     layout: ParallelLayout
     """The planned run (ParallelLayout.planned): what state is sharded over."""
     parallel: ParallelConfig
+    low_precision_frozen: bool = False
+    """The frozen weights are held in bf16 apart from the fp32 trainable ones (a LoRA run under bf16)."""
+
+    def param_bytes(self) -> float:
+        """Bytes of every parameter held in float32, except frozen ones held in bf16 (low_precision_frozen)."""
+        return 4 * self.trainable + (2 if self.low_precision_frozen else 4) * (self.total - self.trainable)
 
 
 @dataclass(frozen=True)

@@ -138,8 +138,9 @@ class DDPEngine:
 
 
 def model_states(m: ModelStates) -> dict[str, float]:
-    """fp32 weights, gradients of the trainable ones and their AdamW moments, whole on every GPU."""
-    return {"params": 4 * m.total, "grads": 4 * m.trainable, "master": 0, "optimizer": 8 * m.trainable, "host": 0.0}
+    """fp32 weights (frozen ones bf16 in a LoRA run), gradients of the trainable ones and their AdamW moments,
+    whole on every GPU."""
+    return {"params": m.param_bytes(), "grads": 4 * m.trainable, "master": 0, "optimizer": 8 * m.trainable, "host": 0.0}
 
 
 def read_checkpoint(ckpt: Path, world_size: int, tag: str | None) -> dict[str, TensorSource]:

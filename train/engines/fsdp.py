@@ -366,10 +366,10 @@ def flatten(state: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def model_states(m: ModelStates) -> dict[str, float]:
-    """fp32 shards of the weights, their gradients and AdamW moments; offload_optimizer (CPUOffloadPolicy)
-    moves all of them to the host, offload_param the parameter shards."""
+    """fp32 shards of the weights (frozen ones bf16 in a LoRA run), their gradients and AdamW moments;
+    offload_optimizer (CPUOffloadPolicy) moves all of them to the host, offload_param the parameter shards."""
     n = m.layout.world_size  # sharded over every rank
-    out = {"params": 4 * m.total / n, "grads": 4 * m.trainable / n, "master": 0, "optimizer": 8 * m.trainable / n}
+    out = {"params": m.param_bytes() / n, "grads": 4 * m.trainable / n, "master": 0, "optimizer": 8 * m.trainable / n}
     return apply_offloads(out, m.parallel, ("params", "grads", "master", "optimizer"))
 
 
