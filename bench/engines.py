@@ -11,8 +11,10 @@ measured as the peak resident set of a rank while the engine builds the DiT and 
 weights (VmHWM above the level before), against the size of one full float32 copy: under zero3 and
 fsdp no rank may ever hold the whole model. Model-state bytes are the tensors each engine holds
 (parameters, gradients, optimizer state), measured, not computed from formulas; beside them, what
-train.plan's formula for the engine says (the same run's parameter counts). --lora_rank trains a LoRA
-adapter (targets q,k,v,o,ffn.0,ffn.2, alpha = rank) on the frozen DiT instead.
+train.plan's formula for the engine says (the same run's parameter counts), and the bytes [ema]'s
+average of the trainable weights holds per rank as a share of one float32 copy of them (1/2 on 2 ranks
+under every engine). --lora_rank trains a LoRA adapter (targets q,k,v,o,ffn.0,ffn.2, alpha = rank) on
+the frozen DiT instead.
 """
 
 import argparse
@@ -71,6 +73,12 @@ def planned_state_bytes(engine: str, args: argparse.Namespace, config: dict) -> 
         parallel=ParallelConfig(engine=engine), low_precision_frozen=bool(args.lora_rank) and args.precision != "fp32",
     )  # fmt: skip
     return sum(v for k, v in engine_traits(engine).memory(states).items() if k != "host")
+
+
+def trainable_fp32_bytes(args: argparse.Namespace, config: dict) -> float:
+    from train.models import DiTRecipe, DiTWeights
+
+    return 4 * DiTRecipe(config=config, weights=DiTWeights("", config, 0), lora=lora_spec(args)).parameter_counts()[0]
 
 
 def folder_bytes(folder: Path) -> int:
@@ -142,6 +150,12 @@ def worker(args: argparse.Namespace) -> None:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     states = engine.model_state_bytes()
+    from train.ema import EMA, EMAConfig
+
+    ema = EMA(EMAConfig(enabled=True), engine, rank, dist.get_world_size())  # what [ema] would hold here
+    ema.after_step(1, True)
+    ema_bytes = ema.nbytes()
+    del ema
 
     out = Path(args.out)
     cfg = RunConfig()
@@ -163,7 +177,7 @@ def worker(args: argparse.Namespace) -> None:
 
     result = {
         "engine": args.engine, "load_s": load_s, "load_peak": load_peak, "load_kept": load_kept, "step_s": statistics.median(times[args.warmup:]),
-        "states": states, "save_s": save_s, "reload_s": reload_s,
+        "states": states, "save_s": save_s, "reload_s": reload_s, "ema_bytes": ema_bytes,
     }  # fmt: skip
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, result)
@@ -266,6 +280,8 @@ def main() -> None:
                 "planned_mib": planned_state_bytes(engine, args, dit_config(args)) / MIB,
                 "buffer_mib": max(r["states"].get("buffers", 0) for r in ranks) / MIB,
                 "optim_mib": max(r["states"]["optimizer"] for r in ranks) / MIB,
+                # [ema]'s average per rank, against one float32 copy of the trainable weights.
+                "ema_of_copy": max(r["ema_bytes"] for r in ranks) / trainable_fp32_bytes(args, dit_config(args)),
                 "save_s": max(r["save_s"] for r in ranks),
                 "reload_s": max(r["reload_s"] for r in ranks),
                 "ckpt_mib": folder_bytes(checkpoint) / MIB,
@@ -284,10 +300,10 @@ def main() -> None:
 
 def print_table(rows: list[dict]) -> None:
     heads = ["engine", "load s", "load peak / fp32 copy", "of it transient", "step s", "model states MiB/rank",
-             "train.plan MiB/rank", "buckets MiB/rank", "optim MiB/rank",
+             "train.plan MiB/rank", "buckets MiB/rank", "optim MiB/rank", "EMA / fp32 copy",
              "save s", "load ckpt s", "ckpt MiB", "merge s", "merge process peak RSS MiB"]  # fmt: skip
     keys = ["engine", "load_s", "load_peak_of_full", "load_transient_of_full", "step_s", "state_mib", "planned_mib",
-            "buffer_mib", "optim_mib", "save_s", "reload_s",
+            "buffer_mib", "optim_mib", "ema_of_copy", "save_s", "reload_s",
             "ckpt_mib", "merge_s", "merge_peak_mib"]  # fmt: skip
     print("| " + " | ".join(heads) + " |")
     print("|" + "---|" * len(heads))

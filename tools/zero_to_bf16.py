@@ -29,6 +29,9 @@ transformer_path or pretrained_model_name_or_path, or the seeded random init of 
 (frozen ones under DeepSpeed bf16) are taken from the base when it holds the same values, so they stay
 exact; otherwise they are upcast, with a warning.
 
+--ema writes the run's exponential moving average of the trainable weights (train/ema.py: assembled from
+every rank's ema/ file) in place of the trained ones; the frozen ones as always.
+
 A LoRA run's checkpoint holds its adapters only: the output is the base DiT with each adapter merged
 into the weight it adapts (W + lora_scale x network_alpha / rank x B @ A, in float32), i.e. the model
 the run validated. tools/export_lora.py writes the adapter alone instead.
@@ -64,6 +67,7 @@ if __package__ in (None, ""):  # run as a script: python tools/zero_to_bf16.py
 
 from train.checkpoint import CONFIG_FILE  # noqa: E402
 from train.checkpoint_verify import MARKER_FILE, read_marker  # noqa: E402
+from train.ema import ema_sources  # noqa: E402
 from train.engines import REGISTRY  # noqa: E402
 from train.engines.base import TensorSource  # noqa: E402
 from train.engines.deepspeed_reader import TAG as DEEPSPEED_TAG  # noqa: E402
@@ -218,10 +222,14 @@ class CheckpointDiT:
     tensors, the base model's where it holds none, and a LoRA run's adapters folded into the weights
     they adapt (W + lora_scale x alpha / r x B @ A, in float32). Everything is checked up front."""
 
-    def __init__(self, ckpt_dir: Path, base: str | None, tag: str | None = None, lora_scale: float = 1.0):
+    def __init__(
+        self, ckpt_dir: Path, base: str | None, tag: str | None = None, lora_scale: float = 1.0, ema: bool = False
+    ):
         self.ckpt = open_checkpoint(ckpt_dir)
         self.base = Base(self.ckpt, base)
         sources = checkpoint_sources(self.ckpt, tag)
+        if ema:  # the average of the trainable weights (a LoRA run's: of its adapters) in their place
+            sources.update(ema_sources(ckpt_dir))
         self.adapters = {name: s for name, s in sources.items() if is_adapter_name(name)}
         self.sources = {name: s for name, s in sources.items() if name not in self.adapters}
         self.model = fitting_model(ckpt_dir, self.base, self.sources)
@@ -298,6 +306,7 @@ def merge(
     log: Callable[[str], None] = print,
     lora_scale: float = 1.0,
     require_lora: bool = False,
+    ema: bool = False,
 ) -> Summary:
     """Merge checkpoint `ckpt_dir` into a DiT folder `out_dir`; see the module docstring."""
     start = time.monotonic()
@@ -309,11 +318,14 @@ def merge(
     limit = parse_size(max_shard_size)
     if out_dir.resolve() == ckpt_dir.resolve():
         raise ValueError(f"{out_dir}: the output folder must not be the checkpoint folder")
-    dit = CheckpointDiT(ckpt_dir, base, tag, lora_scale)
+    dit = CheckpointDiT(ckpt_dir, base, tag, lora_scale, ema)
     ckpt, model, expected = dit.ckpt, dit.model, dit.expected
     if require_lora and not dit.adapted:
         raise ValueError(f"{ckpt_dir}: --lora, but the checkpoint holds no LoRA adapter (a run without [lora])")
-    log(f"{ckpt_dir}: step {ckpt.step}, engine {ckpt.engine}, world size {ckpt.world_size}")
+    log(
+        f"{ckpt_dir}: step {ckpt.step}, engine {ckpt.engine}, world size {ckpt.world_size}"
+        + (", the EMA weights" if ema else "")
+    )
     out_dtype = OUT_DTYPES[dtype]
     rename = official_to_diffusers_key if fmt == "diffusers" else (lambda name: name)
     items = [ShardItem(rename(name), name, shape, out_dtype) for name, shape in expected.items()]
@@ -404,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--lora_scale", type=float, default=1.0, help="multiply the adapter's update by this (default 1.0)"
     )
+    parser.add_argument(
+        "--ema", action="store_true", help="write the run's EMA of the trainable weights ([ema]) instead of the weights"
+    )
     parser.add_argument("-d", "--debug", action="store_true", help="print where each tensor comes from")
     args = parser.parse_args(argv)
     if args.exclude_frozen_parameters:
@@ -412,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         merge(
             args.checkpoint_dir, args.output_dir, args.max_shard_size, args.dtype, args.format, args.base,
             args.tag, args.debug, log=lambda line: print(line, flush=True), lora_scale=args.lora_scale,
-            require_lora=args.lora,
+            require_lora=args.lora, ema=args.ema,
         )  # fmt: skip
     except (ValueError, OSError) as err:  # bad input, or the disk (full, permissions): the message says which
         print(f"zero_to_bf16: error: {err}", file=sys.stderr)

@@ -27,6 +27,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from train.data.loader import DataConfig
+from train.ema import EMAConfig
 from train.engines import DEFAULT_ENGINE, REGISTRY, engine_family, engine_names
 from train.engines.base import check_mixed_precision
 from train.flow import MODE_SCALE_RANGE, WEIGHTING_SCHEMES
@@ -405,6 +406,7 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
 
     def problems(self) -> list[str]:
         out = [f"[{f.name}] {p}" for f in fields(self) for p in getattr(self, f.name).problems()]

@@ -161,9 +161,11 @@ class EvalLoss:
         start_step: int = 0,
         output_dir: Path | None = None,
         encoders=contextlib.nullcontext,
+        weights=contextlib.nullcontext,
     ):
         """encoders: a context manager factory under which `encode` works (the trainer's, which loads the
-        encoders for the while when the run trains from a cache)."""
+        encoders for the while when the run trains from a cache); weights: one under which the engine
+        computes with the weights to evaluate (the trainer's: the EMA's with [ema] validate_with_ema)."""
         if not samples:
             raise ValueError("the eval loss needs at least one held-out clip")
         self.samples, self.data, self.flow = samples, data, flow
@@ -171,7 +173,7 @@ class EvalLoss:
         self.sigmas = [flow.sigma_quantile(q) for q in self.quantiles]
         self.seed, self.every, self.batch_size = seed, every, batch_size
         self.encode, self.engine, self.collective, self.device = encode, engine, collective, layout.device
-        self.encoders = encoders
+        self.encoders, self.weights = encoders, weights
         # Clips are split over the data-parallel ranks; a sequence group's ranks evaluate the same clips
         # together (its forward is a collective) and its first rank fills the table.
         self.layout = layout
@@ -327,11 +329,13 @@ class EvalLoss:
             return None
         start = time.perf_counter()
         if self.collective:
-            table = self.evaluate()  # an error propagates: see the module docstring
+            with self.weights():
+                table = self.evaluate()  # an error propagates: see the module docstring
         else:
             table, error = None, None
             try:
-                table = self.evaluate()
+                with self.weights():
+                    table = self.evaluate()
             except Exception as err:  # noqa: BLE001 -- local forwards: every rank can agree to stop evaluating
                 error = f"{type(err).__name__}: {err}"
             errors = all_gather_objects(error)
@@ -412,7 +416,7 @@ def build_eval_loss(trainer, held_out: list[Sample]) -> EvalLoss | None:
         every=v.eval_steps, batch_size=cfg.train.train_batch_size, encode=trainer.inputs.encode, engine=trainer.engine,
         collective=engine_traits(cfg.parallel.engine).collective_inference or trainer.layout.sp_size > 1,
         layout=trainer.layout, metrics=trainer.metrics, start_step=trainer.state.step, output_dir=trainer.out,
-        encoders=trainer.inputs.encoders,
+        encoders=trainer.inputs.encoders, weights=trainer.eval_weights,
     )  # fmt: skip
     evaluator.write_listing()
     return evaluator

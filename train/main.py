@@ -11,6 +11,7 @@ and the result does not depend on how the global batch is split over ranks and m
 # A rank ties itself to the torchrun agent between the light imports and the heavy ones (below).
 # ruff: noqa: E402
 
+import contextlib
 import gc
 import itertools
 import logging
@@ -54,6 +55,7 @@ from train.distributed import (
     init_distributed,
     write_whole_lines,
 )
+from train.ema import EMA
 from train.engines import StepResult
 from train.eval_loss import build_eval_loss
 from train.flops import device_peak_tflops, micro_batch_flops
@@ -131,8 +133,11 @@ class Trainer:
         self.dit_config = recipe.config  # the step's FLOPs are counted from it (train/flops.py)
         self.compile_watch = CompileWatch() if cfg.model.compile else None  # graphs torch.compile makes, logged
         self.state = TrainerState(tracker=self.tracker)
+        # The average of the trainable weights ([ema]): taken of the starting weights, registered with the
+        # checkpointer (a resume reloads it), folded in after every applied update.
+        self.ema = EMA(cfg.ema, self.engine, layout.rank, layout.world_size) if cfg.ema.enabled else None
         self.checkpointer = build_checkpointer(
-            cfg, self.out, layout, self.engine, self.state, self.sampler, recipe.config
+            cfg, self.out, layout, self.engine, self.state, self.sampler, recipe.config, self.ema
         )
         if resume is not None:
             self.checkpointer.load(resume)
@@ -152,6 +157,12 @@ class Trainer:
         )
         self.last_validated = self.state.step  # a resumed run samples again only after a step of its own
         self.eval_loss = build_eval_loss(self, data.held_out)  # None unless [validation] asks for one
+
+    def eval_weights(self) -> contextlib.AbstractContextManager:
+        """Collective: the weights validation and the eval loss run on: the EMA's with [ema] validate_with_ema."""
+        if self.ema is not None and self.cfg.ema.validate_with_ema:
+            return self.ema.swapped()
+        return contextlib.nullcontext()
 
     def report_compiles(self, what: str, seconds: float) -> None:
         """[model] compile: one line when torch.compile made new graphs (a new bucket shape, or the first
@@ -248,6 +259,8 @@ class Trainer:
             micro = [self.micro_step(batch, i) for i, batch in enumerate(micro_batches)]
             with self.timer.section("optimizer"):
                 result = self.engine.step()
+                if self.ema is not None:
+                    self.ema.after_step(s.step + 1, result.updated)
             s.step, s.epoch_step = s.step + 1, s.epoch_step + 1
             self.after_step(step_start, micro, result)
             if s.stop_signal is not None:
@@ -401,7 +414,8 @@ class Trainer:
         if self.last_validated == s.step:  # the epoch's end fell on a validation step
             return
         started = time.perf_counter()
-        self.validation.run(s.step)
+        with self.eval_weights():
+            self.validation.run(s.step)
         self.last_validated = s.step
         if self.compile_watch is not None:
             self.report_compiles("validation sampling", time.perf_counter() - started)

@@ -227,12 +227,22 @@ def encoder_bytes(debug: bool, i2v: bool) -> dict[str, int]:
 
 def model_state_bytes(cfg: RunConfig, counts: dict, gpus: int) -> dict[str, float]:
     """Per-GPU bytes of the DiT's params, grads, master weights and AdamW state on the GPU, and what
-    offloading puts in host memory ("host"): the engine's own formula (its traits' memory)."""
+    offloading puts in host memory ("host"): the engine's own formula (its traits' memory); with [ema], its
+    float32 average of the trainable weights, 1/N of a copy on every engine (train/ema.py), on the GPU or
+    (device = "cpu") the host."""
+    layout = ParallelLayout.planned(gpus, cfg.parallel.sp)
     states = ModelStates(
-        total=counts["total"], trainable=counts["trainable"], fp32=cfg.train.mixed_precision == "fp32", layout=ParallelLayout.planned(gpus, cfg.parallel.sp),
+        total=counts["total"], trainable=counts["trainable"], fp32=cfg.train.mixed_precision == "fp32", layout=layout,
         parallel=cfg.parallel, low_precision_frozen=cfg.lora.enabled and cfg.train.mixed_precision != "fp32",
     )  # fmt: skip
-    return engine_traits(cfg.parallel.engine).memory(states)
+    out = engine_traits(cfg.parallel.engine).memory(states)
+    if cfg.ema.enabled:
+        average = 4 * counts["trainable"] / layout.world_size
+        if cfg.ema.device == "cpu":
+            out["host"] = out.get("host", 0.0) + average
+        else:
+            out["ema"] = average
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from train.config import RunConfig, config_to_toml
 from train.data.cache import CacheReader, differences, fingerprint
 from train.data.loader import build_dataloader
 from train.distributed import ParallelLayout, barrier
+from train.ema import EMA
 from train.engines import Engine, EngineSetup, build_engine, engine_traits
 from train.engines.consolidated import ConsolidatedWeights
 from train.guard import hold_output_dir
@@ -122,7 +123,14 @@ def build_training(
 
 
 def build_checkpointer(
-    cfg: RunConfig, out: Path, layout: ParallelLayout, engine: Engine, state: TrainerState, sampler, dit_config: dict
+    cfg: RunConfig,
+    out: Path,
+    layout: ParallelLayout,
+    engine: Engine,
+    state: TrainerState,
+    sampler,
+    dit_config: dict,
+    ema: EMA | None = None,
 ) -> Checkpointer:
     """Every saved part registered once; load order = registration order: the RNG last, after everything
     that might draw."""
@@ -131,6 +139,8 @@ def build_checkpointer(
         config_text=config_to_toml(cfg), marker_info={"engine": cfg.parallel.engine},
     )  # fmt: skip
     checkpointer.register_files("engine", engine)
+    if ema is not None:
+        checkpointer.register_files("ema", ema)
     if cfg.checkpoint.save_consolidated_weights:
         checkpointer.register_files("consolidated", ConsolidatedWeights(engine, dit_config, lora=cfg.lora.spec))
     checkpointer.register("trainer_state", state)

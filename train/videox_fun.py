@@ -99,7 +99,12 @@ OPTIONS: dict[str, Option] = {
         "8-bit AdamW needs bitsandbytes (CUDA only), which is not a dependency; to save optimizer memory use "
         "engine zero2/zero3/fsdp (sharded AdamW) or offload_optimizer"
     ),
-    "use_ema": _refused("EMA weights are not built yet; train without them (VideoX-Fun refuses them under ZeRO-3)"),
+    "use_ema": Option(
+        "mapped",
+        "[ema] enabled with warmup: diffusers' EMAModel schedule as VideoX-Fun uses it (decay min(0.9999, "
+        "(1 + n) / (10 + n))), sharded under every engine, zero3 included (which VideoX-Fun refuses)",
+        FLAG,
+    ),
     # --- scripts/wan2.1/train_lora.py's own options (rank, network_alpha, target_name, lora_skip_name: same) ---
     "use_peft_lora": Option(
         "mapped",
@@ -248,6 +253,9 @@ def their_option(name: str, text: str, flag: str, problems: list[str], notes: li
         if text.strip() != "1000":
             problems.append(f"{flag}={text}: {opt.note}")
         return []
+    if name == "use_ema":
+        on = text.strip().lower() in ("true", "1", "yes")
+        return [(flag, "ema", "enabled", "true"), (flag, "ema", "warmup", "true")] if on else []
     if name == "use_peft_lora":
         return [(flag, "use_peft_lora", "", "")] if text.strip().lower() in ("true", "1", "yes") else []
     if name == "selective_ac":

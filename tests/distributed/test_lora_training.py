@@ -13,6 +13,7 @@ from train_runs import ENGINES, data, engine_run_args, losses, torchrun, write_r
 
 from tools.export_lora import export_lora
 from tools.zero_to_bf16 import merge
+from train.ema import ema_sources
 from train.engines import REGISTRY
 from wan import WanModel
 from wan.modules.lora import lora_delta
@@ -127,3 +128,29 @@ def test_every_engine_trains_the_adapter_alike_and_resumes_exactly(data, release
     ddp = WanModel.from_pretrained(tmp_path / "merged-ddp", dtype=None).state_dict()
     for name, value in ddp.items():
         torch.testing.assert_close(mine[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_the_ema_of_a_lora_run_averages_the_adapter(data, release, tmp_path):
+    """[ema] with [lora]: the average is of the adapter alone (the closed form of the adapters the
+    checkpoints saved), and zero_to_bf16 --ema merges the averaged adapter into the base."""
+    run = tmp_path / "run"
+    decay = 0.5
+    torchrun(
+        data, run, f"--pretrained_model_name_or_path={release}", *engine_run_args("ddp"), *LORA,
+        "--ema.enabled=true", f"--decay={decay}", "--checkpointing_steps=1", nproc=2,
+    )  # fmt: skip
+    average = None
+    for s in range(1, 7):
+        adapter = load_file(run / f"checkpoint-{s}" / "model.safetensors")
+        average = adapter if s == 1 else {n: decay * average[n] + (1 - decay) * w for n, w in adapter.items()}
+    saved = {name: source.read() for name, source in ema_sources(run / "checkpoint-6").items()}
+    assert saved.keys() == average.keys()
+    for name, value in average.items():
+        torch.testing.assert_close(saved[name], value, rtol=0, atol=1e-6, msg=name)
+    merge(run / "checkpoint-6", tmp_path / "merged", dtype="fp32", ema=True, log=lambda _: None)
+    merged = WanModel.from_pretrained(tmp_path / "merged", dtype=None).state_dict()
+    base = WanModel.from_pretrained(release, dtype=None).state_dict()
+    layer = "blocks.1.ffn.2"
+    delta = lora_delta(saved[f"{layer}.lora_A.weight"], saved[f"{layer}.lora_B.weight"], ALPHA / RANK)
+    torch.testing.assert_close(merged[f"{layer}.weight"], base[f"{layer}.weight"] + delta, rtol=0, atol=1e-6)

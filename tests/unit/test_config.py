@@ -21,6 +21,7 @@ from train.config import (
     help_text,
     load_config,
 )
+from train.ema import EMAConfig
 from train.validation import ValidationConfig
 
 DATA = "--train_data_dir=/data"  # DataConfig needs a data source; every valid load gives one
@@ -66,7 +67,7 @@ def test_sections_are_the_public_ones():
     assert config.SECTIONS == {
         "model": ModelConfig, "data": DataConfig, "train": TrainConfig, "optim": OptimConfig,
         "checkpoint": CheckpointConfig, "logging": LoggingConfig, "parallel": ParallelConfig,
-        "validation": ValidationConfig, "lora": LoRAConfig,
+        "validation": ValidationConfig, "lora": LoRAConfig, "ema": EMAConfig,
     }  # fmt: skip
 
 
@@ -255,6 +256,8 @@ NON_DEFAULT = {
                        validation_seed=2**40, validation_data_meta="held.json", validation_data_dir="/held",
                        eval_steps=9, eval_quantiles=[0.05, 0.5], eval_max_samples=3),
     "lora": dict(network_alpha=8.0, target_name="q,o", lora_skip_name="blocks.0.", dropout=0.1, init="gaussian"),
+    "ema": dict(enabled=True, decay=0.99, warmup=True, start_step=3, update_every=2, device="cpu",
+                validate_with_ema=False),
 }  # fmt: skip
 # Fields left at their default: use_fsdp (not with use_deepspeed), report_to (one allowed value),
 # eval_holdout (not with validation_data_meta).

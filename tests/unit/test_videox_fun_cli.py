@@ -356,6 +356,9 @@ def test_every_videox_fun_option_has_a_working_status(name, paths, tmp_path):
         if target:
             section, key = target.split(".")
             assert getattr(getattr(cfg, section), key) != getattr(getattr(defaults, section), key), name
+        elif name == "use_ema":  # the average on, with diffusers' EMAModel warmup as VideoX-Fun has it
+            assert (cfg.ema.enabled, cfg.ema.warmup, cfg.ema.decay) == (True, True, 0.9999)
+            assert not defaults.ema.enabled
         elif name == "use_peft_lora":  # LoRA on, at train_lora.py's default rank
             assert (defaults.lora.rank, cfg.lora.rank) == (0, videox_fun.VIDEOX_FUN_LORA_RANK)
             assert load_config([*argv, "--rank=16"]).lora.rank == 16

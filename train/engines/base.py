@@ -103,6 +103,41 @@ class Engine(Protocol):
 
     def model_state_bytes(self) -> dict[str, int]: ...
 
+    def trainable_fragments(self) -> list[Fragment]:
+        """This rank's piece of every trainable parameter's float32 weights, as views the optimizer updates
+        in place (train/ema.py averages them): together the ranks' pieces cover each parameter once."""
+        ...
+
+    def refresh_from_fragments(self) -> None:
+        """Collective: after the fragments were written in place, make the weights the forward computes
+        with follow (DeepSpeed's bf16 copies); nothing where the forward reads the fragments' storage."""
+        ...
+
+
+@dataclass
+class Fragment:
+    """A contiguous piece of a trainable parameter's flattened float32 weights held by this rank."""
+
+    name: str
+    shape: tuple[int, ...]
+    """The whole parameter's."""
+    offset: int
+    """Where `values` starts in the flattened parameter."""
+    values: torch.Tensor
+    """1-D float32, a view of the weights the optimizer updates (may be empty)."""
+
+
+def even_fragments(named: dict[str, torch.Tensor], rank: int, world_size: int) -> list[Fragment]:
+    """Fragments of parameters every rank holds whole (DDP): rank r takes the r-th of world_size even
+    pieces of each flattened parameter, so an average of them is sharded like ZeRO-3's."""
+    out = []
+    for name, param in named.items():
+        flat = local_tensor(param).detach().view(-1)
+        chunk = -(-flat.numel() // world_size)
+        start = min(rank * chunk, flat.numel())
+        out.append(Fragment(name, tuple(param.shape), start, flat[start : start + chunk]))
+    return out
+
 
 @dataclass
 class TensorSource:

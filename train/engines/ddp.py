@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from train.checkpoint_io import read_json, read_safetensors, write_json, write_safetensors
@@ -20,6 +21,7 @@ from train.engines.base import (
     SCHEDULER_FILE,
     EngineSetup,
     EngineTraits,
+    Fragment,
     ModelStates,
     StepResult,
     TensorSource,
@@ -27,6 +29,7 @@ from train.engines.base import (
     build_optimizer,
     build_schedule,
     check_named_tensors,
+    even_fragments,
     held_bytes,
     load_grad_scaler,
     optimizer_step,
@@ -135,6 +138,24 @@ class DDPEngine:
     def full_state(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, tensor in self.module.state_dict().items():
             yield name, tensor.detach()
+
+    def trainable_fragments(self) -> list[Fragment]:
+        return even_fragments(self.named_trainable, self.setup.layout.rank, self.setup.layout.world_size)
+
+    @torch.no_grad()
+    def refresh_from_fragments(self) -> None:
+        """Every rank holds the whole weights but wrote only its even piece: gather the others' pieces."""
+        layout = self.setup.layout
+        if not layout.distributed:
+            return
+        for fragment in self.trainable_fragments():
+            flat = self.named_trainable[fragment.name].detach().view(-1)
+            chunk = -(-flat.numel() // layout.world_size)
+            pieces = [torch.zeros(chunk, dtype=flat.dtype, device=flat.device) for _ in range(layout.world_size)]
+            mine = torch.zeros(chunk, dtype=flat.dtype, device=flat.device)
+            mine[: fragment.values.numel()] = fragment.values
+            dist.all_gather(pieces, mine)
+            flat.copy_(torch.cat(pieces)[: flat.numel()])
 
 
 def model_states(m: ModelStates) -> dict[str, float]:

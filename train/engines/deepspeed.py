@@ -50,6 +50,7 @@ from train.engines.base import (
     SCHEDULER_FILE,
     EngineSetup,
     EngineTraits,
+    Fragment,
     ModelStates,
     StepResult,
     advance_schedule,
@@ -463,6 +464,45 @@ class DeepSpeedEngine:
                 if name not in mod._non_persistent_buffers_set:
                     out.append((_join(prefix, name), buf.detach().to("cpu", copy=True)))
             yield from out
+
+    def trainable_fragments(self) -> list[Fragment]:
+        """ZeRO-2: this rank's fragment of each parameter in the fp32 partitions (DeepSpeed's hp mapping);
+        ZeRO-3: each parameter's fp32 partition (ceil(numel / world) elements at rank x that, less the
+        padding)."""
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        out = []
+        for name, param in self.module.named_parameters():
+            if not param.requires_grad:
+                continue
+            if self.stage == 3:
+                shape, size = tuple(param.ds_shape), param.ds_tensor.ds_numel
+                start = min(self.setup.layout.rank * size, param.ds_numel)
+                values = safe_get_local_fp32_param(param).view(-1)[: param.ds_numel - start]
+            else:
+                shape, mapping = tuple(param.shape), getattr(param, "_hp_mapping", None)
+                if mapping is None:  # no element of it in this rank's partition
+                    start, values = 0, torch.empty(0, device=param.device)
+                else:
+                    start, values = mapping.lp_fragment_address.start, mapping.hp_fragment.view(-1)
+            out.append(Fragment(name, shape, start, values))
+        return out
+
+    @torch.no_grad()
+    def refresh_from_fragments(self) -> None:
+        """The module's low-precision weights from the fp32 master ones: ZeRO-3 copies each local
+        partition; ZeRO-2 (whole weights on every rank) assembles each parameter (a collective)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        for fragment, (_, param) in zip(
+            self.trainable_fragments(),
+            ((n, p) for n, p in self.module.named_parameters() if p.requires_grad),
+            strict=True,
+        ):
+            if self.stage == 3:
+                param.ds_tensor.data.view(-1)[: fragment.values.numel()].copy_(fragment.values)
+            else:
+                param.data.copy_(safe_get_full_fp32_param(param))
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Collective: the full float32 master weights of the trainable parameters, on every rank (for

@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from train.checkpoint_io import DCP_METADATA_FILE, fsync_tree, load_dcp, read_dcp_metadata, read_json, write_json
@@ -51,6 +52,7 @@ from train.engines.base import (
     SCHEDULER_FILE,
     EngineSetup,
     EngineTraits,
+    Fragment,
     ModelStates,
     StepResult,
     TensorSource,
@@ -288,6 +290,19 @@ class FSDPEngine:
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Collective: the full float32 trainable weights on every rank (small models only)."""
         return {name: self._full(param) for name, param in self.named_trainable.items()}
+
+    def trainable_fragments(self) -> list[Fragment]:
+        """Each trainable parameter's float32 shard: rows of dim 0 (Shard(0) on a 1-D mesh)."""
+        out = []
+        for name, param in self.named_trainable.items():
+            _, start = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+            row = math.prod(param.shape[1:])
+            local = param.to_local().detach()
+            out.append(Fragment(name, tuple(param.shape), start[0] * row if local.numel() else 0, local.view(-1)))
+        return out
+
+    def refresh_from_fragments(self) -> None:
+        pass  # each forward all-gathers (and casts) these shards
 
     def model_state_bytes(self) -> dict[str, int]:
         """This rank's bytes of parameter shards, of gradient shards (as held at the last step(), before
