@@ -171,7 +171,7 @@ def test_every_shipped_config_parses():
         cfg = load_config(["--cfg", str(path), *DATA_ARGS])
         engines[path.name] = cfg.parallel.engine
     assert engines == {
-        "debug.toml": "ddp", "1.3b_ddp.toml": "ddp", "1.3b_zero2.toml": "zero2", "14b_zero2.toml": "zero2",
+        "debug.toml": "ddp", "debug_lora.toml": "ddp", "1.3b_ddp.toml": "ddp", "1.3b_zero2.toml": "zero2", "14b_zero2.toml": "zero2",
         "14b_zero3.toml": "zero3", "14b_fsdp.toml": "fsdp", "14b_i2v_zero3.toml": "zero3", "14b_720p_sp.toml": "fsdp",
     }  # fmt: skip
 
@@ -197,7 +197,8 @@ def test_each_shipped_config_trains_on_the_debug_preset(data, tmp_path, path):
     shipped = load_config(["--cfg", str(path), *DATA_ARGS])
     i2v = shipped.model.train_mode == "i2v"
     extra = [
-        "--cfg", str(path), "--pretrained_model_name_or_path=", f"--preset={'debug-i2v' if i2v else 'debug'}",
+        "--cfg", str(path), "--pretrained_model_name_or_path=", "--transformer_path=",
+        f"--preset={'debug-i2v' if i2v else 'debug'}",
         "--max_train_steps=2", "--token_sample_size=64", "--video_sample_size=64", "--image_sample_size=64",
         "--video_sample_n_frames=9", "--video_sample_stride=2", "--checkpointing_steps=2", "--low_vram=false",
         *(["--sp=2"] if shipped.parallel.sp > 1 else []),
