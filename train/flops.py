@@ -65,16 +65,17 @@ def forward_breakdown(config: dict, batch: int, latent_shape: tuple[int, int, in
     text_len = config.get("text_len", 512)
     patch = math.prod(config.get("patch_size", (1, 2, 2)))
     s = tokens(config, latent_shape)
-    i2v = config.get("model_type", "t2v") == "i2v"
     image_dim = config.get("image_dim", CLIP_DIM)
-    img = CLIP_TOKENS if i2v else 0
+    # CLIP tokens: a Wan2.1 i2v model's (Wan2.2's I2V-A14B has image_dim None: no image branch).
+    with_image = config.get("model_type", "t2v") == "i2v" and image_dim is not None
+    img = CLIP_TOKENS if with_image else 0
     linear = 4 * s * d * d + 2 * s * d * d + 2 * text_len * d * d + 2 * img * d * d + 2 * s * d * ffn
     attention = 2 * s * s * d + 2 * s * text_len * d + 2 * s * img * d
     out = {
         "embed": s * config["in_dim"] * patch * d,
         "text": text_len * (config["text_dim"] * d + d * d),
         "time": config.get("freq_dim", 256) * d + d * d + 6 * d * d,
-        "image": img * (image_dim * image_dim + image_dim * d),
+        "image": img * (image_dim * image_dim + image_dim * d) if with_image else 0,
         "blocks_linear": layers * linear,
         "blocks_attention": layers * attention,
         "head": s * d * patch * config["out_dim"],

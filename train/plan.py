@@ -69,6 +69,7 @@ from train.distributed import ParallelLayout
 from train.engines import REGISTRY, engine_traits
 from train.engines.base import ModelStates
 from wan.modules.lora import LoRASpec, apply_lora
+from wan.modules.model import has_image_branch
 
 GB, GIB = 10**9, 2**30
 CUDA_CONTEXT = 1 * GIB
@@ -275,10 +276,10 @@ def _outside_blocks_bytes(
     with FakeTensorMode(), torch.device("cpu"):
         model = WanModel(**config).train()
         counter = StorageCounter(exclude=list(model.parameters()))
-        c = 16 if not i2v else 16
+        c = config["out_dim"]  # the noisy latent's channels; an i2v model's y brings the rest
         x = torch.empty(batch, c, *latent)
         y = torch.empty(batch, config["in_dim"] - c, *latent) if i2v else None
-        clip = torch.empty(batch, 257, config.get("image_dim", 1280)) if i2v else None
+        clip = torch.empty(batch, 257, config.get("image_dim", 1280)) if has_image_branch(config) else None
         context = torch.empty(batch, config.get("text_len", 512), config["text_dim"])
 
         def pack(t):
@@ -330,7 +331,7 @@ def activation_bytes(
     # The inputs every block shares (text context in the compute dtype, e0 and the RoPE tables in fp32,
     # i2v's image context): saved_bytes_per_block leaves them out; one copy lives through the backward.
     d, text_len = config["dim"], config.get("text_len", 512)
-    image = 257 if config.get("model_type") == "i2v" else 0
+    image = 257 if has_image_branch(config) else 0
     shared = (
         batch * (text_len + image) * d * dtype.itemsize
         + batch * 6 * d * 4

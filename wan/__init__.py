@@ -1,4 +1,4 @@
-"""Wan2.1 models, written from scratch: they load the official release files unchanged."""
+"""Wan2.1 and Wan2.2 models, written from scratch: they load the official release files unchanged."""
 
 from wan.configs import DIT_PRESETS, dit_preset
 from wan.modules.clip import CLIP_PRESETS, CLIPVision
@@ -6,6 +6,7 @@ from wan.modules.model import WanModel
 from wan.modules.t5 import T5_PRESETS, UMT5Encoder
 from wan.modules.tokenizer import WanTokenizer
 from wan.modules.vae import VAE_PRESETS, WanVAE, vae_preset
+from wan.modules.vae2_2 import VAE22_PRESETS, WanVAE22, vae22_preset
 
 __all__ = [
     "CLIP_PRESETS",
@@ -13,10 +14,13 @@ __all__ = [
     "DIT_PRESETS",
     "T5_PRESETS",
     "UMT5Encoder",
+    "VAE22_PRESETS",
     "VAE_PRESETS",
     "WanModel",
     "WanTokenizer",
     "WanVAE",
+    "WanVAE22",
     "dit_preset",
+    "vae22_preset",
     "vae_preset",
 ]

@@ -25,6 +25,39 @@ DIT_PRESETS: dict[str, dict] = {
     "1.3B": dict(_RELEASE, model_type="t2v", in_dim=16, dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
     "14B": dict(_RELEASE, model_type="t2v", in_dim=16, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
     "i2v-14B": dict(_RELEASE, model_type="i2v", in_dim=36, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    # Wan2.2. Each A14B release holds two such experts (high_noise_model/, low_noise_model/), Wan2.1 14B
+    # networks; I2V-A14B's has no CLIP branch (image_dim None): y alone carries the image.
+    "t2v-A14B": dict(_RELEASE, model_type="t2v", in_dim=16, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    "i2v-A14B": dict(
+        _RELEASE, model_type="i2v", in_dim=36, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, image_dim=None
+    ),
+    # TI2V-5B: 48 latent channels (the Wan2.2 VAE), per-token timesteps when an image is the first frame.
+    "ti2v-5B": dict(
+        _RELEASE, model_type="ti2v", in_dim=48, out_dim=48, dim=3072, ffn_dim=14336, num_heads=24, num_layers=30
+    ),
+    # Tiny Wan2.2 shapes: an i2v model without CLIP, and a ti2v model on the debug Wan2.2 VAE's channels.
+    "debug-i2v-A14B": dict(
+        _RELEASE,
+        model_type="i2v",
+        in_dim=36,
+        dim=128,
+        ffn_dim=256,
+        num_heads=4,
+        num_layers=2,
+        text_dim=64,
+        image_dim=None,
+    ),  # fmt: skip
+    "debug-ti2v": dict(
+        _RELEASE,
+        model_type="ti2v",
+        in_dim=48,
+        out_dim=48,
+        dim=128,
+        ffn_dim=256,
+        num_heads=4,
+        num_layers=2,
+        text_dim=64,
+    ),  # fmt: skip
 }
 
 

@@ -223,17 +223,28 @@ def i2v_mask(num_frames: int, latent_height: int, latent_width: int, batch: int 
 
 @torch.no_grad()
 def encode_i2v_condition(
-    vae: WanVAE, clip: CLIPVision, first_frames: torch.Tensor, num_frames: int, offload: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
+    vae: WanVAE, clip: CLIPVision | None, first_frames: torch.Tensor, num_frames: int, offload: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """First frames [B, 3, H, W] in [-1, 1] of clips of num_frames frames -> (y, clip_fea):
     y [B, 4 + 16, T_lat, H/8, W/8] = [mask ; latents of (first frame, then zero frames)], the DiT's
-    `y`; clip_fea [B, 257, 1280], the CLIP features of the first frame."""
+    `y`; clip_fea [B, 257, 1280], the CLIP features of the first frame (None without `clip`: Wan2.2's
+    I2V-A14B takes y alone)."""
     b, _, h, w = first_frames.shape
     video = torch.zeros(b, 3, num_frames, h, w, device=first_frames.device, dtype=first_frames.dtype)
     video[:, :, 0] = first_frames
     with _on_device(vae, first_frames.device, offload):
         latents = vae.encode(video)
     mask = i2v_mask(num_frames, latents.shape[-2], latents.shape[-1], b, latents.device).to(latents.dtype)
+    if clip is None:
+        return torch.cat([mask, latents], dim=1), None
     with _on_device(clip, first_frames.device, offload):
         clip_fea = clip.encode_image(first_frames)
     return torch.cat([mask, latents], dim=1), clip_fea
+
+
+@torch.no_grad()
+def encode_first_frame(vae, first_frames: torch.Tensor, offload: bool = False) -> torch.Tensor:
+    """Wan2.2 TI2V: first frames [B, 3, H, W] in [-1, 1] -> their normalised latents [B, C, 1, h, w],
+    each image encoded alone as a one-frame video (the first latent frame of its video)."""
+    with _on_device(vae, first_frames.device, offload):
+        return vae.encode(first_frames.unsqueeze(2))

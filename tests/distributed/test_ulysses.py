@@ -1,6 +1,7 @@
 """Ulysses sequence parallelism in the DiT (wan/modules/ulysses.py): the debug DiT split over 2 gloo
 ranks gives the whole model's output, and its gradients once the ranks' shares are summed, for an even
-token count, one that needs padding, i2v, and full and selective checkpointing (ulysses_worker.py)."""
+token count, one that needs padding, i2v, full and selective checkpointing, and Wan2.2 TI2V's per-token
+timesteps (ulysses_worker.py)."""
 
 from pathlib import Path
 
@@ -22,7 +23,7 @@ def results(tmp_path_factory) -> dict:
     return ranks
 
 
-CASES = ["t2v", "odd_tokens", "i2v", "full_checkpointing", "selective_checkpointing"]
+CASES = ["t2v", "odd_tokens", "i2v", "full_checkpointing", "selective_checkpointing", "ti2v_per_token"]
 
 
 @pytest.mark.slow

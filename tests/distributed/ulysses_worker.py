@@ -20,6 +20,8 @@ CASES = [
     ("i2v", "debug-i2v", (2, 6, 10), "none"),
     ("full_checkpointing", "debug", (3, 8, 10), "full"),
     ("selective_checkpointing", "debug", (3, 8, 10), "selective"),
+    # Wan2.2 TI2V: per-token timesteps (frame 0 at t = 0), 3 x 3 x 5 = 45 tokens: padded to 46.
+    ("ti2v_per_token", "debug-ti2v", (3, 6, 10), "none"),
 ]
 # Bytes one block saves for backward (wan.modules.checkpointing.saved_activation_bytes, what train.plan
 # counts), whole and split: 2 x 16 x 32 latents = 256 tokens per sample.
@@ -29,8 +31,12 @@ MEMORY_GRID = (2, 16, 32)
 def inputs(config: dict, grid: tuple[int, int, int]) -> dict:
     g = torch.Generator().manual_seed(1)
     f, h, w = grid
-    x = {"x": torch.randn(2, 16, f, h, w, generator=g), "t": torch.tensor([100.0, 700.0]),
+    x = {"x": torch.randn(2, config["out_dim"], f, h, w, generator=g), "t": torch.tensor([100.0, 700.0]),
          "context": torch.randn(2, 7, config["text_dim"], generator=g)}  # fmt: skip
+    if config["model_type"] == "ti2v":
+        per_frame = (h // 2) * (w // 2)
+        x["t"] = x["t"][:, None].repeat(1, f * per_frame)
+        x["t"][:, :per_frame] = 0
     if config["model_type"] == "i2v":
         x["y"] = torch.randn(2, config["in_dim"] - 16, f, h, w, generator=g)
         x["clip_fea"] = torch.randn(2, 257, config["image_dim"], generator=g)

@@ -10,7 +10,7 @@ from wan.modules.dit_weights import diffusers_to_official_key
 def diffusers_kwargs(cfg: dict) -> dict:
     """Our (official) config -> WanTransformer3DModel keyword arguments."""
     head_dim = cfg["dim"] // cfg["num_heads"]
-    i2v = cfg["model_type"] == "i2v"
+    i2v = cfg["model_type"] == "i2v" and cfg.get("image_dim", 1280) is not None  # with a CLIP branch
     return dict(
         patch_size=tuple(cfg["patch_size"]), num_attention_heads=cfg["num_heads"], attention_head_dim=head_dim,
         in_channels=cfg["in_dim"], out_channels=cfg["out_dim"], text_dim=cfg["text_dim"], freq_dim=cfg["freq_dim"],

@@ -71,6 +71,7 @@ class Bundle:
     vae: WanVAE
     clip: CLIPVision | None = None
     hf_clip: torch.nn.Module | None = None
+    low: WanModel | None = None  # Wan2.2 A14B: the low-noise expert (`dit` is the high-noise one)
 
 
 def build_bundle(tmp: Path, i2v: bool, shift: float, seed: int = 0) -> Bundle:
@@ -104,3 +105,36 @@ class ReleaseClipProcessor:
 
     def __call__(self, images: torch.Tensor, return_tensors: str = "pt") -> BatchFeature:
         return BatchFeature({"pixel_values": release_clip_input(2.0 * images - 1.0, self.size)})
+
+
+def build_a14b_bundle(tmp: Path, i2v: bool, shift: float, boundary: float, seed: int = 0) -> Bundle:
+    """Wan2.2 A14B in tiny: two random experts (debug shapes; i2v without CLIP) and the Wan2.1 VAE,
+    and diffusers' pipeline over them: transformer = the high-noise expert, transformer_2 = the
+    low-noise one, boundary_ratio."""
+    hf_t5, t5 = t5_reference.build_pair(T5_PRESETS["debug"], seed=seed)
+    preset = "debug-i2v-A14B" if i2v else "debug"
+    ref_high, high = dit_reference.build_pair(dit_preset(preset), seed=seed + 1)
+    ref_low, low = dit_reference.build_pair(dit_preset(preset), seed=seed + 4)
+    ref_vae, vae = vae_reference.build_pair(vae_preset("debug"), seed=seed + 2)
+    parts = dict(
+        tokenizer=hf_tokenizer(tmp / "tokenizer"), text_encoder=hf_t5, vae=ref_vae, scheduler=release_scheduler(shift),
+        transformer=ref_high, transformer_2=ref_low, boundary_ratio=boundary,
+    )  # fmt: skip
+    ref = WanImageToVideoPipeline(**parts, image_processor=None, image_encoder=None) if i2v else WanPipeline(**parts)
+    return Bundle(ref, high, TextEncoder(WanTokenizer.debug(), t5), vae, low=low)
+
+
+def build_ti2v_bundle(tmp: Path, image: bool, shift: float, seed: int = 0) -> Bundle:
+    """Wan2.2 TI2V in tiny: a debug ti2v DiT (48 channels) and the debug Wan2.2 VAE, and diffusers'
+    pipeline over them with expand_timesteps (WanImageToVideoPipeline with an image, without CLIP)."""
+    from wan.modules.vae2_2 import vae22_preset
+
+    hf_t5, t5 = t5_reference.build_pair(T5_PRESETS["debug"], seed=seed)
+    ref_dit, dit = dit_reference.build_pair(dit_preset("debug-ti2v"), seed=seed + 1)
+    ref_vae, vae = vae_reference.build_pair22(vae22_preset("debug"), seed=seed + 2)
+    parts = dict(
+        tokenizer=hf_tokenizer(tmp / "tokenizer"), text_encoder=hf_t5, vae=ref_vae, scheduler=release_scheduler(shift),
+        transformer=ref_dit, expand_timesteps=True,
+    )  # fmt: skip
+    ref = WanImageToVideoPipeline(**parts, image_processor=None, image_encoder=None) if image else WanPipeline(**parts)
+    return Bundle(ref, dit, TextEncoder(WanTokenizer.debug(), t5), vae)

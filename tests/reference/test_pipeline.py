@@ -79,7 +79,7 @@ def as_pt_frames(video: torch.Tensor) -> torch.Tensor:
 
 
 def our_run(bundle, options: SamplingOptions, noise: torch.Tensor, monkeypatch, **extra):
-    """generate(), also catching the latents it decodes."""
+    """generate() (of extra["dit"], default the bundle's DiT), also catching the latents it decodes."""
     import wan.pipeline as pipeline
 
     seen = {}
@@ -89,7 +89,8 @@ def our_run(bundle, options: SamplingOptions, noise: torch.Tensor, monkeypatch, 
         return decode(vae, latents, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "decode", spy)
-    video = generate(bundle.dit, bundle.text, bundle.vae, PROMPTS, options, latents=noise, **extra)
+    dit = extra.pop("dit", bundle.dit)
+    video = generate(dit, bundle.text, bundle.vae, PROMPTS, options, latents=noise, **extra)
     return seen["latents"], video
 
 

@@ -4,6 +4,12 @@ Official: config.json (`_class_name` "WanModel", our constructor names) beside
 diffusion_pytorch_model.safetensors, or numbered shards with diffusion_pytorch_model.safetensors.index.json.
 diffusers: the same file names with WanTransformer3DModel's config and parameter names, either as the
 folder itself or as `transformer/` of a pipeline folder.
+
+Wan2.2: TI2V-5B is one such folder (model_type "ti2v"; diffusers: 48 input and output channels). An
+A14B release holds two, its experts: `high_noise_model/` and `low_noise_model/` (diffusers: `transformer/`
+is the high-noise expert, `transformer_2/` the low-noise one, and model_index.json has the
+boundary_ratio); see `expert_folders`. I2V-A14B's config.json reads like Wan2.1 I2V-14B's: that it
+has no CLIP branch is told by its tensors (no `img_emb.*`), and it is built with image_dim None.
 """
 
 import json
@@ -13,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from wan.modules.safetensors_io import load_into_module, read_header, resolve_weight_files, save_sharded
+from wan.modules.safetensors_io import index_name, load_into_module, read_header, resolve_weight_files, save_sharded
 from wan.modules.state_dict_io import read_json_object
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -86,6 +92,21 @@ def diffusers_to_official_key(key: str) -> str | None:
     return key if mapped is None else mapped
 
 
+# Wan2.2 A14B expert sub-folders, by expert: (official release, diffusers pipeline).
+EXPERT_FOLDERS = {"high": ("high_noise_model", "transformer"), "low": ("low_noise_model", "transformer_2")}
+TI2V_CHANNELS = 48  # the Wan2.2 VAE's latent channels: a diffusers DiT with 48 in and out is TI2V-5B's
+
+
+def _diffusers_model_type(cfg: dict) -> str:
+    """diffusers has no model_type: an image branch or more input than output channels (y) is i2v; 48
+    in and out channels (the Wan2.2 VAE's) ti2v; else t2v."""
+    in_ch = cfg.get("in_channels", 16)
+    out_ch = cfg.get("out_channels") or in_ch
+    if cfg.get("image_dim") or in_ch > out_ch:
+        return "i2v"
+    return "ti2v" if in_ch == out_ch == TI2V_CHANNELS else "t2v"
+
+
 def _diffusers_config_to_official(cfg: dict, path: Path) -> dict:
     problems = []
     if cfg.get("pos_embed_seq_len") is not None:
@@ -104,8 +125,9 @@ def _diffusers_config_to_official(cfg: dict, path: Path) -> dict:
     if problems:
         raise ValueError(f"{path}: unsupported diffusers WanTransformer3DModel config: " + "; ".join(problems))
     heads, head_dim = cfg.get("num_attention_heads", 40), cfg.get("attention_head_dim", 128)
+    model_type = _diffusers_model_type(cfg)
     return dict(
-        model_type="i2v" if image_dim else "t2v",
+        model_type=model_type,
         patch_size=list(cfg.get("patch_size", (1, 2, 2))),
         text_len=512,
         in_dim=cfg.get("in_channels", 16),
@@ -117,7 +139,7 @@ def _diffusers_config_to_official(cfg: dict, path: Path) -> dict:
         num_heads=heads,
         num_layers=cfg.get("num_layers", 40),
         eps=cfg.get("eps", 1e-6),
-        **({"image_dim": image_dim} if image_dim else {}),
+        **({"image_dim": image_dim} if image_dim or model_type == "i2v" else {}),
     )
 
 
@@ -139,7 +161,53 @@ def _official_config(cfg: dict, path: Path) -> dict:
             problems.append(f"{key} {cfg[key]!r} is not supported (every Wan2.1 release uses {value!r})")
     if problems:
         raise ValueError(f"{path}: " + "; ".join(problems))
-    return {k: cfg[k] for k in OFFICIAL_CONFIG_KEYS if k in cfg}
+    out = {k: cfg[k] for k in OFFICIAL_CONFIG_KEYS if k in cfg}
+    if (
+        out["model_type"] == "i2v"
+        and "image_dim" not in out
+        and "img_emb.proj.0.weight" not in _tensor_names(path.parent)
+    ):
+        out["image_dim"] = None  # Wan2.2 I2V-A14B: y carries the image, no CLIP branch
+    return out
+
+
+def _tensor_names(folder: Path) -> set[str]:
+    """The tensor names of a DiT folder's weights: the index's, or the single file's header."""
+    index = folder / index_name(WEIGHTS_NAME)
+    if index.is_file():
+        weight_map = read_json_object(index).get("weight_map")
+        if isinstance(weight_map, dict):
+            return set(weight_map)
+    return {name for file in resolve_weight_files(folder, WEIGHTS_NAME) for name in read_header(file)[0]}
+
+
+def expert_folders(root: str | Path) -> dict[str, Path] | None:
+    """A Wan2.2 A14B folder -> {"high": its high-noise expert's DiT folder, "low": ...}, or None when
+    `root` holds no experts. Official: high_noise_model/, low_noise_model/; diffusers: transformer/
+    (high) and transformer_2/ (low). One expert folder without the other is an error."""
+    root = Path(root)
+    for layout in (0, 1):
+        found = {e: root / names[layout] for e, names in EXPERT_FOLDERS.items()}
+        present = [e for e, p in found.items() if (p / CONFIG_NAME).is_file()]
+        if layout == 1 and present == ["high"]:
+            return None  # a Wan2.1 / TI2V diffusers pipeline: transformer/ alone
+        if len(present) == 2:
+            return found
+        if present:
+            missing = [str(p) for e, p in found.items() if e not in present]
+            raise ValueError(f"{root}: a Wan2.2 A14B folder needs both experts; missing {', '.join(missing)}")
+    return None
+
+
+def diffusers_boundary(root: str | Path) -> float | None:
+    """The boundary_ratio of a diffusers Wan2.2 pipeline folder's model_index.json (None without one)."""
+    index = Path(root) / "model_index.json"
+    if not index.is_file():
+        return None
+    value = read_json_object(index).get("boundary_ratio")
+    if value is not None and not (isinstance(value, (int, float)) and 0 <= value <= 1):
+        raise ValueError(f"{index}: boundary_ratio must be a number in [0, 1], got {value!r}")
+    return value
 
 
 def official_to_diffusers_key(name: str) -> str:
@@ -159,7 +227,7 @@ def diffusers_config(model: nn.Module) -> dict:
     c = model.config
     if c["text_len"] != 512:
         raise ValueError(f"--format diffusers: text_len {c['text_len']} cannot be expressed (diffusers fixes 512)")
-    i2v = c["model_type"] == "i2v"
+    i2v = model.image_dim is not None  # the CLIP branch
     cfg = {
         "_class_name": "WanTransformer3DModel",
         "patch_size": list(c["patch_size"]),
@@ -190,18 +258,24 @@ def read_dit_folder(folder: str | Path) -> tuple[Path, dict, str]:
     """-> (the folder holding the weights, WanModel keyword arguments, 'official' or 'diffusers')."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"{folder}: not a folder (expected a Wan2.1 DiT folder with {CONFIG_NAME})")
+        raise ValueError(f"{folder}: not a folder (expected a Wan DiT folder with {CONFIG_NAME})")
+    experts = None if (folder / CONFIG_NAME).is_file() else expert_folders(folder)
+    if experts is not None:
+        raise ValueError(
+            f"{folder}: a Wan2.2 A14B folder holds two DiTs, its experts: read {experts['high']} or "
+            f"{experts['low']} (expert_folders)"
+        )
     if not (folder / CONFIG_NAME).is_file() and (folder / "transformer" / CONFIG_NAME).is_file():
         folder = folder / "transformer"  # a diffusers pipeline folder
     path = folder / CONFIG_NAME
     if not path.is_file():
-        raise ValueError(f"{folder}: no {CONFIG_NAME}; expected a Wan2.1 DiT folder (config.json + {WEIGHTS_NAME})")
+        raise ValueError(f"{folder}: no {CONFIG_NAME}; expected a Wan DiT folder (config.json + {WEIGHTS_NAME})")
     cfg = read_json_object(path)
     class_name = cfg.get("_class_name")
     if class_name == "WanTransformer3DModel" or (class_name is None and "num_attention_heads" in cfg):
         return folder, _diffusers_config_to_official(cfg, path), "diffusers"
     if class_name not in (None, "WanModel"):
-        raise ValueError(f"{path}: _class_name {class_name!r} is not a Wan2.1 DiT (WanModel or WanTransformer3DModel)")
+        raise ValueError(f"{path}: _class_name {class_name!r} is not a Wan DiT (WanModel or WanTransformer3DModel)")
     return folder, _official_config(cfg, path), "official"
 
 
@@ -216,7 +290,7 @@ def load_dit_weights(
     files = resolve_weight_files(weights_folder, WEIGHTS_NAME)
     if cfg.get("in_dim", model.in_dim) != model.in_dim:
         # The usual cause is I2V weights (36 input channels) for a T2V model (16), or the reverse.
-        kind = {16: "t2v", 36: "i2v"}
+        kind = {16: "t2v", 36: "i2v", TI2V_CHANNELS: "ti2v"}
         found = [
             (p.name, h["patch_embedding.weight"]["shape"])
             for p in files

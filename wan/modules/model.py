@@ -1,12 +1,17 @@
-"""The Wan2.1 diffusion transformer (DiT).
+"""The Wan2.1 / Wan2.2 diffusion transformer (DiT).
 
 Parameter names are the official checkpoint keys, so a release folder loads with strict=True.
 Precision follows the reference: weights may be fp32 or bf16, matmuls run in the autocast dtype,
 and the time embedding, the modulation sums, every residual update (the residual stream stays
 float32), all norms and the head run in float32.
 
+Wan2.2 uses the same network: the A14B experts are Wan2.1 14B DiTs (I2V-A14B without the CLIP
+image branch: `image_dim=None`), TI2V-5B a t2v-shaped DiT on 48 latent channels whose timestep may
+differ per token (the first latent frame of an image-conditioned video is at t = 0).
+
 Shapes: B batch, C channels, F/H/W latent frames/height/width, S = f*h*w tokens after patchify,
-L text tokens (text_len), D model width (dim).
+L text tokens (text_len), D model width (dim), T the rows of the time embedding: 1 (one timestep a
+sample) or S (one a token).
 """
 
 import dataclasses
@@ -26,10 +31,19 @@ from wan.modules.precision import autocast_for_weights
 ROPE_MAX_POSITIONS = 1024  # positions per axis in the reference RoPE tables
 CLIP_DIM = 1280  # width of the I2V image features (open-clip ViT-H/14)
 RELEASE_TOKENS = 21 * 30 * 52  # 81 frames of 480x832: 32,760 tokens
+# t2v: text only; i2v: y (mask + first-frame latents) concatenated to the input channels, and with
+# image_dim the CLIP image branch (Wan2.1; Wan2.2's I2V-A14B has none); ti2v (Wan2.2 TI2V-5B): a t2v
+# network whose first latent frame may be an image's latent, at timestep 0 (per-token timesteps).
+MODEL_TYPES = ("t2v", "i2v", "ti2v")
+
+
+def has_image_branch(config: dict) -> bool:
+    """Whether a DiT of `config` (WanModel keyword arguments) takes CLIP features: a Wan2.1 i2v model."""
+    return config.get("model_type", "t2v") == "i2v" and config.get("image_dim", CLIP_DIM) is not None
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Timesteps [B] -> [B, dim] as [cos, sin], computed in float64 as the reference does."""
+    """Timesteps [N] -> [N, dim] as [cos, sin], computed in float64 as the reference does."""
     half = dim // 2
     t = t.to(torch.float64)
     freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
@@ -215,7 +229,7 @@ class WanAttentionBlock(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [B, S, D] float32 residual stream
-        e0: torch.Tensor,  # [B, 6, D] float32 time projection
+        e0: torch.Tensor,  # [B, 6, D] float32 time projection, or [B, S, 6, D] with per-token timesteps
         context: torch.Tensor,  # [B, L, D]
         image_context: torch.Tensor | None,  # [B, 257, D] for i2v
         rope: tuple[torch.Tensor, ...],  # cos, sin [S, 1, d/2] (and under sequence parallel [S, 0])
@@ -231,7 +245,11 @@ class WanAttentionBlock(nn.Module):
         return self._forward(x, e0, context, image_context, rope)
 
     def _forward(self, x, e0, context, image_context, rope):
-        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e0).chunk(6, dim=1)
+        if e0.ndim == 3:
+            mods = (self.modulation.float() + e0).chunk(6, dim=1)  # 6 x [B, 1, D]
+        else:  # per-token timesteps
+            mods = [m.squeeze(2) for m in (self.modulation.float() + e0).chunk(6, dim=2)]  # 6 x [B, S, D]
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mods
         y = self.self_attn(self.norm1(x) * (1 + scale_sa) + shift_sa, rope)
         x = x + y.float() * gate_sa
         x = x + self.cross_attn(self.norm3(x), context, image_context).float()
@@ -247,8 +265,10 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.empty(1, 2, dim))
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        # The head modulates with e (the time embedding), not with e0.
-        shift, scale = (self.modulation.float() + e.unsqueeze(1)).chunk(2, dim=1)
+        # The head modulates with e (the time embedding [B, D] or [B, S, D]), not with e0.
+        shift, scale = (self.modulation.float() + e.unsqueeze(-2)).chunk(2, dim=-2)
+        if e.ndim == 3:  # per-token timesteps: [B, S, 1, D] -> [B, S, D]
+            shift, scale = shift.squeeze(-2), scale.squeeze(-2)
         return fp32_linear(self.head, self.norm(x) * (1 + scale) + shift)
 
 
@@ -270,7 +290,8 @@ class MLPProj(nn.Module):
 
 
 class WanModel(nn.Module):
-    """The Wan2.1 DiT. Keyword names are the official config.json names."""
+    """The Wan DiT. Keyword names are the official config.json names, plus image_dim: the CLIP
+    feature width of an i2v model's image branch, None for an i2v model without one (Wan2.2)."""
 
     def __init__(
         self,
@@ -287,13 +308,13 @@ class WanModel(nn.Module):
         num_heads: int = 16,
         num_layers: int = 32,
         eps: float = 1e-6,
-        image_dim: int = CLIP_DIM,
+        image_dim: int | None = CLIP_DIM,
     ):
         super().__init__()
         patch_size = tuple(int(p) for p in patch_size)
         problems = []
-        if model_type not in ("t2v", "i2v"):
-            problems.append(f"model_type must be 't2v' or 'i2v', got {model_type!r}")
+        if model_type not in MODEL_TYPES:
+            problems.append(f"model_type must be one of {', '.join(MODEL_TYPES)}, got {model_type!r}")
         if len(patch_size) != 3:
             problems.append(f"patch_size must have 3 entries (t, h, w), got {patch_size}")
         if dim % num_heads:
@@ -310,9 +331,10 @@ class WanModel(nn.Module):
             ffn_dim=ffn_dim, freq_dim=freq_dim, text_dim=text_dim, out_dim=out_dim, num_heads=num_heads,
             num_layers=num_layers, eps=eps,
         )  # fmt: skip
-        if image_dim != CLIP_DIM:  # not an official field: written only when a tiny test model needs it
+        if image_dim != CLIP_DIM:  # not an official field: written for tiny test models and Wan2.2 i2v
             self.config["image_dim"] = image_dim
-        self.image_dim = image_dim
+        with_image = model_type == "i2v" and image_dim is not None
+        self.image_dim = image_dim if with_image else None  # None: no CLIP input
         self.model_type = model_type
         self.patch_size = patch_size
         self.text_len = text_len
@@ -325,7 +347,6 @@ class WanModel(nn.Module):
         self.text_embedding = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
         self.time_embedding = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
-        with_image = model_type == "i2v"
         self.blocks = nn.ModuleList(
             WanAttentionBlock(dim, ffn_dim, num_heads, eps, with_image) for _ in range(num_layers)
         )
@@ -413,17 +434,21 @@ class WanModel(nn.Module):
         clip_fea: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x [B, in_dim - C_y, F, H, W] latents, t [B] timesteps in [0, 1000), context
-        [B, L <= text_len, text_dim], clip_fea [B, 257, image_dim=1280] and y [B, C_y, F, H, W] for i2v.
+        """x [B, in_dim - C_y, F, H, W] latents; t timesteps in [0, 1000): [B], or [B, S] one per token
+        (S = the tokens after patchify, in (f, h, w) order: Wan2.2 TI2V); context
+        [B, L <= text_len, text_dim]; y [B, C_y, F, H, W] for i2v, and clip_fea [B, 257, image_dim]
+        when the model has an image branch (image_dim, Wan2.1 i2v).
         Returns the velocity prediction [B, out_dim, F, H, W] in float32."""
         with autocast_for_weights(x.device.type, self.patch_embedding.weight.dtype):
             return self._forward(x, t, context, clip_fea, y)
 
     def _forward(self, x, t, context, clip_fea, y):
-        if self.model_type == "i2v" and (clip_fea is None or y is None):
-            raise ValueError("an i2v WanModel needs clip_fea [B, 257, 1280] and y (mask + first-frame latents)")
-        if self.model_type == "t2v" and clip_fea is not None:
-            raise ValueError("clip_fea was given to a t2v WanModel, which has no image embedding (img_emb)")
+        with_image = self.image_dim is not None
+        if self.model_type == "i2v" and (y is None or (with_image and clip_fea is None)):
+            need = "clip_fea [B, 257, 1280] and y" if with_image else "y"
+            raise ValueError(f"an i2v WanModel needs {need} (mask + first-frame latents)")
+        if not with_image and clip_fea is not None:
+            raise ValueError(f"clip_fea was given to a {self.model_type} WanModel without an image embedding (img_emb)")
         if clip_fea is not None and (clip_fea.ndim != 3 or clip_fea.shape[-1] != self.image_dim):
             raise ValueError(f"clip_fea must be [B, 257, {self.image_dim}], got {list(clip_fea.shape)}")
         if y is not None:
@@ -437,24 +462,33 @@ class WanModel(nn.Module):
         if context.shape[1] > self.text_len:
             raise ValueError(f"context has {context.shape[1]} tokens, more than text_len={self.text_len}")
         grid = (f // pt, h // ph, w // pw)
+        num_tokens = math.prod(grid)
+        if t.ndim == 2 and tuple(t.shape) != (b, num_tokens):
+            raise ValueError(f"per-token timesteps must be [B, S] = [{b}, {num_tokens}], got {list(t.shape)}")
+        if t.ndim > 2 or (t.ndim < 2 and t.numel() not in (1, b)):
+            raise ValueError(f"timesteps must be [B] = [{b}] or per token [B, S], got {list(t.shape)}")
 
         # The residual stream is float32 from here to the head.
         x = self.patch_embedding(x).flatten(2).transpose(1, 2).float().contiguous()  # [B, S, D]
-
-        t = t.reshape(-1).expand(b)
-        e = fp32_mlp(self.time_embedding, sinusoidal_embedding(t, self.freq_dim))  # [B, D]
-        e0 = fp32_mlp(self.time_projection, e).unflatten(1, (6, self.dim))  # [B, 6, D]
 
         # Zero rows to text_len: cross-attention sees all rows without a mask, as in the release.
         if context.shape[1] < self.text_len:  # F.pad copies even when there is nothing to pad
             context = F.pad(context, (0, 0, 0, self.text_len - context.shape[1]))
         context = self.text_embedding(context)  # [B, L, D]
-        image_context = self.img_emb(clip_fea) if self.model_type == "i2v" else None  # [B, 257, D]
+        image_context = self.img_emb(clip_fea) if with_image else None  # [B, 257, D]
 
         rope = self.rope(grid)
         sp = self.sequence_parallel
         if sp is not None:  # this rank's share of the tokens from here to the head: [B, S_pad/N, D]
             x, rope = sp.shard(x, rope)
+            if t.ndim == 2:
+                t = sp.shard_rows(t)  # [B, S_pad/N]: this rank's tokens' timesteps
+
+        # One embedding row per timestep: e [B, D] and e0 [B, 6, D], or per token [B, S, D], [B, S, 6, D].
+        rows = t.shape[1:] if t.ndim == 2 else ()
+        t = t.reshape(-1).expand(b) if t.ndim < 2 else t.reshape(-1)
+        e = fp32_mlp(self.time_embedding, sinusoidal_embedding(t, self.freq_dim)).view(b, *rows, self.dim)
+        e0 = fp32_mlp(self.time_projection, e).unflatten(-1, (6, self.dim))
         grad_on = torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             if grad_on and i in self.checkpointed_blocks and self.checkpoint_policy.mode == "full":
@@ -464,7 +498,7 @@ class WanModel(nn.Module):
 
         x = self.head(x, e)  # [B, S, pt*ph*pw*out_dim], float32
         if sp is not None:
-            x = sp.gather(x, math.prod(grid))
+            x = sp.gather(x, num_tokens)
         return self.unpatchify(x, grid)
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
@@ -524,7 +558,8 @@ def _mark_dynamic_tokens(compiled, x, e0, context, image_context, rope):
     """Call a compiled block with its batch and token dimensions marked dynamic. maybe_mark_dynamic:
     a dimension the compiler must specialise (a kernel's shape check) costs a graph per value, as
     without the marks, rather than an error."""
-    for tensor, dims in ((x, [0, 1]), (e0, 0), (context, 0), (image_context, 0), *((t, 0) for t in rope)):
+    e0_dims = [0, 1] if e0.ndim == 4 else 0  # per-token timesteps: e0 [B, S, 6, D]
+    for tensor, dims in ((x, [0, 1]), (e0, e0_dims), (context, 0), (image_context, 0), *((t, 0) for t in rope)):
         if tensor is not None:
             torch._dynamo.maybe_mark_dynamic(tensor, dims)
     return compiled(x, e0, context, image_context, rope)
@@ -554,7 +589,7 @@ def saved_bytes_per_block(
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     dim, heads, text_len = config["dim"], config["num_heads"], config.get("text_len", 512)
-    with_image = config.get("model_type", "t2v") == "i2v"
+    with_image = has_image_branch(config)
     with FakeTensorMode(), torch.device("cpu"):
         block = WanAttentionBlock(dim, config["ffn_dim"], heads, config.get("eps", 1e-6), with_image)
         block.train()

@@ -115,6 +115,16 @@ class SequenceParallel:
         # [B, S, D] alive as long as the first block's saved input (1.5 GB a sample at 720p on the 14B).
         return x[:, rows].clone(), (rope[0][rows].clone(), rope[1][rows].clone(), count)
 
+    def shard_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-token tensor [B, S, ...] (Wan2.2's per-token timesteps) -> this rank's rows
+        [B, S_pad/N, ...], the padding rows zero: the rows `shard` keeps of x."""
+        num_tokens = t.shape[1]
+        local = self.padded(num_tokens) // self.size
+        pad = self.padded(num_tokens) - num_tokens
+        if pad:
+            t = torch.cat([t, t.new_zeros(t.shape[0], pad, *t.shape[2:])], dim=1)
+        return t[:, self.rank * local : (self.rank + 1) * local].clone()
+
     def to_heads(self, t: torch.Tensor, num_tokens: int) -> torch.Tensor:
         """[B, S_pad/N, H, d] -> [B, S, H/N, d]: every real token, this rank's heads."""
         return all_to_all(t, self.group, split_dim=2, cat_dim=1, traffic=self.traffic)[:, :num_tokens]
