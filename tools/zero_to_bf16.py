@@ -32,6 +32,11 @@ exact; otherwise they are upcast, with a warning.
 --ema writes the run's exponential moving average of the trainable weights (train/ema.py: assembled from
 every rank's ema/ file) in place of the trained ones; the frozen ones as always.
 
+Wan2.2 A14B (a run of both experts, or of one: the marker lists them): each expert's engine saved into
+CKPT_DIR/high/ and CKPT_DIR/low/; OUT_DIR gets the release's layout, high_noise_model/ and
+low_noise_model/ (with --format diffusers: transformer/ and transformer_2/), each a DiT folder as above,
+and a folder that [model] transformer_path or tools/sample.py --transformer take whole.
+
 A LoRA run's checkpoint holds its adapters only: the output is the base DiT with each adapter merged
 into the weight it adapts (W + lora_scale x network_alpha / rank x B @ A, in float32), i.e. the model
 the run validated. tools/export_lora.py writes the adapter alone instead.
@@ -73,11 +78,14 @@ from train.engines.base import TensorSource  # noqa: E402
 from train.engines.deepspeed_reader import TAG as DEEPSPEED_TAG  # noqa: E402
 from train.models import DiTWeights  # noqa: E402
 from wan import WanModel, dit_preset  # noqa: E402
+from wan.configs import EXPERTS  # noqa: E402
 from wan.modules.dit_weights import (  # noqa: E402
     CONFIG_NAME,
+    EXPERT_FOLDERS,
     WEIGHTS_NAME,
     diffusers_config,
     diffusers_to_official_key,
+    expert_folders,
     official_to_diffusers_key,
     read_dit_folder,
 )
@@ -104,6 +112,13 @@ class Checkpoint:
     world_size: int
     engine: str
     run_config: dict  # config.toml, parsed ({} when absent)
+    experts: tuple[str, ...] = ()  # a Wan2.2 A14B run's trained experts (their sub-folders)
+
+    def expert(self, name: str) -> "Checkpoint":
+        """The checkpoint of one A14B expert: its engine's files are in path/<expert>/."""
+        if name not in self.experts:
+            raise ValueError(f"{self.path}: holds the experts {list(self.experts)}, not {name!r}")
+        return Checkpoint(self.path / name, self.step, self.world_size, self.engine, self.run_config, ())
 
 
 def open_checkpoint(path: Path) -> Checkpoint:
@@ -119,7 +134,8 @@ def open_checkpoint(path: Path) -> Checkpoint:
     if engine not in REGISTRY or REGISTRY[engine].checkpoint_reader is None:
         readable = [name for name, traits in REGISTRY.items() if traits.checkpoint_reader is not None]
         raise ValueError(f"{path / MARKER_FILE}: engine {engine!r} is not one of {', '.join(readable)}")
-    return Checkpoint(path, marker["step"], marker["world_size"], engine, run_config)
+    experts = tuple(marker.get("experts", ()))
+    return Checkpoint(path, marker["step"], marker["world_size"], engine, run_config, experts)
 
 
 def checkpoint_sources(ckpt: Checkpoint, tag: str | None) -> dict[str, TensorSource]:
@@ -141,7 +157,7 @@ class Base:
     """The model the run started from: its config (always needed) and, only when the checkpoint lacks
     a tensor, its weights (train/models.py DiTWeights, built on first use)."""
 
-    def __init__(self, ckpt: Checkpoint, base: str | None):
+    def __init__(self, ckpt: Checkpoint, base: str | None, expert: str | None = None):
         if base is None and not ckpt.run_config:
             raise ValueError(
                 f"{ckpt.path / CONFIG_FILE}: missing, so the DiT the run trained is unknown; "
@@ -154,6 +170,11 @@ class Base:
         self.folder = base or (model_cfg[key] if key else "")
         if base is not None and not Path(base).is_dir():
             raise ValueError(f"--base {base}: not a folder")
+        if expert is not None:  # an A14B expert: its folder of the run's base, its seed of the random init
+            self.seed += EXPERTS.index(expert)
+            experts = expert_folders(self.folder) if self.folder and Path(self.folder).is_dir() else None
+            if experts is not None:
+                self.folder = str(experts[expert])
         if self.folder:
             if not Path(self.folder).is_dir():
                 raise ValueError(
@@ -223,10 +244,21 @@ class CheckpointDiT:
     they adapt (W + lora_scale x alpha / r x B @ A, in float32). Everything is checked up front."""
 
     def __init__(
-        self, ckpt_dir: Path, base: str | None, tag: str | None = None, lora_scale: float = 1.0, ema: bool = False
+        self,
+        ckpt_dir: Path,
+        base: str | None,
+        tag: str | None = None,
+        lora_scale: float = 1.0,
+        ema: bool = False,
+        expert: str | None = None,
     ):
         self.ckpt = open_checkpoint(ckpt_dir)
-        self.base = Base(self.ckpt, base)
+        if self.ckpt.experts and expert is None:
+            raise ValueError(f"{ckpt_dir}: a Wan2.2 A14B checkpoint of the experts {list(self.ckpt.experts)}: name one")
+        if expert is not None:
+            self.ckpt = self.ckpt.expert(expert)
+            ckpt_dir = self.ckpt.path
+        self.base = Base(self.ckpt, base, expert)
         sources = checkpoint_sources(self.ckpt, tag)
         if ema:  # the average of the trainable weights (a LoRA run's: of its adapters) in their place
             sources.update(ema_sources(ckpt_dir))
@@ -307,10 +339,24 @@ def merge(
     lora_scale: float = 1.0,
     require_lora: bool = False,
     ema: bool = False,
+    expert: str | None = None,
 ) -> Summary:
-    """Merge checkpoint `ckpt_dir` into a DiT folder `out_dir`; see the module docstring."""
+    """Merge checkpoint `ckpt_dir` into a DiT folder `out_dir`; see the module docstring. A14B: one folder
+    per expert under out_dir (expert: the one to write now)."""
     start = time.monotonic()
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
+    if expert is None and open_checkpoint(ckpt_dir).experts:
+        layout = 0 if fmt == "official" else 1
+        parts = [
+            merge(ckpt_dir, out_dir / EXPERT_FOLDERS[e][layout], max_shard_size, dtype, fmt, base, tag, debug, log,
+                  lora_scale, require_lora, ema, expert=e)
+            for e in open_checkpoint(ckpt_dir).experts
+        ]  # fmt: skip
+        return Summary(
+            [f for p in parts for f in p.files], sum(p.tensors for p in parts), sum(p.params for p in parts),
+            sum(p.nbytes for p in parts), [n for p in parts for n in p.from_base], [n for p in parts for n in p.upcast],
+            time.monotonic() - start,
+        )  # fmt: skip
     if dtype not in OUT_DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(OUT_DTYPES)}, got {dtype!r}")
     if fmt not in ("official", "diffusers"):
@@ -318,12 +364,13 @@ def merge(
     limit = parse_size(max_shard_size)
     if out_dir.resolve() == ckpt_dir.resolve():
         raise ValueError(f"{out_dir}: the output folder must not be the checkpoint folder")
-    dit = CheckpointDiT(ckpt_dir, base, tag, lora_scale, ema)
+    dit = CheckpointDiT(ckpt_dir, base, tag, lora_scale, ema, expert)
     ckpt, model, expected = dit.ckpt, dit.model, dit.expected
     if require_lora and not dit.adapted:
         raise ValueError(f"{ckpt_dir}: --lora, but the checkpoint holds no LoRA adapter (a run without [lora])")
     log(
-        f"{ckpt_dir}: step {ckpt.step}, engine {ckpt.engine}, world size {ckpt.world_size}"
+        f"{ckpt.path}: step {ckpt.step}, engine {ckpt.engine}, world size {ckpt.world_size}"
+        + (f", the {expert}-noise expert" if expert else "")
         + (", the EMA weights" if ema else "")
     )
     out_dtype = OUT_DTYPES[dtype]

@@ -30,6 +30,7 @@ from train.data.loader import DataConfig
 from train.ema import EMAConfig
 from train.engines import DEFAULT_ENGINE, REGISTRY, engine_family, engine_names
 from train.engines.base import check_mixed_precision
+from train.experts import ExpertsConfig
 from train.flow import MODE_SCALE_RANGE, WEIGHTING_SCHEMES
 from train.lr import LR_SCHEDULERS
 from train.validation import ValidationConfig
@@ -407,6 +408,7 @@ class RunConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
 
     def problems(self) -> list[str]:
         out = [f"[{f.name}] {p}" for f in fields(self) for p in getattr(self, f.name).problems()]
@@ -691,8 +693,7 @@ def check_paths(cfg: RunConfig) -> list[str]:
     """Every file or folder the run reads that is missing, one line each: the release folder's files,
     transformer_path, vae_path, deepspeed_config, the data and its precomputed cache. Run before any data or
     model is read."""
-    from train.models import check_mode, release_files  # the release layout is the model loader's
-    from wan.modules.dit_weights import read_dit_folder
+    from train.models import check_mode, dit_source, release_files  # the release layout is the model loader's
 
     out = []
 
@@ -707,15 +708,15 @@ def check_paths(cfg: RunConfig) -> list[str]:
     if m.pretrained_model_name_or_path and need(m.pretrained_model_name_or_path, "pretrained_model_name_or_path",
                                                 "folder"):  # fmt: skip
         root = Path(m.pretrained_model_name_or_path).expanduser()
-        merged = Path(m.transformer_path).expanduser() if m.transformer_path else None
-        dit_folder = merged if merged is not None and merged.is_dir() else root  # a file replaces some tensors
-        try:  # a DiT of the other mode first: it explains a missing CLIP file better than the file list
-            _, dit, _ = read_dit_folder(dit_folder)
-            check_mode(dit.get("model_type", "t2v"), dit.get("in_dim", 16), m.train_mode, str(dit_folder))
-        except (ValueError, OSError) as err:
-            out.append(str(err))
+        dit = None
+        if not m.transformer_path or Path(m.transformer_path).exists():  # a missing one is reported below
+            try:  # a DiT of the other mode first: it explains a missing CLIP file better than the file list
+                dit, source = dit_source(m)[:2]
+                check_mode(dit.get("model_type", "t2v"), dit.get("in_dim", 16), m.train_mode, source)
+            except (ValueError, OSError) as err:
+                out.append(str(err))
         try:
-            release_files(root, m.train_mode == "i2v")
+            release_files(root, dit if dit is not None else {"model_type": "i2v" if m.train_mode == "i2v" else "t2v"})
         except ValueError as err:
             out.append(str(err))
     if m.transformer_path:
@@ -779,7 +780,35 @@ def check_run(cfg: RunConfig, device: torch.device, world_size: int | None) -> l
         out += _sequence_parallel_problems(cfg, world_size)
     if cfg.lora.enabled and not cfg.lora.problems():
         out += _lora_problems(cfg)
+    if not cfg.experts.problems() and not cfg.train.problems():
+        out += _experts_problems(cfg)
     return out
+
+
+def _experts_problems(cfg: RunConfig) -> list[str]:
+    """[experts] against the model: its keys need Wan2.2 A14B experts (but timestep_range), validation
+    sampling needs both experts, and each trained expert needs timesteps in timestep_range."""
+    from train.experts import ExpertPlan
+    from train.flow import FlowMatching
+    from train.models import model_boundary
+
+    e = cfg.experts
+    try:
+        boundary = model_boundary(cfg.model, e)
+    except (ValueError, OSError):
+        return []  # an unreadable DiT folder is check_paths' to report
+    if boundary is None:
+        if not e.is_default:
+            return ["[experts] train_experts, boundary and the per-expert learning rates need a Wan2.2 A14B model "
+                    "(two experts); this model has one DiT"]  # fmt: skip
+    elif len(e.train_experts) == 1 and cfg.validation.validation_prompts:
+        return [f"[validation] validation_prompts: sampling a video needs both A14B experts, but [experts] "
+                f"train_experts = {e.train_experts} builds one (train both, or sample after with tools/sample.py)"]  # fmt: skip
+    try:
+        ExpertPlan.build(e, FlowMatching.from_config(cfg.train), cfg.train.seed, boundary)
+    except ValueError as err:
+        return [str(err)]
+    return []
 
 
 def _lora_problems(cfg: RunConfig) -> list[str]:

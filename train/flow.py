@@ -151,13 +151,26 @@ class FlowMatching:
             raise ValueError(f"motion_sub_loss_ratio must be in [0, 1], got {self.motion_sub_loss_ratio}")
 
     def sample_sigmas(
-        self, seed: int, step: int, positions: Positions, global_size: int, device: torch.device | str | None = None
+        self,
+        seed: int,
+        step: int,
+        positions: Positions,
+        global_size: int,
+        device: torch.device | str | None = None,
+        quantiles: tuple[float, float] | None = None,
     ) -> torch.Tensor:
-        """Shifted sigmas [B] float32 in [SIGMA_EPS, 1 - SIGMA_EPS], one per global position."""
+        """Shifted sigmas [B] float32 in [SIGMA_EPS, 1 - SIGMA_EPS], one per global position.
+
+        quantiles (q_lo, q_hi): draw from the density restricted to its quantiles [q_lo, q_hi] instead
+        (a timestep range: a Wan2.2 expert's, or [experts] timestep_range; see `quantile_range`): the
+        position's uniform draw v (stratified under uniform_sampling) becomes the sigma at quantile
+        q_lo + v (q_hi - q_lo), so each sigma of the range keeps its relative density."""
         seed, step, global_size = operator.index(seed), operator.index(step), operator.index(global_size)
         positions = _ints("positions", positions)
         if global_size < 1 or any(not 0 <= p < global_size for p in positions):
             raise ValueError(f"positions must lie in [0, global_size={global_size}), got {positions}")
+        if quantiles is not None:
+            return self._sample_in_quantiles(seed, step, positions, global_size, quantiles).to(device)
         u = torch.empty(len(positions), dtype=torch.float64)
         for i, p in enumerate(positions):
             g = _generator("flow.sigma", seed, step, p)
@@ -173,6 +186,43 @@ class FlowMatching:
                 u[i] = torch.rand((), generator=g, dtype=torch.float64)
         sigmas = shift_sigma(u, self.shift).clamp(SIGMA_EPS, 1 - SIGMA_EPS)  # float64 until here
         return sigmas.float().to(device)
+
+    def _sample_in_quantiles(
+        self, seed: int, step: int, positions: list[int], global_size: int, quantiles: tuple[float, float]
+    ) -> torch.Tensor:
+        q_lo, q_hi = quantiles
+        if not 0 <= q_lo < q_hi <= 1:
+            raise ValueError(f"quantiles must satisfy 0 <= q_lo < q_hi <= 1, got {quantiles}")
+        out = torch.empty(len(positions), dtype=torch.float64)
+        for i, p in enumerate(positions):
+            v = torch.rand((), generator=_generator("flow.sigma", seed, step, p), dtype=torch.float64).item()
+            if self.uniform_sampling:
+                v = (p + v) / global_size
+            out[i] = self._quantile(q_lo + v * (q_hi - q_lo))
+        return out.float()
+
+    def _quantile(self, q: float) -> float:
+        """sigma_quantile on the closed interval [0, 1] (its ends: the clamped ends of the sigmas)."""
+        return self.sigma_quantile(min(max(q, 1e-15), 1 - 1e-15))
+
+    def sigma_cdf(self, sigma: float) -> float:
+        """P(a drawn sigma < sigma), in float64: the inverse of sigma_quantile, by bisection (it is
+        monotone), for a timestep range's share of the training density."""
+        if sigma <= SIGMA_EPS:
+            return 0.0
+        if sigma >= 1 - SIGMA_EPS:
+            return 1.0
+        lo, hi = 0.0, 1.0
+        for _ in range(64):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if self._quantile(mid) < sigma else (lo, mid)
+        return (lo + hi) / 2
+
+    def quantile_range(self, t_min: float, t_max: float) -> tuple[float, float]:
+        """The quantiles (q_lo, q_hi) of the timesteps [t_min, t_max) under the training density: their
+        difference is the range's probability; sample_sigmas(quantiles=...) draws within it."""
+        n = self.num_train_timesteps
+        return self.sigma_cdf(t_min / n), self.sigma_cdf(t_max / n)
 
     def sample_noise(
         self,

@@ -82,9 +82,9 @@ class InputBuilder:
         m, low_vram = self.models, self.cfg.model.low_vram
         x0 = encode_latents(m.vae, pixels, self.cfg.model.vae_mini_batch, offload=low_vram)
         inputs = {"x0": x0.float(), "context": m.text(text, device=self.layout.device)}
-        if m.clip is not None:
+        if self.cfg.model.train_mode == "i2v":  # CLIP features too for a Wan2.1 i2v DiT (Wan2.2's has none)
             y, clip_fea = encode_i2v_condition(m.vae, m.clip, pixels[:, :, 0], pixels.shape[2], offload=low_vram)
-            inputs.update(y=y, clip_fea=clip_fea)
+            inputs.update(y=y, **({"clip_fea": clip_fea} if clip_fea is not None else {}))
         return inputs
 
     def copies(self, pixels_shape: torch.Size) -> int:
@@ -97,9 +97,10 @@ class InputBuilder:
         _, _, f, h, w = pixels_shape  # [B, 3, F, H, W]
         return token_length_repeats(f, h, w, d.token_sample_size, d.video_sample_n_frames)
 
-    def build(self, batch: dict, micro: int, step: int) -> DiTInputs:
+    def build(self, batch: dict, micro: int, step: int, quantiles: tuple[float, float] | None = None) -> DiTInputs:
         """Micro-step `micro` of optimizer step `step` (0-based: the steps done before it); the batch's
-        pixels are on the device in the VAE's layout and leave the batch here."""
+        pixels are on the device in the VAE's layout and leave the batch here. quantiles: the step's
+        timestep range (train/experts.py), None for the whole density."""
         copies = self.copies(batch["pixels"].shape if "pixels" in batch else batch["pixel_shape"])
         if "pixels" in batch:
             with self.timer.section("encode"):
@@ -118,7 +119,7 @@ class InputBuilder:
             positions = [p + c * global_size for c in range(copies) for p in positions]
             global_size *= copies
         x0, seed, device = inputs["x0"], self.cfg.train.seed, self.layout.device
-        sigmas = self.flow.sample_sigmas(seed, step, positions, global_size).to(device)
+        sigmas = self.flow.sample_sigmas(seed, step, positions, global_size, quantiles=quantiles).to(device)
         noise = self.flow.sample_noise(seed, step, positions, tuple(x0.shape[1:])).to(device)
         return DiTInputs(
             x_t=self.flow.add_noise(x0, noise, sigmas), t=self.flow.timesteps(sigmas), target=self.flow.target(x0, noise),

@@ -55,19 +55,21 @@ from train.distributed import (
     init_distributed,
     write_whole_lines,
 )
-from train.ema import EMA
 from train.engines import StepResult
+from train.engines.experts import ExpertEngines
 from train.eval_loss import build_eval_loss
+from train.experts import ExpertPlan
 from train.flops import device_peak_tflops, micro_batch_flops
 from train.flow import FlowMatching
 from train.guard import release_output_dir
 from train.inputs import InputBuilder
 from train.metrics import StepStats, StepTimer, build_metrics
-from train.models import CompileWatch
+from train.models import CompileWatch, model_boundary
 from train.resume import check_resumable, report_resume_changes
 from train.setup import (
     build_checkpointer,
     build_data,
+    build_ema,
     build_training,
     build_validation,
     prepare_output_dir,
@@ -129,13 +131,17 @@ class Trainer:
         if resume is not None:  # before minutes of model building
             check_resumable(cfg, resume.path, resume.marker, self.world_size, self.sampler)
             report_resume_changes(cfg, resume.path, self.log)
-        self.engine, self.models, recipe = build_training(cfg, layout, self.total_steps, self.log)
+        # Wan2.2 A14B: which expert each step trains and the timesteps it draws (train/experts.py); also a
+        # timestep_range's draws. None: a single DiT on the whole range.
+        self.plan = ExpertPlan.build(cfg.experts, self.flow, cfg.train.seed, model_boundary(cfg.model, cfg.experts))
+        self.engine, self.models, recipe = build_training(cfg, layout, self.total_steps, self.log, self.plan)
+        self.expert_engines = self.engine if isinstance(self.engine, ExpertEngines) else None
         self.dit_config = recipe.config  # the step's FLOPs are counted from it (train/flops.py)
         self.compile_watch = CompileWatch() if cfg.model.compile else None  # graphs torch.compile makes, logged
         self.state = TrainerState(tracker=self.tracker)
         # The average of the trainable weights ([ema]): taken of the starting weights, registered with the
         # checkpointer (a resume reloads it), folded in after every applied update.
-        self.ema = EMA(cfg.ema, self.engine, layout.rank, layout.world_size) if cfg.ema.enabled else None
+        self.ema = build_ema(cfg, self.engine, layout, self.plan)
         self.checkpointer = build_checkpointer(
             cfg, self.out, layout, self.engine, self.state, self.sampler, recipe.config, self.ema
         )
@@ -224,7 +230,8 @@ class Trainer:
         return {**batch, "pixels": pixels}  # the shared buffer went back to its worker with the pop
 
     def micro_step(self, batch: dict, micro: int) -> MicroStats:
-        x = self.inputs.build(batch, micro, self.state.step)
+        quantiles = self.plan.quantiles(self.plan.expert_of(self.state.step)) if self.plan is not None else None
+        x = self.inputs.build(batch, micro, self.state.step, quantiles)
         started = time.perf_counter()
         with self.engine.micro_step(last=micro == self.accumulation - 1):
             with self.timer.section("forward"):
@@ -256,6 +263,8 @@ class Trainer:
             self.eval_loss.baseline(s.step)  # step 0 of a fresh run: the starting weights' eval loss
         for micro_batches in self.optimizer_steps():
             step_start = time.perf_counter()
+            if self.expert_engines is not None:  # the step's expert, the same on every rank
+                self.expert_engines.use(self.plan.expert_of(s.step))
             micro = [self.micro_step(batch, i) for i, batch in enumerate(micro_batches)]
             with self.timer.section("optimizer"):
                 result = self.engine.step()

@@ -20,13 +20,23 @@ from wan import (
     WanModel,
     WanTokenizer,
     WanVAE,
+    WanVAE22,
     dit_preset,
+    vae22_preset,
     vae_preset,
 )
+from wan.configs import A14B_BOUNDARY, EXPERT_PRESETS, EXPERTS
 from wan.encoders import TextEncoder, park_on_host
 from wan.modules.checkpointing import ActivationCheckpointing
-from wan.modules.dit_weights import WEIGHTS_NAME, diffusers_to_official_key, read_dit_folder
+from wan.modules.dit_weights import (
+    WEIGHTS_NAME,
+    diffusers_boundary,
+    diffusers_to_official_key,
+    expert_folders,
+    read_dit_folder,
+)
 from wan.modules.lora import LoRASpec, adapter_names, apply_lora, lora_initial_tensor
+from wan.modules.model import has_image_branch
 from wan.modules.safetensors_io import read_header, read_tensor, resolve_weight_files
 from wan.modules.state_dict_io import assign_tensor, check_entries
 from wan.modules.ulysses import SequenceParallel
@@ -35,6 +45,8 @@ log = logging.getLogger(__name__)
 
 # The file names of a release folder, as the official code opens them.
 VAE_FILE = "Wan2.1_VAE.pth"
+VAE22_FILE = "Wan2.2_VAE.pth"  # Wan2.2 TI2V-5B's (48 latent channels); the A14B releases hold Wan2.1's
+VAE22_CHANNELS = 48
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 TOKENIZER_DIR = "google/umt5-xxl"
 CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
@@ -44,9 +56,9 @@ CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
 class Models:
     """The frozen encoders; the DiT is built by the engine from a DiTRecipe."""
 
-    vae: WanVAE
+    vae: WanVAE | WanVAE22
     text: TextEncoder
-    clip: CLIPVision | None  # i2v only
+    clip: CLIPVision | None  # a Wan2.1 i2v DiT's only
 
 
 class DiTWeights:
@@ -233,26 +245,68 @@ class DiTRecipe:
         return model
 
 
-def dit_source(model_cfg) -> tuple[dict, str, str, str]:
+def expert_sources(model_cfg) -> dict[str, str] | None:
+    """Wan2.2 A14B: {expert: its DiT folder ("" for a preset's random weights)} for "high" and "low"
+    (train/experts.py); None for a model without experts. From transformer_path (a merged folder of
+    both, tools/zero_to_bf16.py's) or the release folder, else the preset (EXPERT_PRESETS)."""
+    m = model_cfg
+    folder = m.transformer_path if m.transformer_path and not Path(m.transformer_path).is_file() else ""
+    folder = folder or m.pretrained_model_name_or_path
+    if folder:
+        experts = expert_folders(folder) if Path(folder).is_dir() else None
+        return None if experts is None else {e: str(p) for e, p in experts.items()}
+    return dict.fromkeys(EXPERTS, "") if m.preset in EXPERT_PRESETS else None
+
+
+def dit_source(model_cfg, expert: str | None = None) -> tuple[dict, str, str, str]:
     """(WanModel kwargs, where they come from, the weights folder or "", the override file or ""): the
     DiT of transformer_path (a merged folder) or of the release folder, else [model] preset's. Reads
-    config.json only."""
+    config.json only. A14B: `expert`'s (default the high-noise one: both have the same config)."""
     m = model_cfg
     override = m.transformer_path if m.transformer_path and Path(m.transformer_path).is_file() else ""
+    experts = expert_sources(m)
+    if experts is not None:
+        if override:
+            raise ValueError(
+                f"transformer_path {override}: one file of DiT tensors, but the model has two experts "
+                "(Wan2.2 A14B): give a folder with high_noise_model/ and low_noise_model/ (tools/zero_to_bf16.py's)"
+            )
+        folder = experts[expert or EXPERTS[0]]
+        if folder:
+            return read_dit_folder(folder)[1], folder, folder, ""
+        return dit_preset(m.preset), f"preset {m.preset} ({expert or EXPERTS[0]}-noise expert)", "", ""
+    if expert is not None:
+        raise ValueError(f"expert {expert!r}: the model has no experts")
     folder = (m.transformer_path if not override else "") or m.pretrained_model_name_or_path
     if folder:
         return read_dit_folder(folder)[1], folder, folder, override
     return dit_preset(m.preset), f"preset {m.preset}", "", override
 
 
-def build_dit_recipe(model_cfg, seed: int, lora: LoRASpec | None = None, mixed_precision: str = "fp32") -> DiTRecipe:
+def model_boundary(model_cfg, experts_cfg) -> float | None:
+    """The A14B experts' boundary: [experts] boundary, else a diffusers folder's boundary_ratio, else the
+    release's for the model type; None for a model without experts."""
+    if expert_sources(model_cfg) is None:
+        return None
+    if experts_cfg.boundary:
+        return experts_cfg.boundary
+    root = model_cfg.pretrained_model_name_or_path
+    found = diffusers_boundary(root) if root else None
+    return found if found is not None else A14B_BOUNDARY[dit_source(model_cfg)[0].get("model_type", "t2v")]
+
+
+def build_dit_recipe(
+    model_cfg, seed: int, lora: LoRASpec | None = None, mixed_precision: str = "fp32", expert: str | None = None
+) -> DiTRecipe:
     """From the [model] section: the DiT of dit_source, checked against train_mode before anything loads
     (a preset's with random weights). A transformer_path that is one file (VideoX-Fun's) replaces the
     tensors it holds and keeps the rest. With a LoRA spec only the adapter trains, its frozen base held
-    in bf16 unless mixed_precision is fp32."""
+    in bf16 unless mixed_precision is fp32. expert: an A14B expert's (random weights: seeded per expert)."""
     m = model_cfg
-    config, source, folder, override = dit_source(m)
+    config, source, folder, override = dit_source(m, expert)
     check_mode(config.get("model_type", "t2v"), config.get("in_dim", 16), m.train_mode, source)
+    if expert is not None:
+        seed += EXPERTS.index(expert)  # two different random experts; each the same in any run
     return DiTRecipe(
         config=config, weights=DiTWeights(folder, config, seed, override), trainable_modules=m.trainable_modules,
         trainable_modules_low_learning_rate=m.trainable_modules_low_learning_rate,
@@ -311,10 +365,17 @@ class CompileWatch:
         return fresh
 
 
-def release_files(root: Path, i2v: bool) -> dict[str, Path]:
-    """The files the run needs from a release folder; every missing one listed in one error."""
-    files = {"dit": root, "vae": root / VAE_FILE, "t5": root / T5_FILE, "tokenizer": root / TOKENIZER_DIR}
-    if i2v:
+def uses_wan22_vae(dit_config: dict) -> bool:
+    """Whether the DiT works on the Wan2.2 VAE's latents (48 channels: TI2V-5B), not the Wan2.1 VAE's."""
+    return dit_config.get("out_dim", 16) == VAE22_CHANNELS
+
+
+def release_files(root: Path, dit_config: dict) -> dict[str, Path]:
+    """The files the run needs from a release folder for a DiT of `dit_config` (its VAE; CLIP for a
+    Wan2.1 i2v DiT); every missing one listed in one error."""
+    vae = VAE22_FILE if uses_wan22_vae(dit_config) else VAE_FILE
+    files = {"dit": root, "vae": root / vae, "t5": root / T5_FILE, "tokenizer": root / TOKENIZER_DIR}
+    if has_image_branch(dit_config):
         files["clip"] = root / CLIP_FILE
     missing = [str(p) for p in files.values() if not p.exists()]
     if missing:
@@ -328,11 +389,13 @@ def build_models(model_cfg, device: torch.device, seed: int) -> Models:
     `vae_path` replaces the release's VAE. The umT5 (11 GB at release size) is replicated on every rank
     under every engine: it is frozen, so no engine shards it."""
     m = model_cfg
-    i2v = m.train_mode == "i2v"
+    dit_config = dit_source(m)[0]
+    i2v, wan22_vae = has_image_branch(dit_config), uses_wan22_vae(dit_config)
+    vae_class = WanVAE22 if wan22_vae else WanVAE
     home = torch.device("cpu") if m.low_vram else device
     if m.pretrained_model_name_or_path:
-        files = release_files(Path(m.pretrained_model_name_or_path), i2v)
-        vae = WanVAE.from_pretrained(m.vae_path or files["vae"], dtype=torch.float32, device=home)
+        files = release_files(Path(m.pretrained_model_name_or_path), dit_config)
+        vae = vae_class.from_pretrained(m.vae_path or files["vae"], dtype=torch.float32, device=home)
         t5 = UMT5Encoder.from_pretrained(files["t5"], device=home)
         tokenizer = WanTokenizer(files["tokenizer"], max_length=m.tokenizer_max_length)
         clip = CLIPVision.from_pretrained(files["clip"], device=home) if i2v else None
@@ -341,7 +404,9 @@ def build_models(model_cfg, device: torch.device, seed: int) -> Models:
         torch.manual_seed(seed + 1)  # the same random encoders on every rank
         with torch.device(home):  # drawn where they run: the release sizes' random init is minutes on a CPU
             if m.vae_path:
-                vae = WanVAE.from_pretrained(m.vae_path, dtype=torch.float32, device=home)
+                vae = vae_class.from_pretrained(m.vae_path, dtype=torch.float32, device=home)
+            elif wan22_vae:
+                vae = WanVAE22(**vae22_preset("debug" if debug else "wan2.2"))
             else:
                 vae = WanVAE(**vae_preset("debug" if debug else "wan2.1"))
             t5 = UMT5Encoder(**T5_PRESETS["debug" if debug else "umt5-xxl"])

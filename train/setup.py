@@ -18,12 +18,15 @@ from train.distributed import ParallelLayout, barrier
 from train.ema import EMA
 from train.engines import Engine, EngineSetup, build_engine, engine_traits
 from train.engines.consolidated import ConsolidatedWeights
+from train.engines.experts import ExpertEngines
+from train.experts import ExpertEMA, ExpertPlan, PerExpert
 from train.guard import hold_output_dir
-from train.models import DiTRecipe, Models, build_dit_recipe, build_models
+from train.models import DiTRecipe, Models, build_dit_recipe, build_models, expert_sources
 from train.rng import RNGState
 from train.state import SamplerState, TrainerState, count_steps
 from train.validation import ValidationSampler, sampling_options
 from wan.modules.attention import device_label, set_attention_backend
+from wan.modules.dit_weights import EXPERT_FOLDERS
 from wan.modules.ulysses import SequenceParallel
 
 
@@ -87,10 +90,17 @@ def open_cache(cfg: RunConfig) -> CacheReader | None:
 
 
 def build_training(
-    cfg: RunConfig, layout: ParallelLayout, total_steps: int, log: Callable[[str], None]
+    cfg: RunConfig,
+    layout: ParallelLayout,
+    total_steps: int,
+    log: Callable[[str], None],
+    plan: ExpertPlan | None = None,
 ) -> tuple[Engine, Models | None, DiTRecipe]:
-    """The frozen encoders (None when the data come from a cache) and the engine with the DiT built from its recipe."""
+    """The frozen encoders (None when the data come from a cache) and the engine with the DiT built from its
+    recipe; for Wan2.2 A14B experts, ExpertEngines over an engine per trained expert (`plan`: which
+    steps each trains, its lr schedule's length)."""
     t, m, optim = cfg.train, cfg.model, cfg.optim
+    factor = 1
     if optim.scale_lr:  # VideoX-Fun's: the lr grows with the global batch (the config keeps the base lr)
         factor = t.train_batch_size * t.gradient_accumulation_steps * layout.dp_size
         optim = dataclasses.replace(optim, learning_rate=optim.learning_rate * factor)
@@ -113,13 +123,30 @@ def build_training(
             f"encoders: none loaded to train: the latents and text embeddings come from {cfg.data.latent_cache_dir} "
             "(validation and the eval loss load them while they run)"
         )
-    engine = build_engine(recipe, setup)
     trainable, total = recipe.parameter_counts()
-    log(
-        f"DiT on the {cfg.parallel.engine} engine: {trainable:,} of {total:,} parameters train "
-        f"({100 * trainable / total:.1f}%)"
-    )
-    return engine, models, recipe
+    if expert_sources(m) is None:
+        engine = build_engine(recipe, setup)
+        log(
+            f"DiT on the {cfg.parallel.engine} engine: {trainable:,} of {total:,} parameters train "
+            f"({100 * trainable / total:.1f}%)"
+        )
+        return engine, models, recipe
+    # Wan2.2 A14B: an engine per trained expert, each with its own lr and schedule over its own steps.
+    steps = plan.steps_of(total_steps)
+    engines = {}
+    for expert in plan.names:
+        lr = cfg.experts.learning_rate(expert, cfg.optim.learning_rate) * factor
+        own = dataclasses.replace(
+            setup, optim=dataclasses.replace(optim, learning_rate=lr), total_steps=max(steps[expert], 1)
+        )
+        expert_recipe = build_dit_recipe(m, t.seed, cfg.lora.spec, t.mixed_precision, expert=expert)
+        expert_recipe.sequence_parallel = recipe.sequence_parallel
+        engines[expert] = build_engine(expert_recipe, own)
+        log(
+            f"{expert}-noise expert on the {cfg.parallel.engine} engine: {trainable:,} of {total:,} parameters "
+            f"train, lr {lr:g}, {steps[expert]} of the {total_steps} steps ({plan.describe_one(expert)})"
+        )
+    return ExpertEngines(engines, plan.boundary), models, recipe
 
 
 def build_checkpointer(
@@ -130,23 +157,46 @@ def build_checkpointer(
     state: TrainerState,
     sampler,
     dit_config: dict,
-    ema: EMA | None = None,
+    ema: EMA | ExpertEMA | None = None,
 ) -> Checkpointer:
     """Every saved part registered once; load order = registration order: the RNG last, after everything
     that might draw."""
     checkpointer = Checkpointer(
         out, rank=layout.rank, world_size=layout.world_size, total_limit=cfg.checkpoint.checkpoints_total_limit,
-        config_text=config_to_toml(cfg), marker_info={"engine": cfg.parallel.engine},
+        config_text=config_to_toml(cfg), marker_info={"engine": cfg.parallel.engine, **experts_marker(engine)},
     )  # fmt: skip
     checkpointer.register_files("engine", engine)
     if ema is not None:
         checkpointer.register_files("ema", ema)
     if cfg.checkpoint.save_consolidated_weights:
-        checkpointer.register_files("consolidated", ConsolidatedWeights(engine, dit_config, lora=cfg.lora.spec))
+        if isinstance(engine, ExpertEngines):  # consolidated/high_noise_model/, low_noise_model/: a transformer_path
+            parts = {e: ConsolidatedWeights(eng, dit_config, lora=cfg.lora.spec, subfolder=EXPERT_FOLDERS[e][0])
+                     for e, eng in engine.engines.items()}  # fmt: skip
+            checkpointer.register_files("consolidated", PerExpert(parts, in_place=True))
+        else:
+            checkpointer.register_files("consolidated", ConsolidatedWeights(engine, dit_config, lora=cfg.lora.spec))
     checkpointer.register("trainer_state", state)
     checkpointer.register("sampler", SamplerState(sampler, state))
     checkpointer.register("rng", RNGState(), per_rank=True)
     return checkpointer
+
+
+def experts_marker(engine: Engine) -> dict:
+    """The checkpoint marker's record of an A14B run's trained experts (their sub-folders): a resume must
+    train the same ones."""
+    return {"experts": list(engine.engines)} if isinstance(engine, ExpertEngines) else {}
+
+
+def build_ema(
+    cfg: RunConfig, engine: Engine, layout: ParallelLayout, plan: ExpertPlan | None
+) -> EMA | ExpertEMA | None:
+    """[ema]: the average of the trainable weights; an A14B run's: one per expert, over its own steps."""
+    if not cfg.ema.enabled:
+        return None
+    if isinstance(engine, ExpertEngines):
+        emas = {e: EMA(cfg.ema, eng, layout.rank, layout.world_size) for e, eng in engine.engines.items()}
+        return ExpertEMA(emas, plan)
+    return EMA(cfg.ema, engine, layout.rank, layout.world_size)
 
 
 def build_validation(

@@ -35,7 +35,11 @@ DIT_PRESETS: dict[str, dict] = {
     "ti2v-5B": dict(
         _RELEASE, model_type="ti2v", in_dim=48, out_dim=48, dim=3072, ffn_dim=14336, num_heads=24, num_layers=30
     ),
-    # Tiny Wan2.2 shapes: an i2v model without CLIP, and a ti2v model on the debug Wan2.2 VAE's channels.
+    # Tiny Wan2.2 shapes: A14B experts (t2v, and i2v without CLIP), and a ti2v model on the debug Wan2.2
+    # VAE's channels.
+    "debug-t2v-A14B": dict(
+        _RELEASE, model_type="t2v", in_dim=16, dim=128, ffn_dim=256, num_heads=4, num_layers=2, text_dim=64
+    ),  # fmt: skip
     "debug-i2v-A14B": dict(
         _RELEASE,
         model_type="i2v",
@@ -59,6 +63,13 @@ DIT_PRESETS: dict[str, dict] = {
         text_dim=64,
     ),  # fmt: skip
 }
+
+
+# Wan2.2 A14B: the presets that are a pair of experts (high_noise_model/, low_noise_model/), and the
+# release's boundary by model_type: the high-noise expert serves the timesteps t >= boundary x 1000.
+EXPERT_PRESETS = ("t2v-A14B", "i2v-A14B", "debug-t2v-A14B", "debug-i2v-A14B")
+A14B_BOUNDARY = {"t2v": 0.875, "i2v": 0.900}
+EXPERTS = ("high", "low")  # the high-noise expert first: it denoises first
 
 
 def dit_preset(name: str) -> dict:

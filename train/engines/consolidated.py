@@ -23,9 +23,18 @@ class ConsolidatedWeights:
 
     FOLDER = "consolidated"
 
-    def __init__(self, engine: Engine, dit_config: dict, max_shard_size: str = "10GB", lora: LoRASpec | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        dit_config: dict,
+        max_shard_size: str = "10GB",
+        lora: LoRASpec | None = None,
+        subfolder: str = "",
+    ):
         self.engine, self.dit_config, self.max_shard_size = engine, dit_config, max_shard_size
         self.lora = lora  # a LoRA run: its adapters are merged into the weights written
+        # A Wan2.2 A14B expert's: consolidated/high_noise_model/ (the release's layout, a transformer_path).
+        self.folder = f"{self.FOLDER}/{subfolder}" if subfolder else self.FOLDER
 
     def save(self, folder: Path) -> list[str]:
         with torch.device("meta"):
@@ -37,7 +46,7 @@ class ConsolidatedWeights:
             for _ in stream:  # collective: gather alongside rank 0, write nothing
                 pass
             return []
-        out = folder / self.FOLDER
+        out = folder / self.folder
         out.mkdir(parents=True, exist_ok=True)
         items = [ShardItem(name, name, shape, torch.bfloat16) for name, shape in shapes.items()]
         shards = plan_shards(items, parse_size(self.max_shard_size), WEIGHTS_NAME)
@@ -60,7 +69,7 @@ class ConsolidatedWeights:
             files.append(index_name(WEIGHTS_NAME))
         write_json(out / CONFIG_NAME, {"_class_name": "WanModel", **self.dit_config})
         fsync_tree(out)
-        return [f"{self.FOLDER}/{name}" for name in [*files, CONFIG_NAME]]
+        return [f"{self.folder}/{name}" for name in [*files, CONFIG_NAME]]
 
     def load(self, folder: Path) -> None:
         pass  # an export: training resumes from the engine's own state

@@ -1,0 +1,87 @@
+"""Wan2.2 A14B: both experts trained in one run (train/experts.py, train/engines/experts.py).
+
+A joint run equals two single-expert runs fed the same draws, per expert, within 1e-6 (losses, learning
+rates and final weights; gloo, 2 ranks, ddp and fsdp: experts_worker.py); and a 2-rank zero3 joint run
+through train.main trains and resumes bit for bit, its checkpoint holding each expert in its folder.
+"""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from ranks import gloo_worker_results
+from safetensors.torch import load_file
+from train_runs import data, losses, torchrun
+
+from tools.zero_to_bf16 import merge
+from train.checkpoint_verify import find_latest
+from wan import WanModel
+from wan.modules.dit_weights import expert_folders
+
+__all__ = ["data"]  # a fixture
+
+WORKER = Path(__file__).with_name("experts_worker.py")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> tuple[list[dict], Path]:
+    out = tmp_path_factory.mktemp("experts")
+    return gloo_worker_results(WORKER, out), out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_joint_run_equals_two_single_expert_runs(results, engine):
+    ranks, out = results
+    for res in ranks:
+        entry = res[engine]
+        assert set(entry["experts"]) == {"high", "low"}  # both experts drawn over the 10 steps
+        for expert in ("high", "low"):
+            joint, single = entry["joint"][expert], entry[expert]
+            assert len(joint) == len(single) == entry["experts"].count(expert)
+            for a, b in zip(joint, single, strict=True):
+                assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=0) and a["lr"] == b["lr"]
+        # Each expert's schedule counts its own steps: the first step of each runs at the warmup's lr 0.
+        assert entry["joint"]["high"][0]["lr"] == entry["joint"]["low"][0]["lr"] == 0.0
+    for expert in ("high", "low"):
+        joint = load_file(out / f"{engine}_joint_{expert}.safetensors")
+        single = load_file(out / f"{engine}_single_{expert}.safetensors")
+        assert joint.keys() == single.keys()
+        for name in joint:
+            torch.testing.assert_close(joint[name], single[name], rtol=1e-6, atol=1e-6, msg=name)
+    high, low = (load_file(out / f"{engine}_joint_{e}.safetensors") for e in ("high", "low"))
+    assert not torch.equal(high["blocks.0.ffn.0.weight"], low["blocks.0.ffn.0.weight"])  # two experts
+
+
+A14B = ["--preset=debug-t2v-A14B", "--engine=zero3", "--stage3_param_persistence_threshold=0",
+        "--max_train_steps=6", "--checkpointing_steps=3", "--checkpoints_total_limit=0"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_zero3_joint_run_trains_and_resumes_bit_for_bit(data, tmp_path):
+    whole = tmp_path / "whole"
+    proc = torchrun(data, whole, *A14B, nproc=2)
+    assert "high-noise expert on the zero3 engine" in proc.stdout and "low-noise expert" in proc.stdout
+    la = losses(whole)
+    assert sorted(la) == list(range(1, 7)) and la[6] != la[1]
+    ckpt = find_latest(whole)
+    assert (ckpt / "high").is_dir() and (ckpt / "low").is_dir()
+    # The run as if stopped after step 3: its folder with checkpoint-3 only, resumed by the same command.
+    resumed = Path(shutil.copytree(whole, tmp_path / "resumed"))
+    shutil.rmtree(resumed / "checkpoint-6")
+    shutil.rmtree(resumed / "tensorboard")
+    proc = torchrun(data, resumed, *A14B, nproc=2)
+    assert "resumed from" in proc.stdout and "at step 3" in proc.stdout
+    lb = losses(resumed)
+    assert sorted(lb) == [4, 5, 6] and all(lb[s] == la[s] for s in lb), (la, lb)
+    # tools/zero_to_bf16.py writes both experts in the release's layout: the same weights, bit for bit.
+    for run in (whole, resumed):
+        merge(find_latest(run), tmp_path / f"{run.name}_merged", dtype="fp32", log=lambda _: None)
+    folders = [expert_folders(tmp_path / f"{run}_merged") for run in ("whole", "resumed")]
+    assert folders[0]["high"].name == "high_noise_model" and folders[0]["low"].name == "low_noise_model"
+    for expert in ("high", "low"):
+        a, b = (WanModel.from_pretrained(f[expert], dtype=None).state_dict() for f in folders)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    high, low = (WanModel.from_pretrained(folders[0][e], dtype=None).state_dict() for e in ("high", "low"))
+    assert not torch.equal(high["blocks.1.ffn.2.weight"], low["blocks.1.ffn.2.weight"])
