@@ -15,8 +15,9 @@ scaled and centre-cropped to the bucket the training would use for it, caption n
 once by the trainer's own `encode` (VAE latents, umT5 context; for i2v also y and the CLIP features)
 on rank i % world_size, and its inputs cached on that rank's CPU. Each evaluation is then DiT forwards
 only: clip i at quantile q is noised with sigma_q = `FlowMatching.sigma_quantile(q)` (the q-quantile of
-the training sigma density, shift included) and noise from a generator seeded by (validation_seed, i,
-q), independent of the step, the rank and the world size; its loss is the plain float32 MSE of the
+the training sigma density, shift included; a run on part of the timesteps, train/experts.py, takes the
+q-quantile of its range) and noise from a generator seeded by (validation_seed, i, q), independent of
+the step, the rank and the world size; its loss is the plain float32 MSE of the
 velocity (no loss weight and no motion term, so runs with other weighting schemes compare).
 
 Cost of one evaluation: clips x quantiles predictions, split over the ranks by clip; a clip's quantiles
@@ -162,6 +163,7 @@ class EvalLoss:
         output_dir: Path | None = None,
         encoders=contextlib.nullcontext,
         weights=contextlib.nullcontext,
+        quantile_range: tuple[float, float] | None = None,
     ):
         """encoders: a context manager factory under which `encode` works (the trainer's, which loads the
         encoders for the while when the run trains from a cache); weights: one under which the engine
@@ -170,7 +172,10 @@ class EvalLoss:
             raise ValueError("the eval loss needs at least one held-out clip")
         self.samples, self.data, self.flow = samples, data, flow
         self.quantiles = [float(q) for q in quantiles]
-        self.sigmas = [flow.sigma_quantile(q) for q in self.quantiles]
+        # A run on part of the timesteps (train/experts.py: one A14B expert, a timestep_range): the quantiles
+        # of the density it trains on, i.e. q of the range [q_lo, q_hi] of the whole density.
+        lo, hi = quantile_range or (0.0, 1.0)
+        self.sigmas = [flow.sigma_quantile(lo + q * (hi - lo)) for q in self.quantiles]
         self.seed, self.every, self.batch_size = seed, every, batch_size
         self.encode, self.engine, self.collective, self.device = encode, engine, collective, layout.device
         self.encoders, self.weights = encoders, weights
@@ -317,8 +322,13 @@ class EvalLoss:
             losses = self.forward(self.cache[clip], clip, qs).double().cpu()
             if fills:
                 table[clip, qs] = losses
-        for _ in range(pad):  # collective engines: as many forwards as the busiest rank, results discarded
-            clip, qs = mine[0] if mine else (0, [0])
+        q, b = len(self.quantiles), self.batch_size
+        groups = [list(range(j, min(j + b, q))) for j in range(0, q, b)]
+        for k in range(pad):  # collective engines: as many forwards as the busiest rank, results discarded
+            # The quantile group the busiest rank's forward of this index has (each clip's forwards walk the
+            # groups in order): A14B experts route by timestep, so every rank calls the same expert.
+            qs = groups[(len(mine) + k) % len(groups)]
+            clip = mine[0][0] if mine else 0
             self.forward(self.cache[clip] if mine else self.dummy, clip, qs)
         return table
 
@@ -417,6 +427,7 @@ def build_eval_loss(trainer, held_out: list[Sample]) -> EvalLoss | None:
         collective=engine_traits(cfg.parallel.engine).collective_inference or trainer.layout.sp_size > 1,
         layout=trainer.layout, metrics=trainer.metrics, start_step=trainer.state.step, output_dir=trainer.out,
         encoders=trainer.inputs.encoders, weights=trainer.eval_weights,
+        quantile_range=trainer.plan.overall_quantiles() if trainer.plan is not None else None,
     )  # fmt: skip
     evaluator.write_listing()
     return evaluator

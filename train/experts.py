@@ -154,6 +154,12 @@ class ExpertPlan:
             self._trace.append((expert, self._tally[expert]))
         return self._trace[step - 1]
 
+    def overall_quantiles(self) -> tuple[float, float] | None:
+        """The quantiles of all the run's timesteps (its experts' ranges meet), None for the whole density."""
+        lo = min(s.quantiles[0] for s in self.shares.values())
+        hi = max(s.quantiles[1] for s in self.shares.values())
+        return None if (lo, hi) == (0.0, 1.0) else (lo, hi)
+
     def quantiles(self, expert: str) -> tuple[float, float]:
         return self.shares[expert].quantiles
 

@@ -29,8 +29,8 @@ Model states per GPU (Ψ all DiT parameters, Ψt trainable, N GPUs, bf16 mixed p
   zero2    2Ψ (bf16 params) + (2 grads + 4 master + 8 AdamW) Ψt / N
   zero3    (2Ψ + (2 + 4 + 8) Ψt) / N
   fsdp     (4Ψ + (4 + 8) Ψt) / N  (fp32 shards are the master; bf16 is gathered per block)
-offload_optimizer moves master + AdamW to host memory, offload_param the parameter shards. fp32
-training: 4-byte params and grads, and DeepSpeed keeps an fp32 master apart from the fp32 params.
+Wan2.2 A14B: each trained expert's engine holds its own, so x 2 for both experts. offload_optimizer
+moves master + AdamW to host memory, offload_param the parameter shards. fp32 training: 4-byte params and grads, and DeepSpeed keeps an fp32 master apart from the fp32 params.
 
 The verdict: fits when the peak (states + max(activations + buffers, the largest encoder while
 encoding with low_vram)) + a CUDA context of 1 GiB is within gpu_memory x (1 - headroom). The table
@@ -68,6 +68,7 @@ from train.data.loader import longest_step_frames
 from train.distributed import ParallelLayout
 from train.engines import REGISTRY, engine_traits
 from train.engines.base import ModelStates
+from wan.modules.dit_weights import expert_folders
 from wan.modules.lora import LoRASpec, apply_lora
 from wan.modules.model import has_image_branch
 
@@ -164,12 +165,14 @@ def dit_config(cfg: RunConfig) -> tuple[dict, str]:
     m = cfg.model
     for folder in (m.transformer_path, m.pretrained_model_name_or_path):
         path = Path(folder) / "config.json" if folder else None
+        if path is not None and not path.is_file() and path.parent.is_dir():
+            experts = expert_folders(path.parent)  # Wan2.2 A14B: the experts share one config
+            path = experts["high"] / "config.json" if experts else path
         if path is not None and path.is_file():
             config = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
             return config, str(path)
     name = (m.pretrained_model_name_or_path or m.transformer_path).lower()
-    i2v = m.train_mode == "i2v"
-    guess = "i2v-14B" if "14b" in name and i2v else "14B" if "14b" in name else "1.3B" if "1.3b" in name else None
+    guess = _guess_preset(name, m.train_mode == "i2v")
     if guess:
         return dit_preset(guess), f"preset {guess} (from the name {name!r}; no config.json here)"
     return dit_preset(m.preset), f"preset {m.preset}"
@@ -226,19 +229,46 @@ def encoder_bytes(debug: bool, i2v: bool) -> dict[str, int]:
     return out
 
 
+def _guess_preset(name: str, i2v: bool) -> str | None:
+    """The release a folder name suggests (planning without the folder here)."""
+    if "a14b" in name:
+        return "i2v-A14B" if i2v else "t2v-A14B"
+    if "ti2v" in name or "5b" in name:
+        return "ti2v-5B"
+    if "14b" in name:
+        return "i2v-14B" if i2v else "14B"
+    return "1.3B" if "1.3b" in name else None
+
+
+def trained_experts(cfg: RunConfig) -> int:
+    """DiTs the run trains: a Wan2.2 A14B run's trained experts (each with its own engine), else 1."""
+    from train.models import expert_sources
+    from wan.configs import EXPERT_PRESETS
+
+    m = cfg.model
+    folder = m.transformer_path or m.pretrained_model_name_or_path
+    if folder and not Path(folder).exists():  # planned from the name alone
+        has_experts = _guess_preset(folder.lower(), m.train_mode == "i2v") in EXPERT_PRESETS
+    else:
+        has_experts = expert_sources(m) is not None
+    return len(cfg.experts.train_experts) if has_experts else 1
+
+
 def model_state_bytes(cfg: RunConfig, counts: dict, gpus: int) -> dict[str, float]:
     """Per-GPU bytes of the DiT's params, grads, master weights and AdamW state on the GPU, and what
     offloading puts in host memory ("host"): the engine's own formula (its traits' memory); with [ema], its
     float32 average of the trainable weights, 1/N of a copy on every engine (train/ema.py), on the GPU or
     (device = "cpu") the host."""
     layout = ParallelLayout.planned(gpus, cfg.parallel.sp)
+    experts = trained_experts(cfg)
     states = ModelStates(
         total=counts["total"], trainable=counts["trainable"], fp32=cfg.train.mixed_precision == "fp32", layout=layout,
         parallel=cfg.parallel, low_precision_frozen=cfg.lora.enabled and cfg.train.mixed_precision != "fp32",
     )  # fmt: skip
-    out = engine_traits(cfg.parallel.engine).memory(states)
+    # Wan2.2 A14B: every trained expert's engine holds its own states, sharded alike.
+    out = {k: v * experts for k, v in engine_traits(cfg.parallel.engine).memory(states).items()}
     if cfg.ema.enabled:
-        average = 4 * counts["trainable"] / layout.world_size
+        average = 4 * counts["trainable"] * experts / layout.world_size
         if cfg.ema.device == "cpu":
             out["host"] = out.get("host", 0.0) + average
         else:
@@ -525,6 +555,7 @@ def plan(cfg: RunConfig, gpus: int, gpu_memory: int, headroom: float = 0.1) -> t
                 driver)
         )  # fmt: skip
     info = {"config": config, "source": source, "counts": counts, "states": states, "encoders": encoders,
+            "experts": trained_experts(cfg),
             "limit": limit, "gpus": gpus, "gpu_memory": gpu_memory, "frame_cap": frame_cap,
             "frame_source": frame_source, "compiles": count_compiles(cfg, frame_cap=frame_cap),
             "compiles_static": count_compiles(cfg, dynamic_tokens=False, frame_cap=frame_cap)}  # fmt: skip
@@ -599,7 +630,8 @@ def report(cfg: RunConfig, rows: list[Row], info: dict) -> str:
     lines = [
         f"DiT {info['source']}: dim {c['dim']}, {c['num_layers']} blocks, {counts['total'] / 1e9:.2f} B parameters, "
         f"{counts['trainable'] / 1e9:.2f} B trainable"
-        + (f" (a LoRA adapter of rank {cfg.lora.rank}; the base frozen)" if cfg.lora.enabled else ""),
+        + (f" (a LoRA adapter of rank {cfg.lora.rank}; the base frozen)" if cfg.lora.enabled else "")
+        + (f"; x {info['experts']} Wan2.2 A14B experts, each with its engine" if info["experts"] > 1 else ""),
         f"engine {p.engine} on {info['gpus']} GPUs of {info['gpu_memory'] / GB:.0f} GB "
         f"(limit {info['limit'] / GB:.1f} GB with headroom), {cfg.train.mixed_precision}, checkpointing "
         f"{m.checkpoint_policy.describe()}, micro-batch {cfg.train.train_batch_size}"

@@ -73,7 +73,11 @@ class ValidationConfig:
     validation_inference_steps: int = 50
     """Denoising steps of each validation video."""
     validation_guidance_scale: float = 5.0
-    """Classifier-free guidance scale (the release's 5.0; 1.0 turns guidance off)."""
+    """Classifier-free guidance scale (the release's 5.0; 1.0 turns guidance off). Wan2.2 A14B: the
+    high-noise expert's (the release's 4.0 t2v, 3.5 i2v)."""
+    validation_guidance_scale_low: float = 0.0
+    """Wan2.2 A14B: the low-noise expert's guidance scale (the release's 3.0 t2v, 3.5 i2v); 0: as
+    validation_guidance_scale."""
     validation_shift: float = 0.0
     """Sampling sigma shift; 0: the training shift ([train] shift)."""
     validation_sampler: str = "unipc"
@@ -113,8 +117,9 @@ class ValidationConfig:
                 out.append(f"{n} must be a multiple of 16 (VAE 8x, patch 2x), got {getattr(self, n)}")
         if self.validation_num_frames and (self.validation_num_frames - 1) % 4:
             out.append(f"validation_num_frames must be 4k+1 (the VAE's 4x time), got {self.validation_num_frames}")
-        if not self.validation_guidance_scale >= 0:
-            out.append(f"validation_guidance_scale must be >= 0, got {self.validation_guidance_scale}")
+        for n in ("validation_guidance_scale", "validation_guidance_scale_low"):
+            if not getattr(self, n) >= 0:
+                out.append(f"{n} must be >= 0, got {getattr(self, n)}")
         if not self.validation_shift >= 0:
             out.append(f"validation_shift must be >= 0 (0: the training shift), got {self.validation_shift}")
         if self.validation_sampler not in SAMPLERS:
@@ -151,6 +156,7 @@ def sampling_options(
     options = SamplingOptions(
         num_frames=frames, height=config.validation_height or size, width=config.validation_width or size,
         num_inference_steps=config.validation_inference_steps, guidance_scale=config.validation_guidance_scale,
+        guidance_scale_low=config.validation_guidance_scale_low or None,
         shift=config.validation_shift or train_shift, sampler=config.validation_sampler,
         negative_prompt=config.validation_negative_prompt, seed=config.validation_seed,
     )  # fmt: skip

@@ -3,7 +3,8 @@ For each engine it builds, through train.setup.build_training as train.main does
 A14B run (both debug experts) and the two single-expert runs ([experts] train_experts = ["high"],
 ["low"]), and feeds them the same draws: the joint run every step of its plan (the step's expert drawn
 from (seed, step)), each single run the steps of its expert, in order. It records every step's loss
-and lr and, on rank 0, each expert's final weights.
+and lr and, on rank 0, each expert's final weights. It also measures the model-state bytes a rank holds
+in a joint bf16 run of a mid-size expert pair under zero3 and fsdp, beside train.plan's.
 
     experts_worker.py OUT RANK PORT
 
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from ranks import gloo_worker_main
 
@@ -24,7 +26,10 @@ from train.distributed import ParallelLayout
 from train.experts import ExpertPlan
 from train.flow import FlowMatching
 from train.models import model_boundary
+from train.plan import dit_config, model_state_bytes, param_counts
 from train.setup import build_training
+from wan import WanModel, dit_preset
+from wan.modules.dit_weights import EXPERT_FOLDERS
 
 ENGINES = sys.argv[4].split(",") if len(sys.argv) > 4 else ["ddp", "fsdp"]
 STEPS = 10
@@ -73,9 +78,33 @@ def weights(engine) -> dict[str, torch.Tensor]:
     return {n: t.detach().clone() for n, t in engine.full_state()}  # collective
 
 
+# A mid-size expert pair (about 17 M parameters each) for the model-state bytes: per rank, measured against
+# train.plan's formula for the same run.
+MID = dict(dit_preset("debug"), dim=512, ffn_dim=2048, num_heads=8, num_layers=4)
+
+
+def measure_states(out: Path, rank: int, layout: ParallelLayout, engine_name: str) -> dict:
+    folder = out / "midsize"
+    if rank == 0 and not folder.exists():
+        for seed, expert in enumerate(("high", "low")):
+            torch.manual_seed(seed)
+            WanModel(**MID).save_pretrained(folder / EXPERT_FOLDERS[expert][0])
+    dist.barrier()
+    cfg = config(engine_name, ["high", "low"])
+    cfg.model.transformer_path, cfg.train.mixed_precision = str(folder), "bf16"
+    engine, plan, flow = build(cfg, layout, 4)
+    for step, expert in enumerate(("high", "low")):  # AdamW's state exists after a step of each
+        engine.use(expert)
+        train_step(engine, draw(step, rank, plan.quantiles(expert), flow))
+    measured = sum(v for k, v in engine.model_state_bytes().items() if k != "buffers")
+    planned = sum(v for k, v in model_state_bytes(cfg, param_counts(cfg, dit_config(cfg)[0]), gpus=2).items()
+                  if k != "host")  # fmt: skip
+    return {"measured": measured, "planned": planned}
+
+
 def run(out: Path, rank: int) -> dict:
     layout = ParallelLayout.of_process_group(torch.device("cpu"))
-    res: dict = {}
+    res: dict = {"states": {e: measure_states(out, rank, layout, e) for e in ("zero3", "fsdp")}}
     for name in ENGINES:
         joint, plan, flow = build(config(name, ["high", "low"]), layout, STEPS)
         experts = [plan.expert_of(s) for s in range(STEPS)]

@@ -1,8 +1,10 @@
 """Wan2.2 A14B: both experts trained in one run (train/experts.py, train/engines/experts.py).
 
 A joint run equals two single-expert runs fed the same draws, per expert, within 1e-6 (losses, learning
-rates and final weights; gloo, 2 ranks, ddp and fsdp: experts_worker.py); and a 2-rank zero3 joint run
-through train.main trains and resumes bit for bit, its checkpoint holding each expert in its folder.
+rates and final weights; gloo, 2 ranks, ddp and fsdp: experts_worker.py); train.plan counts both experts'
+model states (measured on 2 ranks, bf16, a mid-size pair of 17 M-parameter experts: zero3 292.4 MiB a rank,
+planned 292.4; fsdp 292.6 and 292.4 MiB); and a 2-rank zero3 joint run through train.main trains and resumes
+bit for bit, its checkpoint holding each expert in its folder, tools/zero_to_bf16.py writing both.
 """
 
 import shutil
@@ -52,6 +54,32 @@ def test_joint_run_equals_two_single_expert_runs(results, engine):
             torch.testing.assert_close(joint[name], single[name], rtol=1e-6, atol=1e-6, msg=name)
     high, low = (load_file(out / f"{engine}_joint_{e}.safetensors") for e in ("high", "low"))
     assert not torch.equal(high["blocks.0.ffn.0.weight"], low["blocks.0.ffn.0.weight"])  # two experts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["zero3", "fsdp"])
+def test_plan_counts_both_experts_model_states(results, engine):
+    """train.plan's per-rank model-state bytes of a joint run (both experts' engines) against a measured
+    mid-size joint run (2 ranks, bf16), within 15%; and the release A14B's at 8 and 16 GPUs: both experts,
+    twice the 14B's."""
+    from train.config import load_config
+    from train.plan import dit_config, model_state_bytes, param_counts
+
+    for res in results[0]:
+        s = res["states"][engine]
+        assert s["planned"] == pytest.approx(s["measured"], rel=0.15), s
+    for gpus in (8, 16):
+        per_gpu = {}
+        for preset in ("t2v-A14B", "14B"):
+            cfg = load_config(
+                [f"--preset={preset}", f"--engine={engine}", "--train_data_dir=.", "--mixed_precision=bf16"]
+            )
+            states = model_state_bytes(cfg, param_counts(cfg, dit_config(cfg)[0]), gpus)
+            per_gpu[preset] = sum(v for k, v in states.items() if k != "host")
+        assert per_gpu["t2v-A14B"] == 2 * per_gpu["14B"]
+        # 16 bytes a parameter (bf16 params and grads, fp32 master and AdamW; fsdp: fp32 params and grads
+        # with AdamW), 14.29 B parameters an expert, over the GPUs.
+        assert per_gpu["t2v-A14B"] == pytest.approx(2 * 16 * 14.29e9 / gpus, rel=0.01)
 
 
 A14B = ["--preset=debug-t2v-A14B", "--engine=zero3", "--stage3_param_persistence_threshold=0",
