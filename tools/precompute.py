@@ -106,7 +106,7 @@ class Plan:
 
     def shape(self, i: int, variant: Variant) -> tuple[int, int, int, int]:
         """[F, H, W, 3] of sample i's pixels at a variant."""
-        height, width = bucket_table(variant.size)[self.keys[i][1]]
+        height, width = bucket_table(variant.size, self.cfg.data.bucket_side_multiple)[self.keys[i][1]]
         return (variant.frames, height, width, 3)
 
     def estimated_bytes(self, z_dim: int, i2v: bool) -> int:

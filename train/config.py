@@ -40,7 +40,7 @@ from wan.modules.attention import ATTENTION_BACKENDS, resolve_attention_backend
 from wan.modules.checkpointing import CHECKPOINTING_MODES, ActivationCheckpointing
 from wan.modules.lora import LORA_INITS, LoRASpec
 
-TRAIN_MODES = ("normal", "i2v")
+TRAIN_MODES = ("normal", "i2v", "ti2v")
 # String keys that also take a boolean (their older spelling): true / false -> these values.
 BOOLEAN_CHOICES: dict[tuple[str, str], dict[bool, str]] = {
     ("model", "gradient_checkpointing"): {True: "full", False: "none"},
@@ -124,7 +124,9 @@ class ModelConfig:
         # A random-weight DiT's input width (16 t2v, 36 i2v) must match the mode's latents.
         if not self.pretrained_model_name_or_path and self.preset in DIT_PRESETS:
             model_type = DIT_PRESETS[self.preset]["model_type"]
-            if (self.train_mode == "i2v") != (model_type == "i2v"):
+            from train.models import mode_fits
+
+            if not mode_fits(model_type, self.train_mode):
                 out.append(f"train_mode {self.train_mode!r} does not fit the {model_type} preset {self.preset!r}")
         return out
 
@@ -413,15 +415,18 @@ class RunConfig:
     def problems(self) -> list[str]:
         out = [f"[{f.name}] {p}" for f in fields(self) for p in getattr(self, f.name).problems()]
         v = self.validation
-        if v.validation_images and self.model.train_mode != "i2v":
+        if v.validation_images and self.model.train_mode == "normal":
             out.append(
-                '[validation] validation_images are first frames for train_mode = "i2v"; this run is text-to-video'
+                '[validation] validation_images are first frames for train_mode = "i2v" or "ti2v"; this run is '
+                "text-to-video"
             )
-        if self.model.train_mode == "i2v" and v.validation_prompts:
+        # i2v samples from first frames; ti2v from first frames when given, else from text alone.
+        if (self.model.train_mode == "i2v" or v.validation_images) and v.validation_prompts:
             n, m = len(v.validation_images), len(v.validation_prompts)
             if n not in (1, m):
                 out.append(
-                    f"[validation] i2v needs one validation image for all prompts or one per prompt ({m}), got {n}"
+                    f"[validation] {self.model.train_mode} needs one validation image for all prompts or one per "
+                    f"prompt ({m}), got {n}"
                 )
         if v.eval_holdout and self.data.train_data_meta == "" and self.data.train_data_dir == "":
             out.append("[validation] eval_holdout needs a training set to hold clips out of")
@@ -782,6 +787,27 @@ def check_run(cfg: RunConfig, device: torch.device, world_size: int | None) -> l
         out += _lora_problems(cfg)
     if not cfg.experts.problems() and not cfg.train.problems():
         out += _experts_problems(cfg)
+    out += _wan22_vae_problems(cfg)
+    return out
+
+
+def _wan22_vae_problems(cfg: RunConfig) -> list[str]:
+    """A DiT on the Wan2.2 VAE's latents (TI2V-5B: 16x spatial, so pixel sides are multiples of 32)."""
+    from train.models import dit_source, uses_wan22_vae
+
+    try:
+        config = dit_source(cfg.model)[0]
+    except (ValueError, OSError):
+        return []  # check_paths' to report
+    if not uses_wan22_vae(config):
+        return []
+    out = []
+    if cfg.data.bucket_side_multiple != 32:
+        out.append(f"[data] bucket_side_multiple = {cfg.data.bucket_side_multiple}: the DiT works on the Wan2.2 VAE's "
+                   "latents (16x spatial, patch 2), so pixel sides must be multiples of 32: set it to 32")  # fmt: skip
+    v = cfg.validation
+    out += [f"[validation] {n} = {getattr(v, n)} must be a multiple of 32 (the Wan2.2 VAE's 16x, patch 2)"
+            for n in ("validation_height", "validation_width") if getattr(v, n) % 32]  # fmt: skip
     return out
 
 

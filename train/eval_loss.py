@@ -67,6 +67,7 @@ from train.data.video import MediaError, decode_frames, load_image, resize_cover
 from train.distributed import ParallelLayout, all_gather_objects
 from train.engines import engine_traits
 from train.flow import FlowMatching
+from train.inputs import condition_first_frame
 
 EVAL_CLIPS_FILE = "eval_clips.json"
 EVAL_LOSS_FILE = "eval_loss.jsonl"  # one line per evaluation: step, loss, per_quantile, per_clip (float64)
@@ -81,11 +82,11 @@ def clip_shape(sample: Sample, data: DataConfig) -> tuple[int, int, int]:
     enable_bucket) and video_sample_n_frames frames (a shorter clip: the most 4k+1 frames it has)."""
     ratio = nearest_ratio(sample.height, sample.width) if data.enable_bucket else 1.0
     if sample.kind == "image":
-        return (1, *bucket_table(data.image_sample_size)[ratio])
+        return (1, *bucket_table(data.image_sample_size, data.bucket_side_multiple)[ratio])
     frames = data.video_sample_n_frames
     if sample.num_frames:
         frames = min(frames, valid_frame_count(sample.num_frames))
-    return (frames, *bucket_table(data.video_sample_size)[ratio])
+    return (frames, *bucket_table(data.video_sample_size, data.bucket_side_multiple)[ratio])
 
 
 def load_clip(sample: Sample, data: DataConfig) -> torch.Tensor:
@@ -164,6 +165,7 @@ class EvalLoss:
         encoders=contextlib.nullcontext,
         weights=contextlib.nullcontext,
         quantile_range: tuple[float, float] | None = None,
+        first_frame: bool = False,
     ):
         """encoders: a context manager factory under which `encode` works (the trainer's, which loads the
         encoders for the while when the run trains from a cache); weights: one under which the engine
@@ -177,6 +179,7 @@ class EvalLoss:
         lo, hi = quantile_range or (0.0, 1.0)
         self.sigmas = [flow.sigma_quantile(lo + q * (hi - lo)) for q in self.quantiles]
         self.seed, self.every, self.batch_size = seed, every, batch_size
+        self.first_frame = first_frame  # train_mode ti2v: each clip's first frame given, as training gives it
         self.encode, self.engine, self.collective, self.device = encode, engine, collective, layout.device
         self.encoders, self.weights = encoders, weights
         # Clips are split over the data-parallel ranks; a sequence group's ranks evaluate the same clips
@@ -302,15 +305,18 @@ class EvalLoss:
         x0 = x0.expand(k, *x0.shape[1:])
         noise = torch.stack([self.noise(clip, self.quantiles[j], tuple(x0.shape[1:])) for j in qs]).to(self.device)
         sigmas = torch.tensor([self.sigmas[j] for j in qs], dtype=torch.float32, device=self.device)
-        x_t = self.flow.add_noise(x0, noise, sigmas)
+        x_t, t = self.flow.add_noise(x0, noise, sigmas), self.flow.timesteps(sigmas)
         target = self.flow.target(x0, noise)
+        t_tokens, start = None, 0
+        if self.first_frame:
+            x_t, t_tokens, start = condition_first_frame(x0, x_t, t)
         rest = {name: inputs[name].to(self.device).expand(k, *inputs[name].shape[1:]) for name in ("y", "clip_fea")
                 if name in inputs}  # fmt: skip
         context = inputs["context"].to(self.device)
         pred = self.engine.inference_forward(
-            x_t, self.flow.timesteps(sigmas), context.expand(k, *context.shape[1:]).contiguous(), **rest
+            x_t, t if t_tokens is None else t_tokens, context.expand(k, *context.shape[1:]).contiguous(), **rest
         )
-        return (pred.float() - target).square().flatten(1).mean(1)
+        return (pred[:, :, start:].float() - target[:, :, start:]).square().flatten(1).mean(1)
 
     def evaluate(self) -> torch.Tensor:
         """This rank's [N, Q] float64 table: its clips' losses, zeros elsewhere."""
@@ -428,6 +434,7 @@ def build_eval_loss(trainer, held_out: list[Sample]) -> EvalLoss | None:
         layout=trainer.layout, metrics=trainer.metrics, start_step=trainer.state.step, output_dir=trainer.out,
         encoders=trainer.inputs.encoders, weights=trainer.eval_weights,
         quantile_range=trainer.plan.overall_quantiles() if trainer.plan is not None else None,
+        first_frame=cfg.model.train_mode == "ti2v",
     )  # fmt: skip
     evaluator.write_listing()
     return evaluator

@@ -30,6 +30,30 @@ class DiTInputs:
     context: torch.Tensor  # [B, L, text_dim]
     clip_fea: torch.Tensor | None = None  # i2v
     y: torch.Tensor | None = None  # i2v
+    t_tokens: torch.Tensor | None = None  # [B, S] per-token timesteps (ti2v: the first frame's at 0)
+    loss_from: int = 0  # the first latent frame the loss covers (ti2v: 1, frame 0 is the given image)
+
+    @property
+    def dit_t(self) -> torch.Tensor:
+        """The timesteps the DiT takes: per token where they differ, else per sample."""
+        return self.t if self.t_tokens is None else self.t_tokens
+
+
+def condition_first_frame(
+    x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """Wan2.2 TI2V's image conditioning, as its pipelines sample (wan/pipeline.py): the first latent
+    frame is the clean latent of the clip's first frame (a causal VAE encodes frame 0 alone, so it is
+    x0's frame 0) and its tokens are at timestep 0. -> (x_t, per-token timesteps [B, S], the first frame
+    the loss covers). A one-frame latent (an image) has nothing to predict from it: left as it is."""
+    frames = x0.shape[2]
+    if frames < 2:
+        return x_t, None, 0
+    x_t = torch.cat([x0[:, :, :1].to(x_t.dtype), x_t[:, :, 1:]], dim=2)
+    per_frame = (x0.shape[3] // 2) * (x0.shape[4] // 2)  # tokens of a latent frame (patch 1x2x2)
+    t_tokens = t[:, None].repeat(1, frames * per_frame)
+    t_tokens[:, :per_frame] = 0
+    return x_t, t_tokens, 1
 
 
 class InputBuilder:
@@ -121,7 +145,11 @@ class InputBuilder:
         x0, seed, device = inputs["x0"], self.cfg.train.seed, self.layout.device
         sigmas = self.flow.sample_sigmas(seed, step, positions, global_size, quantiles=quantiles).to(device)
         noise = self.flow.sample_noise(seed, step, positions, tuple(x0.shape[1:])).to(device)
+        x_t, t = self.flow.add_noise(x0, noise, sigmas), self.flow.timesteps(sigmas)
+        t_tokens, loss_from = None, 0
+        if self.cfg.model.train_mode == "ti2v":
+            x_t, t_tokens, loss_from = condition_first_frame(x0, x_t, t)
         return DiTInputs(
-            x_t=self.flow.add_noise(x0, noise, sigmas), t=self.flow.timesteps(sigmas), target=self.flow.target(x0, noise),
-            sigmas=sigmas, context=inputs["context"], clip_fea=inputs.get("clip_fea"), y=inputs.get("y"),
+            x_t=x_t, t=t, target=self.flow.target(x0, noise), sigmas=sigmas, context=inputs["context"],
+            clip_fea=inputs.get("clip_fea"), y=inputs.get("y"), t_tokens=t_tokens, loss_from=loss_from,
         )  # fmt: skip

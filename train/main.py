@@ -235,8 +235,9 @@ class Trainer:
         started = time.perf_counter()
         with self.engine.micro_step(last=micro == self.accumulation - 1):
             with self.timer.section("forward"):
-                pred = self.engine.forward(x.x_t, x.t, x.context, clip_fea=x.clip_fea, y=x.y)
-                loss, per_sample = self.flow.loss(pred, x.target, x.sigmas)
+                pred = self.engine.forward(x.x_t, x.dit_t, x.context, clip_fea=x.clip_fea, y=x.y)
+                # ti2v: the given first frame is no prediction (loss_from 1).
+                loss, per_sample = self.flow.loss(pred[:, :, x.loss_from :], x.target[:, :, x.loss_from :], x.sigmas)
             with self.timer.section("backward"):
                 # Engines average gradients over every rank; a sequence group's ranks each hold their
                 # tokens' share of one sample's gradient (wan/modules/ulysses.py): x sp_size makes the

@@ -25,7 +25,7 @@ from wan import (
     vae22_preset,
     vae_preset,
 )
-from wan.configs import A14B_BOUNDARY, EXPERT_PRESETS, EXPERTS
+from wan.configs import A14B_BOUNDARY, EXPERT_PRESETS, EXPERTS, WAN22_LATENTS, latent_geometry
 from wan.encoders import TextEncoder, park_on_host
 from wan.modules.checkpointing import ActivationCheckpointing
 from wan.modules.dit_weights import (
@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 # The file names of a release folder, as the official code opens them.
 VAE_FILE = "Wan2.1_VAE.pth"
 VAE22_FILE = "Wan2.2_VAE.pth"  # Wan2.2 TI2V-5B's (48 latent channels); the A14B releases hold Wan2.1's
-VAE22_CHANNELS = 48
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 TOKENIZER_DIR = "google/umt5-xxl"
 CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
@@ -367,7 +366,7 @@ class CompileWatch:
 
 def uses_wan22_vae(dit_config: dict) -> bool:
     """Whether the DiT works on the Wan2.2 VAE's latents (48 channels: TI2V-5B), not the Wan2.1 VAE's."""
-    return dit_config.get("out_dim", 16) == VAE22_CHANNELS
+    return latent_geometry(dit_config) == WAN22_LATENTS
 
 
 def release_files(root: Path, dit_config: dict) -> dict[str, Path]:
@@ -425,8 +424,23 @@ def build_models(model_cfg, device: torch.device, seed: int) -> Models:
     return Models(vae, TextEncoder(tokenizer, t5, device=device, offload=m.low_vram), clip)
 
 
+def mode_fits(model_type: str, train_mode: str) -> bool:
+    """Whether a DiT of model_type trains in train_mode: i2v for an i2v DiT only (its input width holds y);
+    ti2v (the first latent frame the clean image's) for a Wan2.2 TI2V DiT only, which trains normal too."""
+    if train_mode == "ti2v" or model_type == "ti2v":
+        return model_type == "ti2v" and train_mode in ("normal", "ti2v")
+    return (model_type == "i2v") == (train_mode == "i2v")
+
+
 def check_mode(model_type: str, in_dim: int, train_mode: str, source: str) -> None:
     """A t2v DiT cannot train in i2v mode, nor the reverse: the patch embedding's input width differs."""
+    if train_mode == "ti2v" or model_type == "ti2v":
+        if not mode_fits(model_type, train_mode):
+            raise ValueError(
+                f"train_mode={train_mode!r} does not fit {source}, a {model_type} DiT: train_mode 'ti2v' is for a "
+                "Wan2.2 TI2V DiT, which trains 'normal' (text only) or 'ti2v' (the first frame given)"
+            )
+        return
     i2v = train_mode == "i2v"
     if (model_type == "i2v") != i2v:
         raise ValueError(

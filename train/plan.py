@@ -74,7 +74,7 @@ from wan.modules.model import has_image_branch
 
 GB, GIB = 10**9, 2**30
 CUDA_CONTEXT = 1 * GIB
-VAE_STRIDE = (4, 8, 8)  # pixel frames -> latent: 1 + (F - 1) / 4; sides / 8
+VAE_STRIDE = (4, 8, 8)  # pixel frames -> latent: 1 + (F - 1) / 4; sides / 8 (the Wan2.2 VAE's: / 16)
 
 
 def parse_bytes(text: str) -> int:
@@ -99,9 +99,10 @@ class Bucket:
     width: int
     ratios: int  # aspect buckets at this size (this one has the most pixels x repeats)
     repeats: int  # training_with_video_token_length copies of a small batch
+    spatial: int = VAE_STRIDE[1]  # the VAE's spatial stride: half the bucket side multiple (8; Wan2.2's 16)
 
     def latent(self) -> tuple[int, int, int]:
-        return 1 + (self.frames - 1) // VAE_STRIDE[0], self.height // VAE_STRIDE[1], self.width // VAE_STRIDE[2]
+        return _latent(self.frames, self.height, self.width, self.spatial)
 
 
 def data_buckets(cfg: RunConfig, frame_cap: int | None = None) -> list[Bucket]:
@@ -132,15 +133,16 @@ def data_buckets(cfg: RunConfig, frame_cap: int | None = None) -> list[Bucket]:
         sides = aspect_buckets(cfg, size)
         # The most pixels x repeats binds: a smaller bucket may be repeated more.
         h, w = max(sides, key=lambda hw: (hw[0] * hw[1] * step_repeats(cfg, frames, *hw), hw[0] * hw[1]))
-        out.append(Bucket(kind, size, frames, h, w, len(sides), step_repeats(cfg, frames, h, w)))
+        out.append(Bucket(kind, size, frames, h, w, len(sides), step_repeats(cfg, frames, h, w), vae_spatial(cfg)))
     return sorted(out, key=lambda b: (b.kind != "video", -b.frames * b.height * b.width))
 
 
 def aspect_buckets(cfg: RunConfig, size: int | float) -> list[tuple[int, int]]:
     """The distinct (height, width) buckets a step at training size `size` may have."""
+    m = cfg.data.bucket_side_multiple
     if not cfg.data.enable_bucket:
-        return [(int(size) // 16 * 16,) * 2]
-    return sorted(set(bucket_table(size).values()))
+        return [(int(size) // m * m,) * 2]
+    return sorted(set(bucket_table(size, m).values()))
 
 
 def step_repeats(cfg: RunConfig, frames: int, height: int, width: int) -> int:
@@ -212,18 +214,18 @@ def param_counts(cfg: RunConfig, config: dict) -> dict:
 
 
 @functools.cache
-def encoder_bytes(debug: bool, i2v: bool) -> dict[str, int]:
-    """Bytes of the frozen encoders as build_models holds them: umT5 bf16, VAE fp32, CLIP (i2v) fp16."""
-    from wan import CLIP_PRESETS, T5_PRESETS, CLIPVision, UMT5Encoder, WanVAE, vae_preset
+def encoder_bytes(debug: bool, i2v: bool, wan22_vae: bool = False) -> dict[str, int]:
+    """Bytes of the frozen encoders as build_models holds them: umT5 bf16, VAE fp32 (Wan2.1's, or Wan2.2's
+    for TI2V-5B), CLIP (a Wan2.1 i2v DiT's) fp16."""
+    from wan import CLIP_PRESETS, T5_PRESETS, CLIPVision, UMT5Encoder, WanVAE, WanVAE22, vae22_preset, vae_preset
 
     def count(module: torch.nn.Module, nbytes: int) -> int:
         return sum(p.numel() for p in module.parameters()) * nbytes
 
     with torch.device("meta"):
-        out = {
-            "umT5": count(UMT5Encoder(**T5_PRESETS["debug" if debug else "umt5-xxl"]), 2),
-            "VAE": count(WanVAE(**vae_preset("debug" if debug else "wan2.1")), 4),
-        }
+        vae = (WanVAE22(**vae22_preset("debug" if debug else "wan2.2")) if wan22_vae
+               else WanVAE(**vae_preset("debug" if debug else "wan2.1")))  # fmt: skip
+        out = {"umT5": count(UMT5Encoder(**T5_PRESETS["debug" if debug else "umt5-xxl"]), 2), "VAE": count(vae, 4)}
         if i2v:
             out["CLIP"] = count(CLIPVision(**CLIP_PRESETS["debug" if debug else "vit-h-14"]), 2)
     return out
@@ -387,8 +389,13 @@ def buffer_bytes(cfg: RunConfig, counts: dict, acts: Activations) -> dict[str, f
 # Compiles ([model] compile)
 
 
-def _latent(frames: int, height: int, width: int) -> tuple[int, int, int]:
-    return 1 + (frames - 1) // VAE_STRIDE[0], height // VAE_STRIDE[1], width // VAE_STRIDE[2]
+def _latent(frames: int, height: int, width: int, spatial: int = VAE_STRIDE[1]) -> tuple[int, int, int]:
+    return 1 + (frames - 1) // VAE_STRIDE[0], height // spatial, width // spatial
+
+
+def vae_spatial(cfg: RunConfig) -> int:
+    """The VAE's spatial stride, from the bucket sides' multiple (its stride x the DiT's patch of 2)."""
+    return cfg.data.bucket_side_multiple // 2
 
 
 def step_shapes(cfg: RunConfig, frame_cap: int | None = None) -> set[tuple[int, tuple[int, int, int]]]:
@@ -403,7 +410,7 @@ def step_shapes(cfg: RunConfig, frame_cap: int | None = None) -> set[tuple[int, 
         for height, width in aspect_buckets(cfg, b.size):
             for frames in lengths:
                 batch = cfg.train.train_batch_size * step_repeats(cfg, frames, height, width)
-                out.add((batch, _latent(frames, height, width)))
+                out.add((batch, _latent(frames, height, width, vae_spatial(cfg))))
     return out
 
 
@@ -423,10 +430,10 @@ def no_grad_shapes(cfg: RunConfig) -> set[tuple[int, tuple[int, int, int]]]:
             (d.video_sample_size, valid_frame_count(d.video_sample_n_frames)),
             (d.image_sample_size, 1),
         ):
-            out |= {(n, _latent(frames, *hw)) for hw in aspect_buckets(cfg, size) for n in batches}
+            out |= {(n, _latent(frames, *hw, vae_spatial(cfg))) for hw in aspect_buckets(cfg, size) for n in batches}
     if v.sampling_enabled():
-        o = sampling_options(v, d.video_sample_size, d.video_sample_n_frames, cfg.train.shift)
-        out.add((2 if o.guided else 1, _latent(o.num_frames, o.height, o.width)))
+        o = sampling_options(v, d.video_sample_size, d.video_sample_n_frames, cfg.train.shift, d.bucket_side_multiple)
+        out.add((2 if o.guided else 1, _latent(o.num_frames, o.height, o.width, vae_spatial(cfg))))
     return out
 
 
@@ -539,7 +546,11 @@ def plan(cfg: RunConfig, gpus: int, gpu_memory: int, headroom: float = 0.1) -> t
     states = model_state_bytes(cfg, counts, gpus)
     debug = not cfg.model.pretrained_model_name_or_path and cfg.model.preset.startswith("debug")
     # Training from a precomputed cache ([data] latent_cache_dir) loads no encoder to train.
-    encoders = {} if cfg.data.latent_cache_dir else encoder_bytes(debug, cfg.model.train_mode == "i2v")
+    from train.models import uses_wan22_vae
+
+    encoders = (
+        {} if cfg.data.latent_cache_dir else encoder_bytes(debug, has_image_branch(config), uses_wan22_vae(config))
+    )
     state_total = sum(v for k, v in states.items() if k != "host")
     limit = gpu_memory * (1 - headroom)
     # The clips' known frame counts (metadata, or the probe cache of an earlier start) cap the frames.
@@ -615,7 +626,7 @@ def fewest_fitting_frames(cfg: RunConfig, row: Row, info: dict) -> int:
     """The most pixel frames (4k+1) of row's bucket that fit, 0 when none does."""
     config, counts = info["config"], info["counts"]
     for frames in range(row.bucket.frames, 0, -4):
-        b = Bucket(row.bucket.kind, row.bucket.size, frames, row.bucket.height, row.bucket.width, 1, row.bucket.repeats)
+        b = dataclasses.replace(row.bucket, frames=frames, ratios=1)
         acts = activation_bytes(cfg, config, counts, row.micro_batch, b.latent())
         training = acts.saved + sum(buffer_bytes(cfg, counts, acts).values())
         peak, _, _ = step_peak(row.states, training, info["encoders"], cfg.model.low_vram)

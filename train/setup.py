@@ -216,7 +216,8 @@ def build_validation(
     if not v.sampling_enabled():  # prompts, and validation_steps or validation_epochs
         return None
     return ValidationSampler(
-        v, sampling_options(v, d.video_sample_size, d.video_sample_n_frames, cfg.train.shift), models=models,
+        v, sampling_options(v, d.video_sample_size, d.video_sample_n_frames, cfg.train.shift, d.bucket_side_multiple),
+        models=models,
         engine=engine, collective=engine_traits(cfg.parallel.engine).collective_inference or layout.sp_size > 1,
         dit_config=dit_config,
         layout=layout, output_dir=out, metrics=metrics, offload=cfg.model.low_vram, encoders=encoders,

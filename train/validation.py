@@ -34,10 +34,12 @@ import torch.distributed as dist
 
 if TYPE_CHECKING:
     from train.distributed import ParallelLayout
+from wan.configs import latent_geometry
+from wan.encoders import encode_first_frame
 from wan.media import DEFAULT_FPS, contact_sheet, prompt_slug, video_to_frames, write_mp4, write_png
+from wan.modules.model import has_image_branch
 from wan.pipeline import (
     DEFAULT_NEGATIVE_PROMPT,
-    LATENT_CHANNELS,
     SIZE_MULTIPLE,
     SamplingOptions,
     decode,
@@ -146,12 +148,17 @@ TENSORBOARD_FRAME_WIDTH = 256
 
 
 def sampling_options(
-    config: ValidationConfig, video_sample_size: int, video_sample_n_frames: int, train_shift: float
+    config: ValidationConfig,
+    video_sample_size: int,
+    video_sample_n_frames: int,
+    train_shift: float,
+    multiple: int = SIZE_MULTIPLE,
 ) -> SamplingOptions:
     """The [validation] section as SamplingOptions, its zeros resolved: the size from video_sample_size
-    (rounded down to a multiple of 16), the frames from video_sample_n_frames (rounded down to 4k + 1),
-    the shift from training. `seed` is validation_seed: prompt i uses seed + i."""
-    size = max(SIZE_MULTIPLE, video_sample_size // SIZE_MULTIPLE * SIZE_MULTIPLE)
+    (rounded down to a multiple of `multiple`: 16, the Wan2.2 VAE's 32), the frames from
+    video_sample_n_frames (rounded down to 4k + 1), the shift from training. `seed` is validation_seed:
+    prompt i uses seed + i."""
+    size = max(multiple, video_sample_size // multiple * multiple)
     frames = config.validation_num_frames or max(1, (video_sample_n_frames - 1) // 4 * 4 + 1)
     options = SamplingOptions(
         num_frames=frames, height=config.validation_height or size, width=config.validation_width or size,
@@ -247,10 +254,13 @@ class ValidationSampler:
         self.output_dir, self.metrics, self.offload = Path(output_dir), metrics, offload
         # Training from a cache, models is None and `encoders()` (a context manager) lends them while sampling.
         self.encoders = encoders
-        self.i2v = dit_config.get("model_type", "t2v") == "i2v"
-        if self.i2v and len(self.images) not in (1, len(self.prompts)):
+        model_type = dit_config.get("model_type", "t2v")
+        self.i2v = model_type == "i2v"  # y (and CLIP features for a Wan2.1 i2v DiT)
+        self.first_frame = model_type == "ti2v" and bool(self.images)  # Wan2.2 TI2V: the image's latent as frame 0
+        self.geometry = latent_geometry(dit_config)
+        if (self.i2v or self.first_frame) and len(self.images) not in (1, len(self.prompts)):
             raise ValueError(
-                f"i2v validation needs one validation image for all prompts or one per prompt "
+                f"{model_type} validation needs one validation image for all prompts or one per prompt "
                 f"({len(self.prompts)}), got {len(self.images)}"
             )
         self._inputs: dict[int, dict] = {}  # prompt -> its DiT inputs but the noise (the same every pass)
@@ -287,13 +297,18 @@ class ValidationSampler:
                 self.models.text, [self.prompts[index]], negative, self.device, self.offload
             )
             inputs = {"context": context, "negative_context": negative_context}
-            if self.i2v:
+            if self.i2v or self.first_frame:
                 path = self.images[index if len(self.images) > 1 else 0]
                 image = read_first_frame(path, o.height, o.width).to(self.device)
+            if self.i2v:
                 y, clip_fea = i2v_condition(
                     self.models.vae, self.models.clip, image[None], o.num_frames, (o.height, o.width), self.offload
                 )
-                inputs.update(y=y.float(), clip_fea=clip_fea.float())
+                inputs["y"] = y.float()
+                if clip_fea is not None:  # a Wan2.1 i2v DiT's
+                    inputs["clip_fea"] = clip_fea.float()
+            if self.first_frame:
+                inputs["first_frame"] = encode_first_frame(self.models.vae, image[None], self.offload).float()
             self._inputs[index] = inputs
         return self._inputs[index]
 
@@ -301,12 +316,15 @@ class ValidationSampler:
         """Zeros of the shapes a sample's DiT calls take: the padding loop runs the same calls as a real
         sample (so a collective forward lines up across ranks) on inputs no encoder had to make."""
         c = self.dit_config
-        _, t, h, w = self.options.latent_shape()
+        channels, t, h, w = self.options.latent_shape(self.geometry)
         zeros = {"context": torch.zeros(1, 1, c["text_dim"], device=self.device)}
         zeros["negative_context"] = zeros["context"] if self.options.guided else None
         if self.i2v:
-            zeros["y"] = torch.zeros(1, c["in_dim"] - LATENT_CHANNELS, t, h, w, device=self.device)
-            zeros["clip_fea"] = torch.zeros(1, 1, c.get("image_dim", 1280), device=self.device)
+            zeros["y"] = torch.zeros(1, c["in_dim"] - channels, t, h, w, device=self.device)
+            if has_image_branch(c):
+                zeros["clip_fea"] = torch.zeros(1, 1, c.get("image_dim", 1280), device=self.device)
+        if self.first_frame:
+            zeros["first_frame"] = torch.zeros(1, channels, 1, h, w, device=self.device)
         return zeros
 
     def dit(self, *args, **kwargs) -> torch.Tensor:
@@ -344,11 +362,11 @@ class ValidationSampler:
                 outcome.error = f"{type(err).__name__}: {err}"
         if inputs is None:
             inputs = self.padding()
-        noise = initial_noise([self.seed(index or 0)], self.options.latent_shape()).to(self.device)
+        noise = initial_noise([self.seed(index or 0)], self.options.latent_shape(self.geometry)).to(self.device)
         try:
             latents = denoise(
                 self.dit, noise, inputs["context"], inputs["negative_context"], self.options,
-                clip_fea=inputs.get("clip_fea"), y=inputs.get("y"),
+                clip_fea=inputs.get("clip_fea"), y=inputs.get("y"), first_frame=inputs.get("first_frame"),
             )  # fmt: skip
         except Exception as err:
             if self.collective:  # the other ranks wait in the forward: stop rather than hang (docstring)

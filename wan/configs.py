@@ -4,6 +4,7 @@ Values are WanModel keyword arguments (the official config.json names).
 """
 
 import copy
+from dataclasses import dataclass
 
 _RELEASE = dict(patch_size=[1, 2, 2], text_len=512, freq_dim=256, text_dim=4096, out_dim=16, eps=1e-6)
 
@@ -70,6 +71,24 @@ DIT_PRESETS: dict[str, dict] = {
 EXPERT_PRESETS = ("t2v-A14B", "i2v-A14B", "debug-t2v-A14B", "debug-i2v-A14B")
 A14B_BOUNDARY = {"t2v": 0.875, "i2v": 0.900}
 EXPERTS = ("high", "low")  # the high-noise expert first: it denoises first
+
+
+@dataclass(frozen=True)
+class LatentGeometry:
+    """The latents a DiT works on, as its VAE makes them (the attributes WanVAE and WanVAE22 have)."""
+
+    z_dim: int
+    temporal_factor: int
+    spatial_factor: int
+
+
+WAN21_LATENTS = LatentGeometry(16, 4, 8)
+WAN22_LATENTS = LatentGeometry(48, 4, 16)  # the Wan2.2 VAE of TI2V-5B
+
+
+def latent_geometry(dit_config: dict) -> LatentGeometry:
+    """The VAE geometry of a DiT: the Wan2.2 VAE's for one that predicts its 48 channels, else Wan2.1's."""
+    return WAN22_LATENTS if dit_config.get("out_dim", 16) == WAN22_LATENTS.z_dim else WAN21_LATENTS
 
 
 def dit_preset(name: str) -> dict:

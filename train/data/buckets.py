@@ -58,7 +58,8 @@ ASPECT_RATIOS_512: dict[float, list[int]] = {
     4.0: [1024, 256],
 }
 
-# Sides are multiples of 16: the VAE downsamples by 8 and the DiT patchifies the latent by 2.
+# Sides are multiples of 16: the VAE downsamples by 8 and the DiT patchifies the latent by 2 (Wan2.2's
+# VAE of TI2V-5B downsamples by 16: its runs take 32, [data] bucket_side_multiple).
 SIDE_MULTIPLE = 16
 
 # Video clips shorter than this many frames after selection are refused: 5 frames are two latent
@@ -72,8 +73,9 @@ def _check_positive(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def bucket_table(size: int | float) -> dict[float, tuple[int, int]]:
-    """The 512-base table scaled to training size `size`, each side floored to a multiple of 16.
+def bucket_table(size: int | float, multiple: int = SIDE_MULTIPLE) -> dict[float, tuple[int, int]]:
+    """The 512-base table scaled to training size `size`, each side floored to a multiple of `multiple`
+    (16; 32 for the Wan2.2 VAE).
 
     Flooring (not rounding) keeps every bucket at or under size*size pixels, so a larger bucket never
     costs more memory than the square one the size was chosen for. `size` may be fractional
@@ -84,12 +86,12 @@ def bucket_table(size: int | float) -> dict[float, tuple[int, int]]:
         raise ValueError(f"size must be a positive number, got {size!r}")
     table: dict[float, tuple[int, int]] = {}
     for ratio, (h, w) in ASPECT_RATIOS_512.items():
-        bh = int(h * size / (512 * SIDE_MULTIPLE) + 1e-9) * SIDE_MULTIPLE
-        bw = int(w * size / (512 * SIDE_MULTIPLE) + 1e-9) * SIDE_MULTIPLE
-        if bh < SIDE_MULTIPLE or bw < SIDE_MULTIPLE:
+        bh = int(h * size / (512 * multiple) + 1e-9) * multiple
+        bw = int(w * size / (512 * multiple) + 1e-9) * multiple
+        if bh < multiple or bw < multiple:
             raise ValueError(
                 f"size {size} is too small for the aspect buckets: ratio {ratio} would be {bh}x{bw} "
-                f"(sides must be at least {SIDE_MULTIPLE}; use a size of 32 or more)"
+                f"(sides must be at least {multiple}; use a size of {2 * multiple} or more)"
             )
         table[ratio] = (bh, bw)
     return table
@@ -106,9 +108,9 @@ def nearest_ratio(height: int, width: int) -> float:
     return min(ASPECT_RATIOS_512, key=lambda ratio: abs(ratio - aspect))
 
 
-def nearest_bucket(height: int, width: int, size: int) -> tuple[int, int]:
+def nearest_bucket(height: int, width: int, size: int, multiple: int = SIDE_MULTIPLE) -> tuple[int, int]:
     """(h, w) of the bucket for a height x width sample at training size `size`."""
-    return bucket_table(size)[nearest_ratio(height, width)]
+    return bucket_table(size, multiple)[nearest_ratio(height, width)]
 
 
 def valid_frame_count(n: int) -> int:

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-from train.data.buckets import bucket_table
+from train.data.buckets import SIDE_MULTIPLE, bucket_table
 from train.data.cache import CacheReader, size_name
 from train.data.dataset import VideoDataset
 from train.data.metadata import Sample
@@ -54,7 +54,9 @@ class CachedDataset(VideoDataset):
         file is tried, as online, to be counted)."""
         if not super()._can_fill(index, extras, shape):
             return False
-        if bucket_table(extras["size"])[self.keys[index][1]] != tuple(shape[1:3]):
+        if bucket_table(extras["size"], extras.get("multiple", SIDE_MULTIPLE))[self.keys[index][1]] != tuple(
+            shape[1:3]
+        ):
             return False  # online would resize it to the step's shape: the cache holds it at its own
         entry = self.cache.entry(self.samples[index])
         return bool(entry["bad"]) or entry["variants"].get(size_name(extras["size"]), 0) >= shape[0]

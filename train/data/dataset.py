@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch.utils.data import Dataset
 
 from train.data.buckets import (
+    SIDE_MULTIPLE,
     batch_frame_count,
     bucket_table,
     clip_frame_count,
@@ -72,6 +73,7 @@ class SizeOptions:
     training_with_video_token_length: bool = False
     token_sample_size: int = 512
     random_frame_crop: bool = False
+    bucket_side_multiple: int = 16
 
     @classmethod
     def of(cls, section: Any) -> "SizeOptions":
@@ -128,7 +130,7 @@ def make_choose(
             if o.random_hw_adapt:
                 ratios, probs = downsample_choices(o.image_sample_size, o.image_sample_size / o.video_sample_size)
                 size = downsampled_size(o.image_sample_size, rng.choices(ratios, probs)[0])
-            return {"size": size, "num_frames": 1}
+            return {"size": size, "num_frames": 1, "multiple": o.bucket_side_multiple}
         size, n_frames = o.video_sample_size, o.video_sample_n_frames
         if o.random_hw_adapt and o.training_with_video_token_length:
             means = [decoded_mean_side(*sizes[i], cap) for i in indices] if sizes else [float(cap)]
@@ -141,7 +143,7 @@ def make_choose(
             n_frames = batch_frame_count(n_frames, [available[i] for i in indices if available[i] is not None])
         if o.random_frame_crop:
             n_frames = random_frame_crop(n_frames, rng)
-        return {"size": size, "num_frames": n_frames}
+        return {"size": size, "num_frames": n_frames, "multiple": o.bucket_side_multiple}
 
     return choose
 
@@ -215,7 +217,7 @@ class VideoDataset(Dataset):
     def _shape(self, index: int, extras: dict) -> tuple[int, int, int, int]:
         """[F, H, W, 3] of the step's items in this sample's bucket (replacements share the bucket)."""
         kind, ratio = self.keys[index]
-        height, width = bucket_table(extras["size"])[ratio]
+        height, width = bucket_table(extras["size"], extras.get("multiple", SIDE_MULTIPLE))[ratio]
         return (1 if kind == "image" else extras["num_frames"], height, width, 3)
 
     def __getitem__(self, item: tuple[int, dict]) -> dict:
@@ -287,7 +289,7 @@ class VideoDataset(Dataset):
         yield from (i for i in first[1:] if long_enough(i))
         tried = set(first)
         rng = random.Random(derive_seed("replace", self.seed, extras["epoch"], extras["step"], index))
-        table = bucket_table(extras["size"])
+        table = bucket_table(extras["size"], extras.get("multiple", SIDE_MULTIPLE))
 
         def fits(i: int) -> bool:
             return i not in tried and long_enough(i)

@@ -48,6 +48,9 @@ class DataConfig:
     """Training size of images; with random_hw_adapt or the token-length rule, the largest size drawn."""
     token_sample_size: int = 512
     """training_with_video_token_length: the budget is token_sample_size^2 x video_sample_n_frames."""
+    bucket_side_multiple: int = 16
+    """Bucket sides (and the sample sizes) are multiples of this many pixels: 16 for the Wan2.1 VAE (8x)
+    and DiT patch (2x); 32 for Wan2.2 TI2V-5B, whose VAE downsamples 16x (such a run with 16 is refused)."""
     enable_bucket: bool = True
     """Group samples by aspect ratio; off: every sample is centre-cropped to a square."""
     random_hw_adapt: bool = False
@@ -91,9 +94,14 @@ class DataConfig:
                 out.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if (self.video_sample_n_frames - 1) % 4:
             out.append(f"video_sample_n_frames must be 4k+1 (the VAE's frame count), got {self.video_sample_n_frames}")
+        if self.bucket_side_multiple not in (16, 32):
+            out.append(
+                f"bucket_side_multiple must be 16 (Wan2.1 VAE) or 32 (Wan2.2 VAE), got {self.bucket_side_multiple}"
+            )
+        m = self.bucket_side_multiple if self.bucket_side_multiple in (16, 32) else 16
         for name in ("video_sample_size", "image_sample_size", "token_sample_size"):
-            if getattr(self, name) % 16:
-                out.append(f"{name} must be a multiple of 16, got {getattr(self, name)}")
+            if getattr(self, name) % m:
+                out.append(f"{name} must be a multiple of {m} (bucket_side_multiple), got {getattr(self, name)}")
         if self.video_repeat < 0 or self.max_train_samples < 0:
             out.append("video_repeat and max_train_samples must be >= 0")
         if not 0 <= self.caption_dropout <= 1:
