@@ -174,7 +174,7 @@ def dit_config(cfg: RunConfig) -> tuple[dict, str]:
             config = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
             return config, str(path)
     name = (m.pretrained_model_name_or_path or m.transformer_path).lower()
-    guess = _guess_preset(name, m.train_mode == "i2v")
+    guess = guess_preset(name, m.train_mode == "i2v")
     if guess:
         return dit_preset(guess), f"preset {guess} (from the name {name!r}; no config.json here)"
     return dit_preset(m.preset), f"preset {m.preset}"
@@ -231,7 +231,7 @@ def encoder_bytes(debug: bool, i2v: bool, wan22_vae: bool = False) -> dict[str, 
     return out
 
 
-def _guess_preset(name: str, i2v: bool) -> str | None:
+def guess_preset(name: str, i2v: bool) -> str | None:
     """The release a folder name suggests (planning without the folder here)."""
     if "a14b" in name:
         return "i2v-A14B" if i2v else "t2v-A14B"
@@ -250,7 +250,7 @@ def trained_experts(cfg: RunConfig) -> int:
     m = cfg.model
     folder = m.transformer_path or m.pretrained_model_name_or_path
     if folder and not Path(folder).exists():  # planned from the name alone
-        has_experts = _guess_preset(folder.lower(), m.train_mode == "i2v") in EXPERT_PRESETS
+        has_experts = guess_preset(folder.lower(), m.train_mode == "i2v") in EXPERT_PRESETS
     else:
         has_experts = expert_sources(m) is not None
     return len(cfg.experts.train_experts) if has_experts else 1
@@ -282,10 +282,18 @@ def model_state_bytes(cfg: RunConfig, counts: dict, gpus: int) -> dict[str, floa
 # Activations
 
 
-def _fake_bytes(config_json: str, mode: str, save_matmuls: bool, tokens: int, batch: int, dtype: torch.dtype) -> int:
+def _fake_bytes(
+    config_json: str,
+    mode: str,
+    save_matmuls: bool,
+    tokens: int,
+    batch: int,
+    dtype: torch.dtype,
+    per_token: bool = False,
+) -> int:
     from wan.modules.model import saved_bytes_per_block
 
-    return saved_bytes_per_block(json.loads(config_json), mode, save_matmuls, tokens, dtype, batch)
+    return saved_bytes_per_block(json.loads(config_json), mode, save_matmuls, tokens, dtype, batch, per_token)
 
 
 _fake_bytes = functools.lru_cache(maxsize=None)(_fake_bytes)
@@ -354,9 +362,11 @@ def activation_bytes(
     # the others compute with bf16 parameters (gathered and freed where they are sharded).
     low_params = engine_traits(cfg.parallel.engine).low_precision_params
     copies = 2 * counts["block_linear"] if dtype != torch.float32 and low_params else 0
-    none = _fake_bytes(key, "none", False, tokens, batch, dtype) - copies
+    # ti2v: a timestep per token, so the time embedding e0 and each block's modulation are per token too.
+    per_token = cfg.model.train_mode == "ti2v"
+    none = _fake_bytes(key, "none", False, tokens, batch, dtype, per_token) - copies
     if checkpointed:
-        ckpt = _fake_bytes(key, policy.mode, policy.save_matmuls, tokens, batch, dtype)
+        ckpt = _fake_bytes(key, policy.mode, policy.save_matmuls, tokens, batch, dtype, per_token)
     else:
         ckpt = 0
     outside = _outside_blocks_bytes(key, batch, latent, dtype, cfg.lora.enabled)
@@ -366,7 +376,7 @@ def activation_bytes(
     image = 257 if has_image_branch(config) else 0
     shared = (
         batch * (text_len + image) * d * dtype.itemsize
-        + batch * 6 * d * 4
+        + batch * (tokens if per_token else 1) * 6 * d * 4
         + 2 * tokens * (d // config["num_heads"] // 2) * 4
     )
     saved = checkpointed * ckpt + (layers - checkpointed) * none + outside + shared

@@ -31,10 +31,28 @@ def check_resumable(cfg: RunConfig, path: Path, marker: dict, world_size: int, s
             f"{path} was written by {marker['world_size']} ranks, this run has {world_size}: {engine} "
             f"checkpoints are tied to the number of ranks; {MERGE_ADVICE}"
         )
+    saved_experts, experts = marker.get("experts"), run_experts(cfg)
+    if saved_experts != experts:
+        what = lambda e: f"the Wan2.2 A14B experts {e}" if e else "one DiT (no experts)"  # noqa: E731
+        raise ValueError(
+            f"{path} holds {what(saved_experts)}, this run trains {what(experts)}: resume with the same [experts] "
+            "train_experts and model, or merge it (python tools/zero_to_bf16.py CHECKPOINT OUT) and start a new run "
+            "from OUT ([model] transformer_path = OUT)"
+        )
     try:  # the data plan needs the same global batch (loaded again with the other parts)
         sampler.load_state_dict(read_json(path / "sampler.json"))
     except ValueError as err:
         raise ValueError(f"{path}: cannot continue its data order: {err}{holdout_hint(cfg, path)}") from None
+
+
+def run_experts(cfg: RunConfig) -> list[str] | None:
+    """The experts this run trains, in the order the engines hold them (the marker's), None without experts."""
+    from train.models import expert_sources
+    from wan.configs import EXPERTS
+
+    if expert_sources(cfg.model) is None:
+        return None
+    return [e for e in EXPERTS if e in cfg.experts.train_experts]
 
 
 def holdout_hint(cfg: RunConfig, path: Path) -> str:

@@ -124,6 +124,14 @@ OPTIONS: dict[str, Option] = {
     "random_ratio_crop": _refused(
         "random aspect-ratio crops are not built yet; every sample trains in its own aspect bucket (enable_bucket)"
     ),
+    # --- scripts/wan2.2/train.py's own --------------------------------------------------------------------
+    "boundary_type": Option(
+        "mapped",
+        "which Wan2.2 A14B expert trains: low, high, or full (both in one run: each step one, drawn with its "
+        "timestep range's probability)",
+        target="experts.train_experts",
+        values={"low": "low", "high": "high", "full": "high,low"},
+    ),
     # --- accelerate launch options of VideoX-Fun's documented command lines ----------------------------
     "zero_stage": Option(
         "mapped",
@@ -339,7 +347,8 @@ def apply_model_yaml(cfg, explicit: set[str]) -> tuple[list[str], list[str]]:
     folder holds. Returns (problems, notes). `explicit`: the "section.key"s the TOML or CLI set."""
     import yaml  # only --config_path needs it
 
-    from train.models import CLIP_FILE, T5_FILE, TOKENIZER_DIR, VAE_FILE
+    from train.models import CLIP_FILE, T5_FILE, TOKENIZER_DIR, VAE22_FILE, VAE_FILE
+    from wan.modules.dit_weights import EXPERT_FOLDERS
     from wan.modules.t5 import T5_PRESETS
 
     path = cfg.model.config_path
@@ -384,12 +393,24 @@ def apply_model_yaml(cfg, explicit: set[str]) -> tuple[list[str], list[str]]:
             f"{where}: transformer_additional_kwargs.transformer_subpath {sub!r}: the DiT is read from the "
             f"release folder itself; set transformer_path = <release>/{sub} instead"
         )
+    # Wan2.2 (config/wan2.2/*.yaml): the A14B experts' sub-folders are the release's (or "./": one DiT) and
+    # their boundary is [experts] boundary.
+    for expert, (folder, _) in EXPERT_FOLDERS.items():
+        key = f"transformer_{expert}_noise_model_subpath"
+        value = str(dit.get(key, f"./{folder}")).strip("/")
+        if value not in (folder, f"./{folder}", "", "."):
+            problems.append(f"{where}: transformer_additional_kwargs.{key} {dit[key]!r}: the release's {folder}/ is "
+                            "read (rename the folder)")  # fmt: skip
+    if "boundary" in dit:
+        use("experts.boundary", float(dit["boundary"]), "transformer_additional_kwargs.boundary")
     vae = section("vae_kwargs")
-    for key, want in (("temporal_compression_ratio", 4), ("spatial_compression_ratio", 8)):
-        if key in vae and vae[key] != want:
-            problems.append(f"{where}: vae_kwargs.{key} = {vae[key]!r}, the Wan2.1 VAE's is {want}")
     vae_file = vae.get("vae_subpath")
-    if vae_file and vae_file != VAE_FILE and cfg.model.pretrained_model_name_or_path:
+    wan22_vae = vae_file == VAE22_FILE
+    for key, want in (("temporal_compression_ratio", 4), ("spatial_compression_ratio", 16 if wan22_vae else 8)):
+        if key in vae and vae[key] != want:
+            problems.append(f"{where}: vae_kwargs.{key} = {vae[key]!r}, the {'Wan2.2' if wan22_vae else 'Wan2.1'} "
+                            f"VAE's is {want}")  # fmt: skip
+    if vae_file and vae_file not in (VAE_FILE, VAE22_FILE) and cfg.model.pretrained_model_name_or_path:
         if cfg.model.vae_path:
             notes.append(f"{where}: vae_kwargs.vae_subpath {vae_file!r} is replaced by vae_path {cfg.model.vae_path}")
         else:

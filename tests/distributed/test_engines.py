@@ -22,6 +22,7 @@ from train.checkpoint import KILL_ENV
 from train.checkpoint_verify import find_latest, read_marker
 from train.config import load_config
 from train.main import Trainer
+from train.plan import guess_preset
 from wan import WanModel, dit_preset
 
 __all__ = ["data"]  # a fixture
@@ -173,6 +174,7 @@ def test_every_shipped_config_parses():
     assert engines == {
         "debug.toml": "ddp", "debug_lora.toml": "ddp", "1.3b_ddp.toml": "ddp", "1.3b_zero2.toml": "zero2", "14b_zero2.toml": "zero2",
         "14b_zero3.toml": "zero3", "14b_fsdp.toml": "fsdp", "14b_i2v_zero3.toml": "zero3", "14b_720p_sp.toml": "fsdp",
+        "a14b_t2v_fsdp.toml": "fsdp", "a14b_i2v_zero3.toml": "zero3", "ti2v_5b_zero2.toml": "zero2",
     }  # fmt: skip
 
 
@@ -195,10 +197,12 @@ def test_each_shipped_config_trains_on_the_debug_preset(data, tmp_path, path):
     """The config as shipped, with only the model, data and sizes made tiny: 2 steps on 2 ranks (sequence
     parallel over both where the config has sp > 1)."""
     shipped = load_config(["--cfg", str(path), *DATA_ARGS])
-    i2v = shipped.model.train_mode == "i2v"
+    # The tiny preset of the config's release (its folder name): Wan2.2's experts and TI2V included.
+    release = guess_preset(shipped.model.pretrained_model_name_or_path.lower(), shipped.model.train_mode == "i2v")
+    tiny = {"t2v-A14B": "debug-t2v-A14B", "i2v-A14B": "debug-i2v-A14B", "ti2v-5B": "debug-ti2v", "i2v-14B": "debug-i2v"}
     extra = [
         "--cfg", str(path), "--pretrained_model_name_or_path=", "--transformer_path=",
-        f"--preset={'debug-i2v' if i2v else 'debug'}",
+        f"--preset={tiny.get(release, 'debug')}",
         "--max_train_steps=2", "--token_sample_size=64", "--video_sample_size=64", "--image_sample_size=64",
         "--video_sample_n_frames=9", "--video_sample_stride=2", "--checkpointing_steps=2", "--low_vram=false",
         *(["--sp=2"] if shipped.parallel.sp > 1 else []),

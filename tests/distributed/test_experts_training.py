@@ -113,3 +113,18 @@ def test_zero3_joint_run_trains_and_resumes_bit_for_bit(data, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a)
     high, low = (WanModel.from_pretrained(folders[0][e], dtype=None).state_dict() for e in ("high", "low"))
     assert not torch.equal(high["blocks.1.ffn.2.weight"], low["blocks.1.ffn.2.weight"])
+
+
+@pytest.mark.slow
+def test_a_resume_must_train_the_same_experts(data, tmp_path):
+    """A checkpoint of both experts does not resume as a run of one (nor a one-DiT checkpoint as A14B):
+    refused before any model is built, naming what differs and the way on."""
+    out = tmp_path / "run"
+    torchrun(data, out, "--preset=debug-t2v-A14B", "--max_train_steps=1", "--checkpointing_steps=1")
+    proc = torchrun(data, out, "--preset=debug-t2v-A14B", "--train_experts=high", "--max_train_steps=2", check=False)
+    assert proc.returncode != 0
+    assert "holds the Wan2.2 A14B experts ['high', 'low'], this run trains the Wan2.2 A14B experts ['high']" in (
+        proc.stdout + proc.stderr
+    )
+    proc = torchrun(data, out, "--preset=debug", "--max_train_steps=2", check=False)
+    assert "this run trains one DiT (no experts)" in proc.stdout + proc.stderr

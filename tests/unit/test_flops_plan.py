@@ -92,6 +92,7 @@ def _measured_step(cfg, latent):
     import torch
 
     from train.engines import EngineSetup, build_engine
+    from train.inputs import condition_first_frame
     from train.models import build_dit_recipe
 
     setup = EngineSetup(
@@ -116,11 +117,14 @@ def _measured_step(cfg, latent):
         b.register_forward_pre_hook(keep_input) for i, b in enumerate(module.blocks) if i in module.checkpointed_blocks
     ]
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 16, *latent, generator=g)
+    x = torch.randn(1, module.out_dim, *latent, generator=g)
     context = torch.randn(1, 512, 64, generator=g)
+    t = torch.tensor([500.0])
+    if cfg.model.train_mode == "ti2v":  # a timestep per token, the first frame's at 0 (train/inputs.py)
+        _, t, _ = condition_first_frame(x, x, t)
     with engine.micro_step(last=True):
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-            pred = engine.forward(x, torch.tensor([500.0]), context)
+            pred = engine.forward(x, t, context)
             loss = (pred.float() - x).square().mean()
         activations = sum(s.nbytes() for s in storages.values())
         for h in hooks:
@@ -143,16 +147,19 @@ def own_process_group():
 
 @pytest.mark.parametrize(
     ("engine", "mode", "lora"),
-    [("ddp", "none", 0), ("ddp", "full", 0), ("fsdp", "full", 0), ("ddp", "full", 8), ("fsdp", "full", 8)],
-)
+    [("ddp", "none", 0), ("ddp", "full", 0), ("fsdp", "full", 0), ("ddp", "full", 8), ("fsdp", "full", 8),
+     ("ddp", "ti2v", 0), ("fsdp", "ti2v", 0)],
+)  # fmt: skip
 @pytest.mark.usefixtures("own_process_group")
 def test_planner_matches_measured_states_and_activations_on_the_debug_preset(data, tmp_path, engine, mode, lora):
     """train.plan's formulas against what one step holds; with LoRA (rank 8), a bf16 frozen base and an
-    fp32 adapter with its gradients and AdamW state."""
+    fp32 adapter with its gradients and AdamW state; "ti2v": Wan2.2 TI2V's per-token timesteps (the debug
+    ti2v DiT, no checkpointing: every block's per-token modulation saved)."""
     from train.plan import activation_bytes, data_buckets, dit_config, model_state_bytes, param_counts
 
+    ti2v = ["--preset=debug-ti2v", "--train_mode=ti2v", "--bucket_side_multiple=32", "--gradient_checkpointing=none"]
     cfg = load_config([*base_args(data, tmp_path), "--mixed_precision=bf16", f"--engine={engine}",
-                       f"--gradient_checkpointing={mode}", f"--rank={lora}"])  # fmt: skip
+                       *(ti2v if mode == "ti2v" else [f"--gradient_checkpointing={mode}"]), f"--rank={lora}"])  # fmt: skip
     config, _ = dit_config(cfg)
     counts = param_counts(cfg, config)
     bucket = data_buckets(cfg)[0]  # the largest video bucket of the debug data options

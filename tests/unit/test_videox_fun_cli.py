@@ -292,6 +292,8 @@ THEIR_OPTIONS: dict[str, str | list[str] | None] = {
     # scripts/wan2.1/train_lora.py's own
     "rank": "64", "network_alpha": "32", "target_name": "q,k,v", "lora_skip_name": "blocks.0.", "use_peft_lora": None,
     "train_text_encoder": None, "noise_share_in_frames": None, "noise_share_in_frames_ratio": "0.5", "save_state": None,
+    # scripts/wan2.2/train.py's own
+    "boundary_type": "high",
 }  # fmt: skip
 THEIR_LAUNCHER_OPTIONS: dict[str, str | None] = {
     "zero_stage": "3", "deepspeed_config_file": "ZERO3_JSON", "zero3_save_16bit_model": "true",

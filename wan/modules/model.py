@@ -577,10 +577,12 @@ def saved_bytes_per_block(
     tokens: int = RELEASE_TOKENS,
     dtype: torch.dtype = torch.bfloat16,
     batch: int = 1,
+    per_token: bool = False,
 ) -> int:
     """Exact bytes one DiT block of `config` (WanModel keyword arguments) keeps for backward for
     `batch` samples of `tokens` video tokens (and text_len text tokens), under `mode`, with float32
-    weights and `dtype` autocast (float32: none), as the trainer runs it.
+    weights and `dtype` autocast (float32: none), as the trainer runs it; per_token: with a timestep
+    per token (Wan2.2 TI2V), so the block's modulation is per token too.
 
     Runs one block on fake tensors (shapes only, no memory, no compute; the CPU's kernels' output
     shapes: SDPA is flash_attention_for_cpu, which keeps the output and a float32 logsumexp, as the
@@ -594,7 +596,11 @@ def saved_bytes_per_block(
         block = WanAttentionBlock(dim, config["ffn_dim"], heads, config.get("eps", 1e-6), with_image)
         block.train()
         x = torch.empty(batch, tokens, dim, requires_grad=True)
-        e0 = torch.empty(batch, 6, dim, requires_grad=True)
+        e0 = (
+            torch.empty(batch, tokens, 6, dim, requires_grad=True)
+            if per_token
+            else torch.empty(batch, 6, dim, requires_grad=True)
+        )
         context = torch.empty(batch, text_len, dim, requires_grad=True)
         image_context = torch.empty(batch, 257, dim, requires_grad=True) if with_image else None
         half = dim // heads // 2
