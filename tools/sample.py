@@ -11,10 +11,10 @@
     python tools/sample.py --help
 
 Weights (one source):
-  --model FOLDER        a release folder: the DiT (config.json + safetensors; Wan2.2 A14B: its two experts,
-                        high_noise_model/ and low_noise_model/, or a diffusers pipeline's transformer/ and
-                        transformer_2/), the VAE (Wan2.1_VAE.pth; TI2V-5B: Wan2.2_VAE.pth),
-                        models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/ and, for Wan2.1 i2v, the CLIP .pth.
+  --model FOLDER        a release folder (the official layout): the DiT (config.json + safetensors; Wan2.2
+                        A14B: its two experts, high_noise_model/ and low_noise_model/), the VAE
+                        (Wan2.1_VAE.pth; TI2V-5B: Wan2.2_VAE.pth), models_t5_umt5-xxl-enc-bf16.pth,
+                        google/umt5-xxl/ and, for Wan2.1 i2v, the CLIP .pth.
   --checkpoint DIR      output_dir/checkpoint-N of a training run (ddp, zero2, zero3 or fsdp; or an
                         output_dir: its newest checkpoint that verifies). The DiT is read tensor by tensor
                         as tools/zero_to_bf16.py reads it (no merged copy is written); the encoders are
@@ -25,9 +25,11 @@ Weights (one source):
                         checkpoint gives both experts; one of a run that trained one expert only
                         ([experts] train_experts) cannot sample alone: merge it with tools/zero_to_bf16.py,
                         put the other expert's folder beside it and sample with --transformer.
-  --transformer FOLDER  a DiT folder (official or diffusers layout, e.g. tools/zero_to_bf16.py output; A14B:
-                        a folder of both experts, as zero_to_bf16.py writes an A14B run's) with --model
-                        FOLDER for the encoders.
+  --transformer FOLDER  a DiT folder (official or diffusers layout, e.g. tools/zero_to_bf16.py output) with
+                        --model FOLDER for the encoders. A14B: a folder of both experts, high_noise_model/
+                        and low_noise_model/ (as zero_to_bf16.py writes an A14B run's), or a diffusers
+                        pipeline's transformer/ and transformer_2/ (its model_index.json boundary_ratio
+                        is the default --boundary).
   --lora FILE           a LoRA .safetensors (tools/export_lora.py, or a ComfyUI-layout Wan LoRA) merged
                         into the DiT's weights with strength --lora_scale (default 1.0). A LoRA run's
                         --checkpoint needs none: its adapter is merged already. Not for A14B experts
@@ -667,7 +669,9 @@ def plan(args: argparse.Namespace) -> Plan:
     boundary = None
     if experts:
         boundary = args.boundary if args.boundary is not None else source.boundary
-        if not 0 <= boundary <= 1:
+        if boundary is None:
+            problems.append(f"{source.describe}: no release boundary for {source.model_type} experts: give --boundary")
+        elif not 0 <= boundary <= 1:
             problems.append(f"--boundary must be in [0, 1] (a fraction of the 1000 timesteps), got {boundary}")
     elif source is not None:
         one = f"{source.describe} is one DiT, not Wan2.2 A14B experts"

@@ -250,7 +250,7 @@ def i2v_condition(
     size = tuple(size) if size is not None else tuple(originals[0].shape[-2:])
     frames = torch.cat([resize_images(img, *size) for img in originals])
     y, clip_fea = encode_i2v_condition(vae, clip, frames, num_frames, offload)
-    if any(tuple(img.shape[-2:]) != size for img in originals):
+    if clip_fea is not None and any(tuple(img.shape[-2:]) != size for img in originals):
         # CLIP of the images as given (one more small ViT pass, only when an image was resized).
         with _working(clip, frames.device, offload):
             clip_fea = torch.cat([clip.encode_image(img) for img in originals])

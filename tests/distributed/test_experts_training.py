@@ -128,3 +128,32 @@ def test_a_resume_must_train_the_same_experts(data, tmp_path):
     )
     proc = torchrun(data, out, "--preset=debug", "--max_train_steps=2", check=False)
     assert "this run trains one DiT (no experts)" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_ema_and_consolidated_weights_per_expert(data, tmp_path):
+    """[ema] keeps an average per expert (ema/ in each expert's folder) that a resume continues bit for bit;
+    zero_to_bf16 --ema writes both averages; the consolidated export is a release-layout pair that loads."""
+    args = ["--preset=debug-t2v-A14B", "--engine=zero2", "--max_train_steps=4", "--checkpointing_steps=2",
+            "--checkpoints_total_limit=0", "--ema.enabled=true", "--ema.decay=0.5", "--save_consolidated_weights=true",
+            "--lr_warmup_steps=0"]  # fmt: skip
+    whole = tmp_path / "whole"
+    torchrun(data, whole, *args, nproc=2)
+    ckpt = find_latest(whole)
+    assert all((ckpt / e / "ema").is_dir() for e in ("high", "low"))
+    consolidated = expert_folders(ckpt / "consolidated")
+    assert consolidated is not None and WanModel.from_pretrained(consolidated["low"]).model_type == "t2v"
+    resumed = Path(shutil.copytree(whole, tmp_path / "resumed"))
+    shutil.rmtree(resumed / "checkpoint-4")
+    torchrun(data, resumed, *args, nproc=2)
+    for run in (whole, resumed):
+        merge(find_latest(run), tmp_path / f"{run.name}_ema", dtype="fp32", ema=True, log=lambda _: None)
+        merge(find_latest(run), tmp_path / f"{run.name}_weights", dtype="fp32", log=lambda _: None)
+    for expert in ("high", "low"):
+        a, b, w = (
+            WanModel.from_pretrained(expert_folders(tmp_path / name)[expert], dtype=None).state_dict()
+            for name in ("whole_ema", "resumed_ema", "whole_weights")
+        )
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        if expert == "low":  # trained on most of the 4 steps (the high-noise expert on at most one)
+            assert any(not torch.equal(a[k], w[k]) for k in a)  # an average, not the weights

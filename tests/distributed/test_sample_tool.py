@@ -204,9 +204,11 @@ def test_help_documents_every_option():
     assert proc.returncode == 0
     for flag in ("--model", "--checkpoint", "--transformer", "--prompt", "--prompt_file", "--negative_prompt",
                  "--image", "--size", "--width", "--height", "--frames", "--steps", "--shift", "--guidance_scale",
+                 "--guidance_scale_low", "--boundary",
                  "--sampler", "--seed", "--batch_size", "--dtype", "--device", "--low_memory", "--out", "--fps"):  # fmt: skip
         assert flag in proc.stdout, flag
     assert "832x480" in proc.stdout and "i2v 40" in proc.stdout  # the release's defaults are stated
+    assert "Wan2.2 T2V-A14B  1280x720" in proc.stdout and "Wan2.2 TI2V-5B   1280x704" in proc.stdout
 
 
 @pytest.mark.slow

@@ -144,3 +144,14 @@ def test_ti2v_image_matches_wan_i2v_pipeline_with_expanded_timesteps(ti2v_image,
         assert rel_err(x0, first) <= 1e-5 and t.shape == (4, 3 * per_frame)  # batched CFG: 2 x 2 prompts
         assert (t[:, :per_frame] == 0).all() and (t[:, per_frame:] == t[0, -1]).all() and t[0, -1] > 0
     assert torch.equal(latents[:, :, 0], seen[0][0][:2])
+
+
+def test_i2v_a14b_condition_without_clip_resizes_for_the_vae(i2v):
+    """No CLIP (Wan2.2 I2V-A14B): y alone, from the image resized to the video's size."""
+    from wan.encoders import encode_i2v_condition
+    from wan.pipeline import i2v_condition, resize_images
+
+    image = 2 * image01(24, 40) - 1
+    y, clip_fea = i2v_condition(i2v.vae, None, [image[0]], 5, size=(32, 48))
+    assert clip_fea is None
+    assert torch.equal(y, encode_i2v_condition(i2v.vae, None, resize_images(image, 32, 48), 5)[0])
