@@ -157,3 +157,22 @@ def test_ema_and_consolidated_weights_per_expert(data, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a)
         if expert == "low":  # trained on most of the 4 steps (the high-noise expert on at most one)
             assert any(not torch.equal(a[k], w[k]) for k in a)  # an average, not the weights
+
+
+@pytest.mark.slow
+def test_lora_on_both_experts_exports_an_adapter_per_expert(data, tmp_path):
+    """[lora] on an A14B run: each expert trains its own adapter; tools/export_lora.py writes one file per
+    expert (--expert), refusing to guess; zero_to_bf16 merges each into its expert."""
+    from tools.export_lora import export_lora
+
+    out = tmp_path / "lora"
+    torchrun(data, out, "--preset=debug-t2v-A14B", "--rank=4", "--network_alpha=4", "--max_train_steps=3",
+             "--checkpointing_steps=3", "--lr_warmup_steps=0", nproc=2)  # fmt: skip
+    ckpt = find_latest(out)
+    with pytest.raises(ValueError, match="an adapter per expert: give --expert high or low"):
+        export_lora(ckpt, tmp_path / "x.safetensors")
+    files = {e: export_lora(ckpt, tmp_path / f"{e}.safetensors", expert=e) for e in ("high", "low")}
+    assert files["high"].keys() == files["low"].keys()
+    assert any("lora_B" in k for k in files["low"])
+    merge(ckpt, tmp_path / "merged", dtype="fp32", log=lambda _: None)
+    assert expert_folders(tmp_path / "merged") is not None
