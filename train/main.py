@@ -1,4 +1,4 @@
-"""Train Wan2.1: `torchrun --nproc_per_node N -m train.main --cfg configs/X.toml [--section.key=value ...]`.
+"""Train Wan2.1 / Wan2.2: `torchrun --nproc_per_node N -m train.main --cfg configs/X.toml [--section.key=value ...]`.
 
 Setup in order (config, processes, models, data, engine, schedule, resume, metrics), then one loop:
 each optimizer step takes `gradient_accumulation_steps` micro-batches, encodes them with the frozen
@@ -332,6 +332,8 @@ class Trainer:
             skipped=outcome.skipped, flops=outcome.flops, ranks=self.world_size,
         )  # fmt: skip
         self.metrics.log_step(s.step, stats)
+        if self.expert_engines is not None and not outcome.skipped:  # each A14B expert's own loss curve
+            self.metrics.add_scalar(f"train/loss_{self.expert_engines.active}", outcome.loss, s.step)
         if outcome.skipped:
             self.apply_nonfinite_policy(outcome.loss, result.grad_norm)
         self.maybe_save(outcome.skipped)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from ranks import gloo_worker_results
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from train_runs import data, losses, torchrun
 
 from tools.zero_to_bf16 import merge
@@ -93,6 +94,11 @@ def test_zero3_joint_run_trains_and_resumes_bit_for_bit(data, tmp_path):
     assert "high-noise expert on the zero3 engine" in proc.stdout and "low-noise expert" in proc.stdout
     la = losses(whole)
     assert sorted(la) == list(range(1, 7)) and la[6] != la[1]
+    events = EventAccumulator(str(whole / "tensorboard"))
+    events.Reload()
+    per_expert = {e: {x.step: x.value for x in events.Scalars(f"train/loss_{e}")} for e in ("high", "low")}
+    assert sorted([*per_expert["high"], *per_expert["low"]]) == list(range(1, 7))  # each step's loss, its expert's
+    assert all(la[step] == value for curve in per_expert.values() for step, value in curve.items())
     ckpt = find_latest(whole)
     assert (ckpt / "high").is_dir() and (ckpt / "low").is_dir()
     # The run as if stopped after step 3: its folder with checkpoint-3 only, resumed by the same command.
