@@ -136,11 +136,11 @@ def build_training(
     engines = {}
     for expert in plan.names:
         lr = cfg.experts.learning_rate(expert, cfg.optim.learning_rate) * factor
-        total = max(steps[expert], 1)
+        own_steps = max(steps[expert], 1)
         # Each expert warms up over its own first steps (at most all of them: a short run's expert may have fewer).
-        warmup = min(optim.lr_warmup_steps, total)
+        warmup = min(optim.lr_warmup_steps, own_steps)
         expert_optim = dataclasses.replace(optim, learning_rate=lr, lr_warmup_steps=warmup)
-        own = dataclasses.replace(setup, optim=expert_optim, total_steps=total)
+        own = dataclasses.replace(setup, optim=expert_optim, total_steps=own_steps)
         expert_recipe = build_dit_recipe(m, t.seed, cfg.lora.spec, t.mixed_precision, expert=expert)
         expert_recipe.sequence_parallel = recipe.sequence_parallel
         engines[expert] = build_engine(expert_recipe, own)

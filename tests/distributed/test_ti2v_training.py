@@ -53,3 +53,14 @@ def test_first_frame_conditioning():
     assert (t_tokens[:, :per_frame] == 0).all() and (t_tokens[:, per_frame:] == t[:, None]).all()
     image = condition_first_frame(x0[:, :, :1], x_t[:, :, :1], t)  # an image: nothing given, all predicted
     assert image[1] is None and image[2] == 0 and torch.equal(image[0], x_t[:, :, :1])
+
+
+@pytest.mark.slow
+def test_ti2v_model_trains_text_to_video_too(data, tmp_path, ddp_run):
+    """train_mode = "normal" on the TI2V DiT: every frame noised and predicted (one timestep a sample): the
+    same data and draws as the ti2v run, other losses."""
+    out = tmp_path / "t2v"
+    torchrun(data, out, *[a for a in TI2V if not a.startswith("--train_mode")], "--train_mode=normal", nproc=2)
+    normal, conditioned = losses(out), losses(ddp_run)
+    assert sorted(normal) == [1, 2, 3, 4]
+    assert normal[1] != conditioned[1]
