@@ -22,6 +22,7 @@ from train.config import (
     load_config,
 )
 from train.ema import EMAConfig
+from train.experts import ExpertsConfig
 from train.validation import ValidationConfig
 
 DATA = "--train_data_dir=/data"  # DataConfig needs a data source; every valid load gives one
@@ -67,7 +68,7 @@ def test_sections_are_the_public_ones():
     assert config.SECTIONS == {
         "model": ModelConfig, "data": DataConfig, "train": TrainConfig, "optim": OptimConfig,
         "checkpoint": CheckpointConfig, "logging": LoggingConfig, "parallel": ParallelConfig,
-        "validation": ValidationConfig, "lora": LoRAConfig, "ema": EMAConfig,
+        "validation": ValidationConfig, "lora": LoRAConfig, "ema": EMAConfig, "experts": ExpertsConfig,
     }  # fmt: skip
 
 
@@ -234,7 +235,7 @@ NON_DEFAULT = {
                  enable_bucket=False, random_hw_adapt=True, training_with_video_token_length=True, random_frame_crop=True,
                  video_repeat=2, latent_cache_dir="/cache/480p",
                  caption_dropout=0.1 + 0.2, dataloader_num_workers=0, prefetch_factor=4, max_bad_fraction=0.5,
-                 max_retries=1, decode_timeout=1e16, max_train_samples=7),
+                 max_retries=1, decode_timeout=1e16, max_train_samples=7, bucket_side_multiple=32),
     "train": dict(output_dir="out dir", max_train_steps=100, num_train_epochs=3, train_batch_size=2,
                   gradient_accumulation_steps=4, seed=0, mixed_precision="fp32", uniform_sampling=True,
                   weighting_scheme="uniform", logit_mean=-0.5, logit_std=1.5, shift=3.0, max_nonfinite_steps=1,
@@ -254,10 +255,13 @@ NON_DEFAULT = {
                        validation_num_frames=5, validation_inference_steps=3, validation_guidance_scale=1.0 / 3,
                        validation_shift=2.5, validation_sampler="euler", validation_negative_prompt="",
                        validation_seed=2**40, validation_data_meta="held.json", validation_data_dir="/held",
+                       validation_guidance_scale_low=2.5,
                        eval_steps=9, eval_quantiles=[0.05, 0.5], eval_max_samples=3),
     "lora": dict(network_alpha=8.0, target_name="q,o", lora_skip_name="blocks.0.", dropout=0.1, init="gaussian"),
     "ema": dict(enabled=True, decay=0.99, warmup=True, start_step=3, update_every=2, device="cpu",
                 validate_with_ema=False),
+    "experts": dict(train_experts=["low"], boundary=0.9, learning_rate_high=1e-5, learning_rate_low=2e-5,
+                    timestep_range=[100.0, 950.0]),
 }  # fmt: skip
 # Fields left at their default: use_fsdp (not with use_deepspeed), report_to (one allowed value),
 # eval_holdout (not with validation_data_meta).

@@ -233,24 +233,38 @@ class Resample(nn.Module):
         return x
 
 
+def middle_blocks(width: int, dropout: float) -> nn.Sequential:
+    """The encoder's and decoder's middle: residual, attention, residual at the widest width."""
+    return nn.Sequential(
+        ResidualBlock(width, width, dropout), AttentionBlock(width), ResidualBlock(width, width, dropout)
+    )
+
+
+def output_head(width: int, out_dim: int) -> nn.Sequential:
+    return nn.Sequential(RMSNorm(width, images=False), nn.SiLU(), CausalConv3d(width, out_dim, 3, padding=1))
+
+
 class Encoder(nn.Module):
-    def __init__(self, dim, z_dim, dim_mult, num_res_blocks, temporal_downsample, dropout):
+    """conv1, the down stages (`downsamples`), the middle and the head. `stages` builds the down stages
+    from the widths [in, out] of each (the Wan2.2 VAE's override it); in_channels: the pixels' (3)."""
+
+    def __init__(self, dim, z_dim, dim_mult, num_res_blocks, temporal_downsample, dropout, in_channels: int = 3):
         super().__init__()
         dims = [dim * m for m in [1, *dim_mult]]
-        self.conv1 = CausalConv3d(3, dims[0], 3, padding=1)
+        self.conv1 = CausalConv3d(in_channels, dims[0], 3, padding=1)
+        self.downsamples = self.stages(dims, num_res_blocks, temporal_downsample, dropout)
+        self.middle = middle_blocks(dims[-1], dropout)
+        self.head = output_head(dims[-1], z_dim)
+
+    def stages(self, dims, num_res_blocks, temporal_downsample, dropout) -> nn.Sequential:
         layers = []
         for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
             for _ in range(num_res_blocks):
                 layers.append(ResidualBlock(in_dim, out_dim, dropout))
                 in_dim = out_dim
-            if i != len(dim_mult) - 1:
+            if i != len(dims) - 2:
                 layers.append(Resample(out_dim, "downsample3d" if temporal_downsample[i] else "downsample2d"))
-        self.downsamples = nn.Sequential(*layers)
-        width = dims[-1]
-        self.middle = nn.Sequential(
-            ResidualBlock(width, width, dropout), AttentionBlock(width), ResidualBlock(width, width, dropout)
-        )
-        self.head = nn.Sequential(RMSNorm(width, images=False), nn.SiLU(), CausalConv3d(width, z_dim, 3, padding=1))
+        return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
         x = self.conv1(x, cache)
@@ -260,13 +274,17 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, dim, z_dim, dim_mult, num_res_blocks, temporal_upsample, dropout):
+    """conv1, the middle, the up stages (`upsamples`) and the head; `stages` as the Encoder's."""
+
+    def __init__(self, dim, z_dim, dim_mult, num_res_blocks, temporal_upsample, dropout, out_channels: int = 3):
         super().__init__()
         dims = [dim * m for m in [dim_mult[-1], *dim_mult[::-1]]]
         self.conv1 = CausalConv3d(z_dim, dims[0], 3, padding=1)
-        self.middle = nn.Sequential(
-            ResidualBlock(dims[0], dims[0], dropout), AttentionBlock(dims[0]), ResidualBlock(dims[0], dims[0], dropout)
-        )
+        self.middle = middle_blocks(dims[0], dropout)
+        self.upsamples = self.stages(dims, num_res_blocks, temporal_upsample, dropout)
+        self.head = output_head(dims[-1], out_channels)
+
+    def stages(self, dims, num_res_blocks, temporal_upsample, dropout) -> nn.Sequential:
         layers = []
         for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
             if i > 0:
@@ -274,10 +292,9 @@ class Decoder(nn.Module):
             for _ in range(num_res_blocks + 1):
                 layers.append(ResidualBlock(in_dim, out_dim, dropout))
                 in_dim = out_dim
-            if i != len(dim_mult) - 1:
+            if i != len(dims) - 2:
                 layers.append(Resample(out_dim, "upsample3d" if temporal_upsample[i] else "upsample2d"))
-        self.upsamples = nn.Sequential(*layers)
-        self.head = nn.Sequential(RMSNorm(dims[-1], images=False), nn.SiLU(), CausalConv3d(dims[-1], 3, 3, padding=1))
+        return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
         x = self.conv1(x, cache)

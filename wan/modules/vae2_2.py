@@ -30,12 +30,12 @@ import torch.nn.functional as F
 from wan.modules import vae_weights
 from wan.modules.vae import (
     _SEEN,
-    AttentionBlock,
     Cache,
     CausalConv3d,
+    Decoder,
+    Encoder,
     Resample,
     ResidualBlock,
-    RMSNorm,
     WanVAE,
     _tiled,
     vae_preset,
@@ -209,51 +209,32 @@ class UpStage(nn.Module):
         return main.add_(self.avg_shortcut(x, first_chunk))
 
 
-class Encoder22(nn.Module):
+class Encoder22(Encoder):
+    """The Wan2.1 encoder's layout on 2x2-patched pixels (12 channels), its down stages DownStages."""
+
     def __init__(self, dim, z_dim, dim_mult, num_res_blocks, temporal_downsample, dropout):
-        super().__init__()
-        dims = [dim * m for m in [1, *dim_mult]]
-        self.conv1 = CausalConv3d(3 * PATCH * PATCH, dims[0], 3, padding=1)
-        last = len(dim_mult) - 1
-        self.downsamples = nn.Sequential(*(
+        super().__init__(dim, z_dim, dim_mult, num_res_blocks, temporal_downsample, dropout, 3 * PATCH * PATCH)
+
+    def stages(self, dims, num_res_blocks, temporal_downsample, dropout) -> nn.Sequential:
+        last = len(dims) - 2
+        return nn.Sequential(*(
             DownStage(dims[i], dims[i + 1], num_res_blocks, i < last and temporal_downsample[i], i < last, dropout)
-            for i in range(len(dim_mult))
+            for i in range(len(dims) - 1)
         ))  # fmt: skip
-        width = dims[-1]
-        self.middle = nn.Sequential(
-            ResidualBlock(width, width, dropout), AttentionBlock(width), ResidualBlock(width, width, dropout)
-        )
-        self.head = nn.Sequential(RMSNorm(width, images=False), nn.SiLU(), CausalConv3d(width, z_dim, 3, padding=1))
-
-    def forward(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
-        x = self.conv1(x, cache)
-        for layer in (*self.downsamples, *self.middle):
-            x = layer(x, cache)
-        return self.head[2](F.silu(self.head[0](x), inplace=True), cache)
 
 
-class Decoder22(nn.Module):
+class Decoder22(Decoder):
+    """The Wan2.1 decoder's layout, its up stages UpStages, out to 2x2-patched pixels (12 channels)."""
+
     def __init__(self, dim, z_dim, dim_mult, num_res_blocks, temporal_upsample, dropout):
-        super().__init__()
-        dims = [dim * m for m in [dim_mult[-1], *dim_mult[::-1]]]
-        self.conv1 = CausalConv3d(z_dim, dims[0], 3, padding=1)
-        self.middle = nn.Sequential(
-            ResidualBlock(dims[0], dims[0], dropout), AttentionBlock(dims[0]), ResidualBlock(dims[0], dims[0], dropout)
-        )
-        last = len(dim_mult) - 1
-        self.upsamples = nn.Sequential(*(
-            UpStage(dims[i], dims[i + 1], num_res_blocks, i < last and temporal_upsample[i], i < last, dropout)
-            for i in range(len(dim_mult))
-        ))  # fmt: skip
-        self.head = nn.Sequential(
-            RMSNorm(dims[-1], images=False), nn.SiLU(), CausalConv3d(dims[-1], 3 * PATCH * PATCH, 3, padding=1)
-        )
+        super().__init__(dim, z_dim, dim_mult, num_res_blocks, temporal_upsample, dropout, 3 * PATCH * PATCH)
 
-    def forward(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
-        x = self.conv1(x, cache)
-        for layer in (*self.middle, *self.upsamples):
-            x = layer(x, cache)
-        return self.head[2](F.silu(self.head[0](x), inplace=True), cache)
+    def stages(self, dims, num_res_blocks, temporal_upsample, dropout) -> nn.Sequential:
+        last = len(dims) - 2
+        return nn.Sequential(*(
+            UpStage(dims[i], dims[i + 1], num_res_blocks, i < last and temporal_upsample[i], i < last, dropout)
+            for i in range(len(dims) - 1)
+        ))  # fmt: skip
 
 
 class WanVAE22(nn.Module):
