@@ -191,8 +191,17 @@ def test_videox_fun_use_deepspeed_resolves_with_the_seed_values(name, engine):
     assert (c.checkpointing_steps, t.mixed_precision, cfg.model.gradient_checkpointing) == (50, "bf16", "full")
 
 
+# Wan2.2's configs run their own paths (experts, TI2V) tested on every engine elsewhere: CI's heavy tier, for time.
+WAN22_CONFIGS = {"a14b_t2v_fsdp.toml", "a14b_i2v_zero3.toml", "ti2v_5b_zero2.toml"}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("path", [p for p in SHIPPED if p.name != "debug.toml"], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path",
+    [pytest.param(p, marks=[pytest.mark.heavy] if p.name in WAN22_CONFIGS else []) for p in SHIPPED
+     if p.name != "debug.toml"],
+    ids=lambda p: p.name,
+)  # fmt: skip
 def test_each_shipped_config_trains_on_the_debug_preset(data, tmp_path, path):
     """The config as shipped, with only the model, data and sizes made tiny: 2 steps on 2 ranks (sequence
     parallel over both where the config has sp > 1)."""

@@ -123,6 +123,7 @@ def test_zero3_joint_run_trains_and_resumes_bit_for_bit(data, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # CI's heavy tier, for time
 def test_a_resume_must_train_the_same_experts(data, tmp_path):
     """A checkpoint of both experts does not resume as a run of one (nor a one-DiT checkpoint as A14B):
     refused before any model is built, naming what differs and the way on."""
@@ -138,6 +139,7 @@ def test_a_resume_must_train_the_same_experts(data, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # CI's heavy tier, for time
 def test_ema_and_consolidated_weights_per_expert(data, tmp_path):
     """[ema] keeps an average per expert (ema/ in each expert's folder) that a resume continues bit for bit;
     zero_to_bf16 --ema writes both averages; the consolidated export is a release-layout pair that loads."""

@@ -303,6 +303,7 @@ def test_a_one_expert_checkpoint_is_refused_naming_the_fix(data, a14b_checkpoint
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # CI's heavy tier, for time (sequence parallel sampling is tested on one DiT in the default tier)
 def test_sp_2_splits_both_experts(a14b, tmp_path, one_thread):
     """--sp 2 under torchrun with A14B experts: each expert's tokens over both processes, the videos of one
     process (on one thread, as each of the two runs)."""
