@@ -184,8 +184,11 @@ def worker(args: argparse.Namespace) -> None:
     if rank == 0:
         (out / "result.json").write_text(json.dumps(every))
     dist.barrier()
-    del engine
-    dist.destroy_process_group()
+    # Leave without tearing the process group and DeepSpeed's threads down (as train.main does): a rank
+    # whose peer had already gone was seen waiting forever in that teardown (gloo, CPU), its results written.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # ----------------------------------------------------------------------------------------------------
