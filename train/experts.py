@@ -20,6 +20,7 @@ keep the density's shape inside it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,14 +73,8 @@ class ExpertsConfig:
 
     @property
     def is_default(self) -> bool:
-        """Nothing set that only a model with experts can use."""
-        d = ExpertsConfig()
-        return (self.train_experts, self.boundary, self.learning_rate_high, self.learning_rate_low) == (
-            d.train_experts,
-            d.boundary,
-            d.learning_rate_high,
-            d.learning_rate_low,
-        )
+        """Nothing set that only a model with experts can use (timestep_range is any model's)."""
+        return dataclasses.replace(self, timestep_range=[]) == ExpertsConfig()
 
 
 @dataclass(frozen=True)

@@ -230,7 +230,8 @@ class Trainer:
         return {**batch, "pixels": pixels}  # the shared buffer went back to its worker with the pop
 
     def micro_step(self, batch: dict, micro: int) -> MicroStats:
-        quantiles = self.plan.quantiles(self.plan.expert_of(self.state.step)) if self.plan is not None else None
+        # The step's timestep range: its expert's (own_step: step s + 1, drawn once and kept).
+        quantiles = self.plan.quantiles(self.plan.own_step(self.state.step + 1)[0]) if self.plan is not None else None
         x = self.inputs.build(batch, micro, self.state.step, quantiles)
         started = time.perf_counter()
         with self.engine.micro_step(last=micro == self.accumulation - 1):
@@ -265,7 +266,7 @@ class Trainer:
         for micro_batches in self.optimizer_steps():
             step_start = time.perf_counter()
             if self.expert_engines is not None:  # the step's expert, the same on every rank
-                self.expert_engines.use(self.plan.expert_of(s.step))
+                self.expert_engines.use(self.plan.own_step(s.step + 1)[0])
             micro = [self.micro_step(batch, i) for i, batch in enumerate(micro_batches)]
             with self.timer.section("optimizer"):
                 result = self.engine.step()

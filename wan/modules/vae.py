@@ -342,6 +342,18 @@ def _blend(a: torch.Tensor, b: torch.Tensor, extent: int, dim: int) -> None:
     head.copy_(a.narrow(dim, a.shape[dim] - extent, extent) * (1 - r) + head * r)
 
 
+def structure_problems(z_dim, dim_mult, temporal_downsample, latents_mean, latents_std) -> list[str]:
+    """What every Wan VAE constructor (WanVAE, WanVAE22) checks of the fields they share."""
+    problems = []
+    if len(temporal_downsample) != len(dim_mult) - 1:
+        problems.append(f"temporal_downsample needs {len(dim_mult) - 1} entries (one per downsample), "
+                        f"got {len(temporal_downsample)}")  # fmt: skip
+    if len(latents_mean) != z_dim or len(latents_std) != z_dim:
+        problems.append(f"latents_mean and latents_std need z_dim={z_dim} entries, "
+                        f"got {len(latents_mean)} and {len(latents_std)}")  # fmt: skip
+    return problems
+
+
 class WanVAE(nn.Module):
     """The Wan2.1 video VAE. encode: video in [-1, 1] -> normalised latents; decode: the reverse.
 
@@ -362,13 +374,7 @@ class WanVAE(nn.Module):
     ):
         super().__init__()
         dim_mult, temporal_downsample = [int(m) for m in dim_mult], [bool(t) for t in temporal_downsample]
-        problems = []
-        if len(temporal_downsample) != len(dim_mult) - 1:
-            problems.append(f"temporal_downsample needs {len(dim_mult) - 1} entries (one per downsample), "
-                            f"got {len(temporal_downsample)}")  # fmt: skip
-        if len(latents_mean) != z_dim or len(latents_std) != z_dim:
-            problems.append(f"latents_mean and latents_std need z_dim={z_dim} entries, "
-                            f"got {len(latents_mean)} and {len(latents_std)}")  # fmt: skip
+        problems = structure_problems(z_dim, dim_mult, temporal_downsample, latents_mean, latents_std)
         if dim < 2 or num_res_blocks < 1:
             problems.append(f"dim ({dim}) must be >= 2 and num_res_blocks ({num_res_blocks}) >= 1")
         if problems:

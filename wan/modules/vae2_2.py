@@ -38,6 +38,7 @@ from wan.modules.vae import (
     ResidualBlock,
     WanVAE,
     _tiled,
+    structure_problems,
     vae_preset,
 )
 
@@ -259,13 +260,7 @@ class WanVAE22(nn.Module):
     ):
         super().__init__()
         dim_mult, temporal_downsample = [int(m) for m in dim_mult], [bool(t) for t in temporal_downsample]
-        problems = []
-        if len(temporal_downsample) != len(dim_mult) - 1:
-            problems.append(f"temporal_downsample needs {len(dim_mult) - 1} entries (one per downsample), "
-                            f"got {len(temporal_downsample)}")  # fmt: skip
-        if len(latents_mean) != z_dim or len(latents_std) != z_dim:
-            problems.append(f"latents_mean and latents_std need z_dim={z_dim} entries, "
-                            f"got {len(latents_mean)} and {len(latents_std)}")  # fmt: skip
+        problems = structure_problems(z_dim, dim_mult, temporal_downsample, latents_mean, latents_std)
         if dim < 2 or dec_dim < 2 or num_res_blocks < 1:
             problems.append(f"dim ({dim}) and dec_dim ({dec_dim}) must be >= 2 and num_res_blocks "
                             f"({num_res_blocks}) >= 1")  # fmt: skip
